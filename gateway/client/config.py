@@ -1,0 +1,71 @@
+"""The tunnel client's configuration: only how to reach the gateway and who
+it is. Rules and upstreams come from the gateway (the config centre)."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from gateway.settings import (
+    ConfigError, Setting, apply_overrides, choice, host_port, load_section, port, positive_float,
+    positive_int, read_toml, string,
+)
+
+__all__ = ["CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
+
+CLIENT_SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "127.0.0.1:50001", host_port, "gateway tunnel address host:port"),
+    Setting("group", "", string, "client group to join (required)"),
+    Setting("token", "", string, "token of the group (required)"),
+    Setting("client_id", "", string, "this client's id (default: hostname-pid)"),
+    Setting("local_host", "127.0.0.1", string, "address of the local egress entry"),
+    Setting("local_port", 7001, port, "local egress entry port (0: off)"),
+    Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),
+    Setting("admin_port", 0, port, "client status port: /healthz, /status (0: off)"),
+    Setting("request_timeout", 30.0, positive_float, "seconds an egress request waits for a response head"),
+    Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
+    Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
+    Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),
+    Setting("connect_timeout", 10.0, positive_float, "seconds to wait for the gateway's WELCOME"),
+    Setting("reconnect_initial", 0.5, positive_float, "first reconnect delay, seconds"),
+    Setting("reconnect_max", 30.0, positive_float, "reconnect delay cap, seconds"),
+    Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
+    Setting("log_format", "json", choice("json", "text"), "log line format"),
+)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    path: str
+    settings: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def load_client_config(path: str | None, args: argparse.Namespace | None = None) -> ClientConfig:
+    doc = read_toml(path) if path else {}
+    where = path or "defaults"
+    unknown = set(doc) - {"client"}
+    if unknown:
+        raise ConfigError(where, sorted(unknown)[0], "unknown table")
+    settings = load_section(doc.get("client"), CLIENT_SETTINGS, where, "client")
+    if args is not None:
+        apply_overrides(settings, args, CLIENT_SETTINGS)
+    for key in ("group", "token"):
+        if not settings[key]:
+            raise ConfigError(where, f"client.{key}", "is required")
+    if not settings["client_id"]:
+        settings["client_id"] = f"{socket.gethostname()}-{os.getpid()}"
+    return ClientConfig(where, settings)

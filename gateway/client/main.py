@@ -1,0 +1,113 @@
+"""`tunnel-client`: connect to the gateway, serve the group, run the local entry."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import orjson
+
+from gateway import __version__
+from gateway.client.config import CLIENT_SETTINGS, ClientConfig, load_client_config
+from gateway.logs import setup_logging
+from gateway.settings import ConfigError, add_arguments
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunnel-client", description="Tunnel client: connects out to a tunnel-gateway.")
+    p.add_argument("--config", "-c", default=None, help="TOML config file with a [client] table")
+    p.add_argument("--version", action="version", version=f"tunnel-client {__version__}")
+    add_arguments(p, CLIENT_SETTINGS)
+    return p
+
+
+async def serve(config: ClientConfig) -> None:
+    from aiohttp import web
+
+    from gateway.client.agent import Agent
+    from gateway.client.local_entry import LocalEntry
+    from gateway.tunnel.proxy import upstream_session
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    session = upstream_session()
+    agent = Agent(config, session)
+    runners = []
+    if config.local_port:
+        entry = LocalEntry(agent)
+        app = web.Application(client_max_size=config.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", entry.handle)
+        limit = max(8190, config.max_header_bytes * 2)
+        runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                               max_line_size=limit, max_field_size=limit)
+        await runner.setup()
+        await web.TCPSite(runner, config.local_host, config.local_port).start()
+        runners.append(runner)
+    if config.admin_port:
+        runners.append(await _start_admin(agent, config))
+    try:
+        await agent.run_forever(stop)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await session.close()
+
+
+async def _start_admin(agent, config: ClientConfig):
+    from aiohttp import web
+
+    def state() -> dict:
+        s = agent.stream
+        return {
+            "client_id": config.client_id,
+            "group": config.group,
+            "pid": os.getpid(),
+            "connected": s is not None,
+            "connects": agent.connects,
+            "config_version": agent.config_version,
+            "last_rejection": agent.last_rejection,
+            "pending": len(s.pending) if s else 0,
+            "serving": len(s.serving) if s else 0,
+            "unknown_frames": s.unknown_frames if s else 0,
+        }
+
+    async def healthz(_r: web.Request) -> web.Response:
+        st = state()
+        return web.Response(body=orjson.dumps(st), status=200 if st["connected"] else 503, content_type="application/json")
+
+    async def status(_r: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(state()), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.admin_host, config.admin_port).start()
+    return runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_client_config(args.config, args)
+    except ConfigError as exc:
+        print(f"tunnel-client: bad config: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+    from setproctitle import setproctitle
+
+    setproctitle(f"tunnel-client: {config.client_id}")
+    setup_logging(config.log_level, config.log_format, prefix={"client_id": config.client_id})
+    uvloop.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

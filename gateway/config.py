@@ -1,0 +1,114 @@
+"""The gateway's configuration: a frozen, picklable object loaded from TOML.
+
+The file has a `[gateway]` table of settings (the table below, which the CLI
+mirrors flag for flag), `[groups.NAME]` (tokens, balancing, and the rules and
+upstreams its clients get), `[[routes]]` (ingress: request -> group),
+`[[forward]]` (egress: request from a client -> gateway upstream) and
+`[upstreams.NAME]` (the gateway's own upstreams for egress).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from gateway.balance import STREAM_POLICIES
+from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
+from gateway.rules import Rule, parse_rules
+from gateway.settings import (
+    ConfigError, Setting, apply_overrides, check_mapping, choice, load_section, port,
+    positive_float, positive_int, read_toml, string,
+)
+
+__all__ = ["GATEWAY_SETTINGS", "GroupSpec", "GatewayConfig", "load_gateway_config"]
+
+GATEWAY_SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "0.0.0.0", string, "address the HTTP entry and tunnel port listen on"),
+    Setting("http_port", 8001, port, "public HTTP entry port"),
+    Setting("tunnel_port", 50001, port, "tunnel port (gRPC) that clients connect to"),
+    Setting("admin_host", "127.0.0.1", string, "address of the admin port"),
+    Setting("admin_port", 9090, port, "admin port: /healthz, /admin/status"),
+    Setting("request_timeout", 30.0, positive_float, "default seconds to wait for a response head"),
+    Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
+    Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
+    Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),
+    Setting("heartbeat_interval", 5.0, positive_float, "seconds between PINGs; 3 missed drop the peer"),
+    Setting("hello_timeout", 10.0, positive_float, "seconds a new tunnel has to send HELLO"),
+    Setting("chunk_size", 65536, positive_int, "largest DATA frame payload"),
+    Setting("stream_window", 262144, positive_int, "per-request flow-control window, bytes"),
+    Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
+    Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
+    Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
+    Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
+    Setting("log_format", "json", choice("json", "text"), "log line format"),
+)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    tokens: tuple[str, ...]
+    balance: str
+    client: GroupConfig
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: str
+    settings: Mapping[str, Any]
+    groups: Mapping[str, GroupSpec]
+    routes: tuple[Rule, ...]
+    forward: tuple[Rule, ...]
+    upstreams: Mapping[str, Upstream]
+
+    def __getattr__(self, name: str) -> Any:
+        # Settings read as attributes: config.http_port
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
+    groups = {}
+    for name, table in check_mapping(raw, file, "groups").items():
+        key = f"groups.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(file, key, "must be a table")
+        unknown = set(table) - {"tokens", "balance", "rules", "upstreams"}
+        if unknown:
+            raise ConfigError(file, f"{key}.{sorted(unknown)[0]}", "unknown key")
+        tokens = table.get("tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise ConfigError(file, f"{key}.tokens", "must be a non-empty list of non-empty strings")
+        balance = table.get("balance", "round_robin")
+        if balance not in STREAM_POLICIES:
+            raise ConfigError(file, f"{key}.balance", f"must be one of {', '.join(STREAM_POLICIES)}")
+        groups[name] = GroupSpec(name, tuple(tokens), balance, parse_group_config(table, file, key))
+    return groups
+
+
+def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> GatewayConfig:
+    """Read and validate `path`; CLI flags in `args` override the file."""
+    doc = read_toml(path)
+    unknown = set(doc) - {"gateway", "groups", "routes", "forward", "upstreams"}
+    if unknown:
+        raise ConfigError(path, sorted(unknown)[0], "unknown table")
+    settings = load_section(doc.get("gateway"), GATEWAY_SETTINGS, path, "gateway")
+    if args is not None:
+        apply_overrides(settings, args, GATEWAY_SETTINGS)
+    if settings["chunk_size"] > settings["stream_window"]:
+        raise ConfigError(path, "gateway.chunk_size", "must not exceed gateway.stream_window")
+    if settings["max_header_bytes"] + settings["chunk_size"] > settings["max_batch_bytes"] * 3:
+        raise ConfigError(path, "gateway.max_batch_bytes", "too small for a head plus a chunk")
+    groups = _parse_groups(doc.get("groups"), path)
+    routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"])
+    upstreams = parse_upstreams(doc.get("upstreams"), path, "upstreams")
+    forward = parse_rules(doc.get("forward"), path, "forward", "upstream", upstreams, settings["request_timeout"])
+    return GatewayConfig(path, settings, groups, routes, forward, upstreams)

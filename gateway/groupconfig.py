@@ -1,0 +1,84 @@
+"""A group's client config (rules and upstreams), sent by the gateway to its
+clients in WELCOME and CONFIG, and the gateway's own upstreams. Pure logic."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import orjson
+
+from gateway.balance import UPSTREAM_POLICIES, ServerPool
+from gateway.rules import Rule, parse_rules
+from gateway.settings import ConfigError
+
+__all__ = ["Upstream", "GroupConfig", "parse_upstreams", "parse_group_config", "group_config_from_json"]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    servers: tuple[str, ...]
+    balance: str = "round_robin"
+
+    def pool(self) -> ServerPool:
+        return ServerPool(self.servers, self.balance)
+
+
+def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, key, "must be a table of upstreams")
+    out = {}
+    for name, table in raw.items():
+        k = f"{key}.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(file, k, "must be a table")
+        unknown = set(table) - {"servers", "balance"}
+        if unknown:
+            raise ConfigError(file, f"{k}.{sorted(unknown)[0]}", "unknown key")
+        servers = table.get("servers")
+        if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
+            raise ConfigError(file, f"{k}.servers", "must be a non-empty list of URLs")
+        for s in servers:
+            if not (s.startswith("http://") or s.startswith("https://")) or s.rstrip("/").count("/") > 2:
+                raise ConfigError(file, f"{k}.servers", f"{s!r} must be a base URL like http://host:port")
+        balance = table.get("balance", "round_robin")
+        if balance not in UPSTREAM_POLICIES:
+            raise ConfigError(file, f"{k}.balance", f"must be one of {', '.join(UPSTREAM_POLICIES)}")
+        out[name] = Upstream(name, tuple(s.rstrip("/") for s in servers), balance)
+    return out
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """What a client of the group needs: its rules and upstreams."""
+
+    rules: tuple[Rule, ...]
+    upstreams: Mapping[str, Upstream]
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.raw, option=orjson.OPT_SORT_KEYS)
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256(self.to_json()).hexdigest()[:12]
+
+
+def parse_group_config(table: Mapping[str, Any], file: str, key: str) -> GroupConfig:
+    upstreams = parse_upstreams(table.get("upstreams"), file, f"{key}.upstreams")
+    rules = parse_rules(table.get("rules"), file, f"{key}.rules", "upstream", upstreams)
+    raw = {"rules": table.get("rules", []), "upstreams": table.get("upstreams", {})}
+    return GroupConfig(rules, upstreams, raw)
+
+
+def group_config_from_json(raw: bytes, source: str) -> GroupConfig:
+    try:
+        table = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(source, "-", "must be an object")
+    return parse_group_config(table, source, "group")

@@ -1,0 +1,56 @@
+"""Request ids and trace ids. Pure logic.
+
+A gateway request id is `<instance>-<worker>-<seq>`: unique per gateway
+incarnation, and it names the worker that originated it, so response frames
+can be routed home without a lookup.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from typing import Mapping
+
+__all__ = ["RequestIds", "new_instance_id", "trace_id_from", "origin_worker"]
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACE_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+
+
+def new_instance_id() -> str:
+    return os.urandom(4).hex()
+
+
+class RequestIds:
+    __slots__ = ("prefix", "_seq")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._seq = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self._seq):x}"
+
+
+def gateway_prefix(instance: str, worker: int) -> str:
+    return f"{instance}-{worker}-"
+
+
+def origin_worker(request_id: str) -> int | None:
+    parts = request_id.split("-")
+    if len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def trace_id_from(headers: Mapping[str, str]) -> str:
+    """The trace id of `traceparent` or `x-trace-id`, else a new one."""
+    tp = headers.get("traceparent")
+    if tp:
+        m = _TRACEPARENT.match(tp.strip().lower())
+        if m and m.group(1) != "0" * 32:
+            return m.group(1)
+    given = headers.get("x-trace-id")
+    if given and _TRACE_ID.match(given):
+        return given
+    return os.urandom(16).hex()

@@ -1,0 +1,1 @@
+"""Cross-worker routing (ZeroMQ router and shard table)."""

@@ -1,0 +1,158 @@
+"""Request matching rules: first match wins. Pure logic, no I/O.
+
+One `Rule` shape serves the gateway's routes (target: a client group), the
+gateway's forward rules (target: a gateway upstream) and a group's client
+rules (target: an upstream of the client).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from gateway.settings import ConfigError
+
+__all__ = ["Rule", "first_match", "parse_rules", "host_matches", "path_matches"]
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """`pattern` is empty or `*` (any), exact, or `*.suffix` (any subdomain)."""
+    if not pattern or pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def path_matches(prefix: str, path: str) -> bool:
+    """Segment-aware prefix: `/api` matches `/api` and `/api/x`, not `/apix`."""
+    if prefix in ("", "/"):
+        return True
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] in "/?"
+
+
+def strip_port(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end >= 0 else host
+    colon = host.rfind(":")
+    return host[:colon] if colon >= 0 else host
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    target: str
+    host: str = ""
+    path_prefix: str = "/"
+    methods: frozenset[str] = frozenset()
+    headers: tuple[tuple[str, str], ...] = ()
+    set_host: str = ""
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: frozenset[str] = frozenset()
+    strip_prefix: bool = False
+    timeout: float = 30.0
+
+    def matches(self, host: str, path: str, method: str, headers: Mapping[str, str]) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if not host_matches(self.host, host):
+            return False
+        if not path_matches(self.path_prefix, path):
+            return False
+        for name, value in self.headers:
+            if headers.get(name) != value:
+                return False
+        return True
+
+    def rewrite_path(self, path: str) -> str:
+        if not self.strip_prefix or self.path_prefix in ("", "/"):
+            return path
+        rest = path[len(self.path_prefix.rstrip("/")) :]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+def first_match(rules: Sequence[Rule], host: str, path: str, method: str, headers: Mapping[str, str]) -> Rule | None:
+    host = strip_port(host)
+    for rule in rules:
+        if rule.matches(host, path, method, headers):
+            return rule
+    return None
+
+
+_RULE_KEYS = {
+    "name", "host", "path_prefix", "methods", "headers", "set_host",
+    "add_headers", "remove_headers", "strip_prefix", "timeout",
+}
+
+
+def _str(where: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(where, key, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _str_map(where: str, key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(where, key, "must be a table of strings")
+    return tuple((k.lower(), v) for k, v in value.items())
+
+
+def _str_list(where: str, key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(where, key, "must be a list of strings")
+    return value
+
+
+def parse_rules(
+    raw: Any, where: str, key: str, target_key: str, targets: Iterable[str], default_timeout: float = 30.0
+) -> tuple[Rule, ...]:
+    """Validate a TOML array of rule tables; errors name the file and key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(where, key, "must be an array of tables ([[...]])")
+    known = set(targets)
+    rules = []
+    for i, item in enumerate(raw):
+        k = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, k, "must be a table")
+        unknown = set(item) - _RULE_KEYS - {target_key}
+        if unknown:
+            raise ConfigError(where, f"{k}.{sorted(unknown)[0]}", "unknown key")
+        target = item.get(target_key)
+        if not isinstance(target, str) or not target:
+            raise ConfigError(where, f"{k}.{target_key}", "is required")
+        if target not in known:
+            raise ConfigError(where, f"{k}.{target_key}", f"names unknown {target_key} {target!r}")
+        prefix = _str(where, f"{k}.path_prefix", item.get("path_prefix", "/"))
+        if not prefix.startswith("/"):
+            raise ConfigError(where, f"{k}.path_prefix", "must start with /")
+        host = _str(where, f"{k}.host", item.get("host", "")).lower()
+        if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[1:]):
+            raise ConfigError(where, f"{k}.host", "wildcards are only allowed as a leading '*.'")
+        timeout = item.get("timeout", default_timeout)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError(where, f"{k}.timeout", "must be a positive number of seconds")
+        strip = item.get("strip_prefix", False)
+        if not isinstance(strip, bool):
+            raise ConfigError(where, f"{k}.strip_prefix", "must be true or false")
+        rules.append(
+            Rule(
+                name=_str(where, f"{k}.name", item.get("name", f"{key}[{i}]")),
+                target=target,
+                host=host,
+                path_prefix=prefix,
+                methods=frozenset(m.upper() for m in _str_list(where, f"{k}.methods", item.get("methods", []))),
+                headers=_str_map(where, f"{k}.headers", item.get("headers", {})),
+                set_host=_str(where, f"{k}.set_host", item.get("set_host", "")),
+                add_headers=_str_map(where, f"{k}.add_headers", item.get("add_headers", {})),
+                remove_headers=frozenset(h.lower() for h in _str_list(where, f"{k}.remove_headers", item.get("remove_headers", []))),
+                strip_prefix=strip,
+                timeout=float(timeout),
+            )
+        )
+    return tuple(rules)

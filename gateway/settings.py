@@ -1,0 +1,154 @@
+"""The settings table shared by the CLI and the TOML files, and config errors.
+
+Each scalar setting is declared once (name, flag, default, validator,
+description); `load_section` validates a TOML table against it and
+`add_arguments` / `apply_overrides` make the matching CLI flags.
+"""
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["ConfigError", "Setting", "read_toml", "load_section", "add_arguments", "apply_overrides",
+           "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port"]
+
+
+class ConfigError(Exception):
+    """A bad configuration value; names the file and the key."""
+
+    def __init__(self, file: str, key: str, message: str) -> None:
+        super().__init__(f"{file}: {key}: {message}")
+        self.file = file
+        self.key = key
+        self.message = message
+
+
+Validator = Callable[[Any], Any]
+
+
+def positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError("must be a positive integer")
+    return v
+
+
+def positive_float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+def port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise ValueError("must be a port number (0-65535)")
+    return v
+
+
+def string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def choice(*options: str) -> Validator:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+
+    return check
+
+
+def host_port(v: Any) -> str:
+    if not isinstance(v, str) or ":" not in v:
+        raise ValueError("must be 'host:port'")
+    host, _, p = v.rpartition(":")
+    if not host or not p.isdigit() or not 0 <= int(p) <= 65535:
+        raise ValueError("must be 'host:port'")
+    return v
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    validate: Validator
+    help: str
+    flag: bool = True
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(p), "-", "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), "-", f"not valid TOML: {exc}") from None
+
+
+def load_section(table: Any, settings: Sequence[Setting], file: str, section: str) -> dict[str, Any]:
+    """Defaults overlaid with the file's [section]; unknown keys are errors."""
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError(file, section, "must be a table")
+    known = {s.name: s for s in settings}
+    for key in table:
+        if key not in known:
+            raise ConfigError(file, f"{section}.{key}", "unknown key")
+    values: dict[str, Any] = {}
+    for s in settings:
+        raw = table.get(s.name, s.default)
+        try:
+            values[s.name] = s.validate(raw)
+        except ValueError as exc:
+            raise ConfigError(file, f"{section}.{s.name}", str(exc)) from None
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
+    for s in settings:
+        if not s.flag:
+            continue
+        kind = type(s.default) if s.default is not None and not isinstance(s.default, bool) else str
+        if isinstance(s.default, bool):
+            parser.add_argument(s.option, dest=s.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{s.help} (default: {s.default})")
+        else:
+            parser.add_argument(s.option, dest=s.name, default=None, type=kind,
+                                help=f"{s.help} (default: {s.default!r})")
+
+
+def apply_overrides(values: dict[str, Any], args: argparse.Namespace, settings: Sequence[Setting], where: str = "command line") -> dict[str, Any]:
+    for s in settings:
+        v = getattr(args, s.name, None)
+        if v is None:
+            continue
+        try:
+            values[s.name] = s.validate(v)
+        except ValueError as exc:
+            raise ConfigError(where, s.option, str(exc)) from None
+    return values
+
+
+def check_mapping(value: Any, file: str, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(file, key, "must be a table")
+    return value

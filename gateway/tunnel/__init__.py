@@ -1,0 +1,1 @@
+"""The tunnel machinery shared by the gateway and the client: frames, streams, flow control."""

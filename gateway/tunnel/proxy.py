@@ -1,0 +1,187 @@
+"""HTTP over a tunnel stream, both halves, used by both programs.
+
+`relay_request` is the entry side: an aiohttp request goes down a stream and
+the response streams back (the gateway's public entry for ingress, the
+client's local entry for egress). `call_upstream` is the serving side: a
+request that arrived on a stream is made to an upstream through a pooled
+aiohttp session (the client for ingress, the gateway for egress).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from gateway.httpmap import decode_raw, end_to_end, has_body_response
+from gateway.tunnel.errors import TunnelError, error_body
+from gateway.tunnel.stream import InboundExchange, OutboundExchange, TunnelStream
+
+__all__ = ["error_response", "relay_request", "call_upstream", "upstream_session"]
+
+log = logging.getLogger("gateway.proxy")
+
+
+def error_response(
+    code: str,
+    message: str,
+    *,
+    request_id: str,
+    trace_id: str,
+    client_id: str = "",
+    status: int | None = None,
+    retry_after: int | None = None,
+) -> web.Response:
+    headers = {"x-request-id": request_id, "x-trace-id": trace_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(
+        status=status or TunnelError(code).status,
+        body=error_body(code, message, request_id=request_id, trace_id=trace_id, client_id=client_id),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, chunk_size: int) -> None:
+    total = 0
+    async for chunk in request.content.iter_chunked(chunk_size):
+        total += len(chunk)
+        if total > max_body:
+            raise BodyTooLarge()
+        await ex.sender.write(chunk)
+    ex.sender.end()
+
+
+async def relay_request(
+    request: web.Request,
+    stream: TunnelStream,
+    *,
+    request_id: str,
+    trace_id: str,
+    headers: list[tuple[str, str]],
+    path: str,
+    authority: str,
+    timeout: float,
+    max_body: int,
+) -> web.StreamResponse:
+    """Send `request` down `stream` and stream the response back to the caller."""
+    has_body = request.body_exists
+    ex = stream.open_request(
+        request_id,
+        trace_id,
+        method=request.method,
+        path=path,
+        scheme=request.scheme,
+        authority=authority,
+        headers=headers,
+        end_stream=not has_body,
+        timeout_ms=int(timeout * 1000),
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pump: asyncio.Task[None] | None = None
+    try:
+        if has_body:
+            pump = loop.create_task(
+                _pump_body(request, ex, max_body, stream.limits.chunk_size)
+            )
+            await asyncio.wait([ex.head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not ex.head.done() and pump.done():
+                exc = pump.exception()
+                if isinstance(exc, BodyTooLarge):
+                    ex.close("body_too_large", "request body over the limit")
+                    raise TunnelError("body_too_large", f"request body is over {max_body} bytes")
+                if exc is not None and not isinstance(exc, TunnelError):
+                    # The caller's upload broke; nothing to answer.
+                    ex.close("cancelled", "caller's request body failed")
+                    raise TunnelError("bad_request", f"request body failed: {exc}")
+                await asyncio.wait([ex.head], timeout=max(0.0, deadline - loop.time()))
+        else:
+            await asyncio.wait([ex.head], timeout=timeout)
+        if not ex.head.done():
+            ex.close("timeout", f"no response head within {timeout:g}s")
+            raise TunnelError("timeout", f"no response head within {timeout:g}s")
+        head = ex.head.result()  # raises the TunnelError of a RESET or a lost stream
+        resp = web.StreamResponse(status=head.status, reason=head.reason or None)
+        content_length = None
+        for h in head.headers:
+            low = h.name.lower()
+            if low == "content-length":
+                content_length = h.value
+            resp.headers.add(h.name, h.value)
+        resp.headers["x-request-id"] = request_id
+        resp.headers["x-trace-id"] = trace_id
+        if content_length is not None and content_length.isdigit():
+            resp.content_length = int(content_length)
+        await resp.prepare(request)
+        if has_body_response(request.method, head.status):
+            try:
+                while (chunk := await ex.body.read()) is not None:
+                    await resp.write(chunk)
+            except TunnelError as exc:
+                # The head is out; the only honest signal left is a cut connection.
+                log.warning("response body cut: %s", exc.code, extra={"request_id": request_id, "trace_id": trace_id})
+                resp.force_close()
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+        ex.close()
+
+
+def upstream_session(*, connect_timeout: float = 5.0, limit: int = 0) -> aiohttp.ClientSession:
+    """One pooled session that changes nothing it carries."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def call_upstream(
+    ex: InboundExchange,
+    session: aiohttp.ClientSession,
+    server: str,
+    *,
+    headers: list[tuple[str, str]],
+    path: str,
+    timeout: float,
+) -> None:
+    """Make the exchange's request to `server` and stream the response back."""
+    method = ex.head.method
+    url = URL(server + path, encoded=True)
+    body = None if ex.body.at_eof else ex.body.iter_chunks()
+    try:
+        async with session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout),
+        ) as resp:
+            with_body = has_body_response(method, resp.status)
+            ex.respond(resp.status, resp.reason or "", end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
+            if with_body:
+                async for chunk in resp.content.iter_any():
+                    await ex.sender.write(chunk)
+                ex.sender.end()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+        log.warning(
+            "upstream %s failed: %s", server, exc or type(exc).__name__,
+            extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
+        )
+        ex.reset("upstream_unavailable", f"{server}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""The gateway worker process and its parts."""

@@ -1,0 +1,49 @@
+"""Which tunnel streams this worker holds, by group; picks one. No I/O."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+from gateway.balance import pick_least
+from gateway.tunnel.stream import TunnelStream
+
+__all__ = ["StreamRegistry"]
+
+
+class StreamRegistry:
+    def __init__(self) -> None:
+        self._by_group: dict[str, list[TunnelStream]] = {}
+        self._rr: dict[str, itertools.count] = {}
+        self._by_client: dict[str, TunnelStream] = {}
+
+    def add(self, stream: TunnelStream) -> TunnelStream | None:
+        """Register `stream`; returns the older stream of the same client id, if any."""
+        self._by_group.setdefault(stream.group, []).append(stream)
+        old = self._by_client.get(stream.label)
+        self._by_client[stream.label] = stream
+        return old if old is not stream else None
+
+    def remove(self, stream: TunnelStream) -> None:
+        streams = self._by_group.get(stream.group)
+        if streams and stream in streams:
+            streams.remove(stream)
+            if not streams:
+                del self._by_group[stream.group]
+        if self._by_client.get(stream.label) is stream:
+            del self._by_client[stream.label]
+
+    def pick(self, group: str, policy: str) -> TunnelStream | None:
+        streams = [s for s in self._by_group.get(group, ()) if not s.draining and not s.closed]
+        if not streams:
+            return None
+        if policy == "least_inflight":
+            return pick_least(streams, lambda s: s.inflight)
+        counter = self._rr.setdefault(group, itertools.count())
+        return streams[next(counter) % len(streams)]
+
+    def __iter__(self) -> Iterator[TunnelStream]:
+        for streams in self._by_group.values():
+            yield from streams
+
+    def groups(self) -> dict[str, int]:
+        return {g: len(s) for g, s in self._by_group.items()}

@@ -1,0 +1,103 @@
+"""The tunnel endpoint: accepts a client's stream, checks its HELLO, serves it."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import TYPE_CHECKING
+
+from gateway.tunnel import frames
+from gateway.tunnel.stream import StreamLimits, TunnelStream
+from gateway.tunnel.transport import ServerTransport
+
+if TYPE_CHECKING:
+    from gateway.workers.worker import Worker
+
+__all__ = ["TunnelEndpoint"]
+
+log = logging.getLogger("gateway.tunnel")
+
+
+def token_ok(given: str, allowed: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every allowed token."""
+    ok = False
+    for token in allowed:
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    return ok
+
+
+class TunnelEndpoint:
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+
+    async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str) -> None:
+        log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code})
+        await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=message)))
+
+    async def serve(self, transport: ServerTransport) -> None:
+        worker = self.worker
+        cfg = worker.config
+        peer = transport.peer()
+        try:
+            raw = await asyncio.wait_for(transport.read(), cfg.hello_timeout)
+        except asyncio.TimeoutError:
+            log.warning("tunnel closed: no HELLO in time", extra={"peer": peer})
+            return
+        if raw is None:
+            return
+        try:
+            first = frames.decode_batch(raw)
+        except frames.ProtocolError as exc:
+            await self._reject(transport, "protocol_error", str(exc), peer)
+            return
+        if len(first) != 1 or first[0].WhichOneof("kind") != "hello":
+            await self._reject(transport, "protocol_error", "the first frame must be HELLO", peer)
+            return
+        hello = first[0].hello
+        group = cfg.groups.get(hello.group)
+        if group is None:
+            await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
+            return
+        if not token_ok(hello.token, group.tokens):
+            await self._reject(transport, "bad_token", f"token not valid for group {hello.group!r}", peer)
+            return
+        if not hello.client_id:
+            await self._reject(transport, "protocol_error", "HELLO without client_id", peer)
+            return
+        limits = StreamLimits(
+            max_inflight=cfg.max_inflight_per_stream,
+            window=cfg.stream_window,
+            chunk_size=cfg.chunk_size,
+            max_batch_bytes=cfg.max_batch_bytes,
+            max_queue_bytes=cfg.max_queue_bytes,
+            heartbeat_interval=cfg.heartbeat_interval,
+        )
+        label = f"{hello.client_id}/{hello.connection_index}"
+        stream = TunnelStream(
+            transport, limits=limits, on_request=worker.egress.handle, peer_id=hello.client_id,
+            group=hello.group, label=label,
+        )
+        stream.remote = peer  # type: ignore[attr-defined]
+        await transport.write(
+            frames.encode_frame(
+                frames.welcome(
+                    accepted=True,
+                    config_version=group.client.version,
+                    config_json=group.client.to_json(),
+                    heartbeat_ms=int(cfg.heartbeat_interval * 1000),
+                    worker=str(worker.index),
+                    window=cfg.stream_window,
+                    chunk_size=cfg.chunk_size,
+                )
+            )
+        )
+        old = worker.registry.add(stream)
+        if old is not None:
+            # The newest connection of a client id wins; the old one is told to go.
+            worker.spawn(old.goaway("replaced_by_newer_connection", cfg.shutdown_grace))
+        log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": hello.group,
+                                              "connection": hello.connection_index})
+        try:
+            await stream.run()
+        finally:
+            worker.registry.remove(stream)

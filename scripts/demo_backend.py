@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""A small aiohttp backend for the demo, the tests and the benchmark.
+
+GET  /                 a short greeting
+GET  /hello            100 bytes
+GET  /bytes/N          N bytes (streamed)
+POST /sink             reads the body, answers {"sha256", "size"}
+ANY  /echo             answers with the request: method, path, query, headers, body hash
+GET  /slow?ms=N&token=T  waits N ms, answers T
+GET  /status/N         answers with status N
+GET  /cookies          two Set-Cookie headers
+GET  /stats            cancellations seen, requests in flight
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+
+from aiohttp import web
+
+HUNDRED = b"x" * 99 + b"\n"
+STATS = {"cancelled": 0, "inflight": 0, "requests": 0}
+
+
+async def index(_r: web.Request) -> web.Response:
+    return web.Response(text="hello from the demo backend, through the tunnel\n")
+
+
+async def hello(_r: web.Request) -> web.Response:
+    return web.Response(body=HUNDRED, content_type="text/plain")
+
+
+async def nbytes(r: web.Request) -> web.StreamResponse:
+    n = int(r.match_info["n"])
+    resp = web.StreamResponse()
+    resp.content_length = n
+    resp.content_type = "application/octet-stream"
+    await resp.prepare(r)
+    block = b"\xab" * 65536
+    left = n
+    while left > 0:
+        piece = block if left >= len(block) else block[:left]
+        await resp.write(piece)
+        left -= len(piece)
+    await resp.write_eof()
+    return resp
+
+
+async def _hash_body(r: web.Request) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    async for chunk in r.content.iter_chunked(65536):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+async def sink(r: web.Request) -> web.Response:
+    digest, size = await _hash_body(r)
+    return web.json_response({"sha256": digest, "size": size})
+
+
+async def echo(r: web.Request) -> web.Response:
+    digest, size = await _hash_body(r)
+    return web.json_response(
+        {
+            "method": r.method,
+            "path": r.path,
+            "raw_path": r.raw_path,
+            "query": r.query_string,
+            "headers": [[k, v] for k, v in r.headers.items()],
+            "sha256": digest,
+            "size": size,
+            "chunked": r.headers.get("Transfer-Encoding", "") == "chunked",
+        }
+    )
+
+
+async def slow(r: web.Request) -> web.Response:
+    STATS["inflight"] += 1
+    try:
+        await asyncio.sleep(int(r.query.get("ms", "1000")) / 1000)
+    except asyncio.CancelledError:
+        STATS["cancelled"] += 1
+        raise
+    finally:
+        STATS["inflight"] -= 1
+    return web.Response(text=r.query.get("token", "done"))
+
+
+async def status(r: web.Request) -> web.Response:
+    code = int(r.match_info["code"])
+    return web.Response(status=code, text=None if code in (204, 304) else f"status {code}\n")
+
+
+async def cookies(_r: web.Request) -> web.Response:
+    resp = web.Response(text="cookies\n")
+    resp.headers.add("Set-Cookie", "a=1; Path=/")
+    resp.headers.add("Set-Cookie", "b=2; Path=/")
+    return resp
+
+
+async def stats(_r: web.Request) -> web.Response:
+    return web.json_response(STATS)
+
+
+@web.middleware
+async def count(request: web.Request, handler):
+    STATS["requests"] += 1
+    return await handler(request)
+
+
+def make_app() -> web.Application:
+    app = web.Application(middlewares=[count], client_max_size=1 << 40)
+    app.router.add_get("/", index)
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/bytes/{n:\\d+}", nbytes)
+    app.router.add_post("/sink", sink)
+    app.router.add_route("*", "/echo{tail:.*}", echo)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/status/{code:\\d+}", status)
+    app.router.add_get("/cookies", cookies)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(make_app(), host=args.host, port=args.port, print=lambda *_: print(f"backend listening on {args.host}:{args.port}", flush=True),
+                handler_cancellation=True, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
