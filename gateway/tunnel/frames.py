@@ -86,6 +86,7 @@ def request_head(
     headers: Iterable[tuple[str, str]],
     end_stream: bool,
     timeout_ms: int,
+    group: str = "",
 ) -> pb.Frame:
     return pb.Frame(
         request_id=request_id,
@@ -98,6 +99,7 @@ def request_head(
             headers=_pairs(headers),
             end_stream=end_stream,
             timeout_ms=timeout_ms,
+            group=group,
         ),
     )
 

@@ -70,6 +70,7 @@ async def relay_request(
     authority: str,
     timeout: float,
     max_body: int,
+    group: str = "",
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller."""
     has_body = request.body_exists
@@ -83,6 +84,7 @@ async def relay_request(
         headers=headers,
         end_stream=not has_body,
         timeout_ms=int(timeout * 1000),
+        group=group,
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

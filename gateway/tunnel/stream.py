@@ -402,6 +402,7 @@ class TunnelStream:
         headers: Iterable[tuple[str, str]],
         end_stream: bool,
         timeout_ms: int,
+        group: str = "",
     ) -> OutboundExchange:
         """Send a request head; raises TunnelError when the stream cannot take it."""
         if self.closed or self.draining:
@@ -422,6 +423,7 @@ class TunnelStream:
                 headers=headers,
                 end_stream=end_stream,
                 timeout_ms=timeout_ms,
+                group=group,
             )
         )
         if end_stream:

@@ -49,7 +49,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Headers(_message.Message):
-    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms")
+    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Headers(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     END_STREAM_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     method: str
     path: str
     scheme: str
@@ -68,7 +69,8 @@ class Headers(_message.Message):
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     end_stream: bool
     timeout_ms: int
-    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    group: str
+    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
 class Data(_message.Message):
     __slots__ = ("data", "end_stream")
