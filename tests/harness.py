@@ -1,0 +1,283 @@
+"""Real processes on real sockets: start a backend, a gateway and clients on
+free loopback ports, wait for readiness by polling, and stop them all."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # not ready yet
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> Response:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Response(r.status, list(r.headers.items()), r.read())
+    except urllib.error.HTTPError as e:
+        return Response(e.code, list(e.headers.items()), e.read())
+
+
+def get_json(url: str) -> Any:
+    return http("GET", url, timeout=5).json()
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Processes:
+    """Owns every process a test starts; `close` stops them, also on failure."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, args: list[str]) -> Proc:
+        log = self.tmp / f"{name}.log"
+        fh = log.open("wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        fh.close()
+        proc = Proc(name, p, log)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop(timeout=5)
+
+    def dump(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.output()[-4000:]}" for p in self.procs)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def to_toml(doc: dict) -> str:
+    """Enough TOML for our configs: tables, arrays of tables, inline values."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        for k, v in scalars.items():
+            lines.append(f"{json.dumps(k)} = {toml_value(v)}")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                lines.append(f"\n[{prefix}{json.dumps(k)}]")
+                emit(f"{prefix}{json.dumps(k)}.", v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"\n[[{prefix}{json.dumps(k)}]]")
+                    emit(f"{prefix}{json.dumps(k)}.", item)
+
+    emit("", doc)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Stack:
+    procs: Processes
+    tmp: Path
+    backend_port: int = 0
+    http_port: int = 0
+    tunnel_port: int = 0
+    admin_port: int = 0
+    gateway: Proc | None = None
+    gateway_config: Path | None = None
+    clients: dict[str, tuple[Proc, int, int]] = field(default_factory=dict)  # id -> (proc, local, admin)
+    backend: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def backend_url(self) -> str:
+        return f"http://127.0.0.1:{self.backend_port}"
+
+    def local_url(self, client_id: str = "c1") -> str:
+        return f"http://127.0.0.1:{self.clients[client_id][1]}"
+
+    def status(self) -> dict:
+        return get_json(f"http://127.0.0.1:{self.admin_port}/admin/status")
+
+    def client_status(self, client_id: str = "c1") -> dict:
+        return get_json(f"http://127.0.0.1:{self.clients[client_id][2]}/status")
+
+    def streams(self, group: str = "g1") -> int:
+        return self.status()["groups"].get(group, 0)
+
+    def start_backend(self, name: str = "backend") -> Proc:
+        self.backend_port = self.backend_port or free_port()
+        self.backend = self.procs.start(name, [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
+        wait_until(lambda: http("GET", f"{self.backend_url}/stats", timeout=2).status == 200, what="backend")
+        return self.backend
+
+    def gateway_doc(self, settings: dict | None = None, groups: dict | None = None, routes: list | None = None,
+                    forward: list | None = None, upstreams: dict | None = None) -> dict:
+        backend = self.backend_url
+        return {
+            "gateway": {
+                "host": "127.0.0.1", "http_port": self.http_port, "tunnel_port": self.tunnel_port,
+                "admin_port": self.admin_port, "log_level": "info", "log_format": "json",
+                "heartbeat_interval": 1.0, "shutdown_grace": 3.0, **(settings or {}),
+            },
+            "groups": groups if groups is not None else {
+                "g1": {
+                    "tokens": [TOKEN],
+                    "upstreams": {"web": {"servers": [backend]}},
+                    "rules": [{"path_prefix": "/", "upstream": "web"}],
+                }
+            },
+            "routes": routes if routes is not None else [{"path_prefix": "/", "group": "g1", "timeout": 10.0}],
+            "forward": forward if forward is not None else [{"path_prefix": "/", "upstream": "backend"}],
+            "upstreams": upstreams if upstreams is not None else {"backend": {"servers": [backend]}},
+        }
+
+    def start_gateway(self, doc: dict | None = None, **kw: Any) -> Proc:
+        self.http_port = self.http_port or free_port()
+        self.tunnel_port = self.tunnel_port or free_port()
+        self.admin_port = self.admin_port or free_port()
+        doc = doc or self.gateway_doc(**kw)
+        self.gateway_config = self.tmp / "gateway.toml"
+        self.gateway_config.write_text(to_toml(doc))
+        self.gateway = self.procs.start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
+        wait_until(lambda: self._gateway_ready(), what="gateway /healthz")
+        return self.gateway
+
+    def _gateway_ready(self) -> bool:
+        if self.gateway is not None and not self.gateway.alive():
+            raise RuntimeError("gateway exited:\n" + self.gateway.output())
+        return http("GET", f"http://127.0.0.1:{self.admin_port}/healthz", timeout=2).status == 200
+
+    def start_client(self, client_id: str = "c1", group: str = "g1", token: str = TOKEN, wait: bool = True,
+                     extra: list[str] | None = None) -> Proc:
+        local, admin = (self.clients[client_id][1:] if client_id in self.clients else (free_port(), free_port()))
+        args = [
+            sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
+            "--group", group, "--token", token, "--client-id", client_id,
+            "--local-port", str(local), "--admin-port", str(admin), "--reconnect-initial", "0.2",
+            "--reconnect-max", "2", *(extra or []),
+        ]
+        proc = self.procs.start(f"client-{client_id}", args)
+        self.clients[client_id] = (proc, local, admin)
+        if wait:
+            wait_until(lambda: self._client_connected(client_id), what=f"client {client_id} connected")
+        return proc
+
+    def _client_connected(self, client_id: str) -> bool:
+        proc = self.clients[client_id][0]
+        if not proc.alive():
+            raise RuntimeError(f"client {client_id} exited:\n" + proc.output())
+        st = self.client_status(client_id)
+        if not st["connected"]:
+            return False
+        return any(s["client_id"] == client_id for s in self.status()["streams"])
+
+    def wait_idle(self, timeout: float = 5.0) -> None:
+        """Every pending table on every hop is empty."""
+
+        def idle() -> bool:
+            st = self.status()
+            if st["pending"] or st["serving"]:
+                return False
+            for cid, (proc, _l, _a) in self.clients.items():
+                if proc.alive():
+                    cs = self.client_status(cid)
+                    if cs["pending"] or cs["serving"]:
+                        return False
+            return True
+
+        wait_until(idle, timeout, what="pending tables empty")
+
+
+def standard_stack(procs: Processes, tmp: Path, **kw: Any) -> Stack:
+    stack = Stack(procs, tmp)
+    stack.start_backend()
+    stack.start_gateway(**kw)
+    stack.start_client()
+    return stack
