@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gateway import __version__
@@ -28,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    from gateway.workers.worker import Worker
+    from gateway.supervisor import Supervisor
 
-    Worker(config, 0).run()
-    return 0
+    workers = config.workers or os.cpu_count() or 1
+    return Supervisor(config, workers, args).run()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,14 @@ from gateway.settings import (
 
 __all__ = ["GATEWAY_SETTINGS", "GroupSpec", "GatewayConfig", "load_gateway_config"]
 
+def worker_count(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be a number of workers (0: one per core)")
+    return v
+
+
 GATEWAY_SETTINGS: tuple[Setting, ...] = (
+    Setting("workers", 0, worker_count, "worker processes (0: one per core)"),
     Setting("host", "0.0.0.0", string, "address the HTTP entry and tunnel port listen on"),
     Setting("http_port", 8001, port, "public HTTP entry port"),
     Setting("tunnel_port", 50001, port, "tunnel port (gRPC) that clients connect to"),

@@ -254,9 +254,18 @@ class Stack:
         if not proc.alive():
             raise RuntimeError(f"client {client_id} exited:\n" + proc.output())
         st = self.client_status(client_id)
-        if not st["connected"]:
+        if st["connections"] < st.get("wanted", 1):
             return False
-        return any(s["client_id"] == client_id for s in self.status()["streams"])
+        return self.routable()
+
+    def routable(self) -> bool:
+        """Every worker sees every stream of every group (its own or through the router)."""
+        shards = get_json(f"http://127.0.0.1:{self.admin_port}/admin/shards")["workers"]
+        totals: dict[str, int] = {}
+        for w in shards:
+            for g, n in w["streams"].items():
+                totals[g] = totals.get(g, 0) + n
+        return all(w.get("sees", {}) == totals for w in shards)
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Every pending table on every hop is empty."""

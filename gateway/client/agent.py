@@ -1,7 +1,10 @@
-"""The agent: keeps a tunnel to the gateway and serves what arrives on it."""
+"""The agent: keeps N tunnel connections to the gateway and serves what
+arrives on them. Each connection is its own stream with its own back-off;
+losing one does not interrupt the others."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -19,7 +22,7 @@ from gateway.tunnel.dispatch import RuleDispatcher
 from gateway.tunnel.stream import InboundExchange, StreamLimits, TunnelStream
 from gateway.tunnel.transport import ClientTransport, grpc_options, open_client_call
 
-__all__ = ["Agent", "Backoff"]
+__all__ = ["Agent", "Connection", "Backoff"]
 
 log = logging.getLogger("gateway.client")
 
@@ -28,7 +31,7 @@ HEALTHY_AFTER = 10.0
 
 
 class Backoff:
-    """Exponential back-off with full jitter, capped."""
+    """Exponential back-off with jitter (half to full of the step), capped."""
 
     def __init__(self, initial: float, cap: float) -> None:
         self.initial = initial
@@ -44,18 +47,144 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)
 
 
+class Connection:
+    """One tunnel connection: connect, serve until lost, back off, again."""
+
+    def __init__(self, agent: "Agent", index: int) -> None:
+        self.agent = agent
+        self.index = index
+        self.stream: TunnelStream | None = None
+        self.draining: set[TunnelStream] = set()
+        self.connected_since: float | None = None
+        self.connects = 0
+        self._goaway = asyncio.Event()
+        self._drain_tasks: set[asyncio.Task] = set()
+
+    def _on_control(self, f: frames.Frame, kind: str) -> None:
+        if kind == "config":
+            self.agent.apply_config(f.config.config_version, f.config.config_json)
+        elif kind == "goaway":
+            self._goaway.set()
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        cfg = self.agent.config
+        backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                outcome = await self._connect_once(stop)
+                if stop.is_set():
+                    break
+                if outcome == "goaway":
+                    backoff.reset()
+                    continue
+                if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome,
+                                                "connection": self.index})
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for task in list(self._drain_tasks):
+                task.cancel()
+
+    async def _handshake(self, transport: ClientTransport) -> frames.pb.Welcome | None:
+        cfg = self.agent.config
+        hello = frames.hello(
+            client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
+            capabilities=["http"], connection_index=self.index,
+        )
+        await transport.write(frames.encode_frame(hello))
+        raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)
+        if raw is None:
+            raise frames.ProtocolError("gateway closed the tunnel before WELCOME")
+        first = frames.decode_batch(raw)
+        if not first or first[0].WhichOneof("kind") != "welcome":
+            raise frames.ProtocolError("gateway did not answer with WELCOME")
+        welcome = first[0].welcome
+        if not welcome.accepted:
+            self.agent.last_rejection = welcome.code
+            # The token is never logged.
+            log.error("gateway rejected this client: %s: %s", welcome.code, welcome.message,
+                      extra={"code": welcome.code, "group": cfg.group, "connection": self.index})
+            return None
+        return welcome
+
+    async def _connect_once(self, stop: asyncio.Event) -> str:
+        cfg = self.agent.config
+        loop = asyncio.get_running_loop()
+        channel = grpc.aio.insecure_channel(cfg.server, options=grpc_options(16 << 20, 10000, server=False))
+        transport = ClientTransport(open_client_call(channel), cfg.server)
+        keep_channel = False
+        try:
+            welcome = await self._handshake(transport)
+            if welcome is None:
+                return "rejected"
+            self.agent.apply_config(welcome.config_version, welcome.config_json)
+            limits = StreamLimits(
+                max_inflight=cfg.max_inflight,
+                window=welcome.window or 262144,
+                chunk_size=welcome.chunk_size or 65536,
+                heartbeat_interval=(welcome.heartbeat_ms or 5000) / 1000,
+            )
+            stream = TunnelStream(
+                transport, limits=limits, on_request=self.agent.handle, peer_id="gateway", group=cfg.group,
+                label=f"{cfg.client_id}/{self.index}", on_control=self._on_control,
+            )
+            self._goaway.clear()
+            self.stream = stream
+            self.connects += 1
+            self.connected_since = time.time()
+            self.agent.last_rejection = ""
+            log.info("tunnel connected", extra={"server": cfg.server, "worker": welcome.worker,
+                                                 "config_version": welcome.config_version, "connection": self.index})
+            run_task = loop.create_task(stream.run())
+            goaway = loop.create_task(self._goaway.wait())
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait([run_task, goaway, stopping], return_when=asyncio.FIRST_COMPLETED)
+            goaway.cancel()
+            stopping.cancel()
+            if not run_task.done() and self._goaway.is_set() and not stop.is_set():
+                # Let in-flight requests finish on the old stream while a new one opens.
+                keep_channel = True
+                self.draining.add(stream)
+                self._drain_tasks.add(run_task)
+                run_task.add_done_callback(lambda t, s=stream, ch=channel: self._drained(t, s, ch))
+                return "goaway"
+            if not run_task.done():
+                stream.close("client_stopping")
+            await run_task
+            log.warning("tunnel lost", extra={"reason": stream.close_reason, "connection": self.index})
+            return "served"
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
+            log.warning("cannot reach gateway: %s", _describe(exc), extra={"server": cfg.server,
+                                                                           "connection": self.index})
+            return "unreachable"
+        finally:
+            # Returning means this stream takes no new requests.
+            self.stream = None
+            self.connected_since = None
+            if not keep_channel:
+                await channel.close()
+
+    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel) -> None:
+        self._drain_tasks.discard(task)
+        self.draining.discard(stream)
+        asyncio.get_running_loop().create_task(channel.close())
+
+
 class Agent:
     def __init__(self, config: ClientConfig, session: Any) -> None:
         self.config = config
         self.session = session
-        self.stream: TunnelStream | None = None
         self.dispatcher: RuleDispatcher | None = None
         self.config_version = ""
-        self.connected_since: float | None = None
-        self.last_rejection: str = ""
-        self.connects = 0
-        self._draining: set[asyncio.Task] = set()
-        self._goaway = asyncio.Event()
+        self.last_rejection = ""
+        self.connections = [Connection(self, i) for i in range(config.connections)]
+        self._rr = itertools.count()
 
     async def handle(self, ex: InboundExchange) -> None:
         # The dispatcher is read once: a config swap does not touch running requests.
@@ -65,119 +194,42 @@ class Agent:
             return
         await dispatcher.handle(ex)
 
-    def _apply_config(self, version: str, raw: bytes) -> None:
-        group = group_config_from_json(raw, f"gateway config {version}")
+    def apply_config(self, version: str, raw: bytes) -> None:
+        """Swap in a group config from the gateway; a bad one keeps the old."""
+        if version == self.config_version and self.dispatcher is not None:
+            return
+        try:
+            group = group_config_from_json(raw, f"gateway config {version}")
+        except ConfigError as exc:
+            log.error("config from gateway rejected: %s", exc, extra={"config_version": version})
+            return
         self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session)
         self.config_version = version
         log.info("config applied", extra={"config_version": version, "rules": len(group.rules)})
 
-    def _on_control(self, f: frames.Frame, kind: str) -> None:
-        if kind == "config":
-            try:
-                self._apply_config(f.config.config_version, f.config.config_json)
-            except ConfigError as exc:
-                log.error("config from gateway rejected: %s", exc)
-        elif kind == "goaway":
-            self._goaway.set()
+    def pick_stream(self) -> TunnelStream | None:
+        """A usable stream for an egress request, round robin over connections."""
+        usable = [c.stream for c in self.connections if c.stream is not None and not c.stream.draining
+                  and not c.stream.closed]
+        if not usable:
+            return None
+        return usable[next(self._rr) % len(usable)]
+
+    def streams(self) -> list[TunnelStream]:
+        """Every live stream, draining ones included."""
+        out = []
+        for c in self.connections:
+            if c.stream is not None:
+                out.append(c.stream)
+            out.extend(c.draining)
+        return out
+
+    @property
+    def connected(self) -> int:
+        return sum(1 for c in self.connections if c.stream is not None)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(self.config.reconnect_initial, self.config.reconnect_max)
-        while not stop.is_set():
-            started = time.monotonic()
-            outcome = await self._connect_once(stop)
-            if stop.is_set():
-                break
-            if outcome == "goaway":
-                backoff.reset()
-                continue
-            if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
-                backoff.reset()
-            delay = backoff.next_delay()
-            log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome})
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-        for task in list(self._draining):
-            task.cancel()
-
-    async def _connect_once(self, stop: asyncio.Event) -> str:
-        cfg = self.config
-        channel = grpc.aio.insecure_channel(cfg.server, options=grpc_options(16 << 20, 10000, server=False))
-        call = open_client_call(channel)
-        transport = ClientTransport(call, cfg.server)
-        run_task: asyncio.Task | None = None
-        try:
-            hello = frames.hello(
-                client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
-                capabilities=["http"], connection_index=0,
-            )
-            await transport.write(frames.encode_frame(hello))
-            raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)
-            if raw is None:
-                log.warning("gateway closed the tunnel before WELCOME")
-                return "closed"
-            first = frames.decode_batch(raw)
-            if not first or first[0].WhichOneof("kind") != "welcome":
-                log.error("gateway did not answer with WELCOME")
-                return "protocol_error"
-            welcome = first[0].welcome
-            if not welcome.accepted:
-                self.last_rejection = welcome.code
-                log.error("gateway rejected this client: %s: %s", welcome.code, welcome.message,
-                          extra={"code": welcome.code, "group": cfg.group})
-                return "rejected"
-            self._apply_config(welcome.config_version, welcome.config_json)
-            limits = StreamLimits(
-                max_inflight=cfg.max_inflight,
-                window=welcome.window or 262144,
-                chunk_size=welcome.chunk_size or 65536,
-                heartbeat_interval=(welcome.heartbeat_ms or 5000) / 1000,
-            )
-            stream = TunnelStream(
-                transport, limits=limits, on_request=self.handle, peer_id="gateway", group=cfg.group,
-                label=f"{cfg.client_id}/0", on_control=self._on_control,
-            )
-            self._goaway.clear()
-            self.stream = stream
-            self.connects += 1
-            self.connected_since = time.time()
-            self.last_rejection = ""
-            log.info("tunnel connected", extra={"server": cfg.server, "worker": welcome.worker,
-                                                 "config_version": welcome.config_version})
-            run_task = asyncio.get_running_loop().create_task(stream.run())
-            goaway = asyncio.get_running_loop().create_task(self._goaway.wait())
-            stopping = asyncio.get_running_loop().create_task(stop.wait())
-            await asyncio.wait([run_task, goaway, stopping], return_when=asyncio.FIRST_COMPLETED)
-            goaway.cancel()
-            stopping.cancel()
-            if not run_task.done() and self._goaway.is_set():
-                # Finish in-flight requests on the old stream while a new one opens.
-                self._draining.add(run_task)
-                run_task.add_done_callback(lambda t: self._finish_drain(t, channel))
-                run_task = None
-                channel = None
-                return "goaway"
-            if not run_task.done():
-                stream.close("client_stopping")
-                await run_task
-            log.warning("tunnel lost", extra={"reason": stream.close_reason})
-            return "served"
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
-            log.warning("cannot reach gateway: %s", _describe(exc), extra={"server": cfg.server})
-            return "unreachable"
-        finally:
-            # Returning means this stream takes no new requests.
-            self.stream = None
-            self.connected_since = None
-            if run_task is not None and not run_task.done():
-                run_task.cancel()
-            if channel is not None:
-                await channel.close()
-
-    def _finish_drain(self, task: asyncio.Task, channel: grpc.aio.Channel) -> None:
-        self._draining.discard(task)
-        asyncio.get_running_loop().create_task(channel.close())
+        await asyncio.gather(*(c.run_forever(stop) for c in self.connections))
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("group", "", string, "client group to join (required)"),
     Setting("token", "", string, "token of the group (required)"),
     Setting("client_id", "", string, "this client's id (default: hostname-pid)"),
+    Setting("connections", 2, positive_int, "parallel tunnel connections (each its own stream)"),
     Setting("local_host", "127.0.0.1", string, "address of the local egress entry"),
     Setting("local_port", 7001, port, "local egress entry port (0: off)"),
     Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),

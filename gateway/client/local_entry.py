@@ -40,8 +40,8 @@ class LocalEntry:
         length = request.content_length
         if length is not None and length > cfg.max_body_bytes:
             return self._error("body_too_large", f"request body is over {cfg.max_body_bytes} bytes", rid, trace)
-        stream = self.agent.stream
-        if stream is None or stream.draining or stream.closed:
+        stream = self.agent.pick_stream()
+        if stream is None:
             return self._error("tunnel_unavailable", "the tunnel to the gateway is not connected", rid, trace,
                                status=503, retry_after=1)
         headers = forwarded(

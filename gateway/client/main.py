@@ -63,18 +63,20 @@ async def _start_admin(agent, config: ClientConfig):
     from aiohttp import web
 
     def state() -> dict:
-        s = agent.stream
+        streams = agent.streams()
         return {
             "client_id": config.client_id,
             "group": config.group,
             "pid": os.getpid(),
-            "connected": s is not None,
-            "connects": agent.connects,
+            "connected": agent.connected > 0,
+            "connections": agent.connected,
+            "wanted": len(agent.connections),
+            "connects": sum(c.connects for c in agent.connections),
             "config_version": agent.config_version,
             "last_rejection": agent.last_rejection,
-            "pending": len(s.pending) if s else 0,
-            "serving": len(s.serving) if s else 0,
-            "unknown_frames": s.unknown_frames if s else 0,
+            "pending": sum(len(s.pending) for s in streams),
+            "serving": sum(len(s.serving) for s in streams),
+            "unknown_frames": sum(s.unknown_frames for s in streams),
         }
 
     async def healthz(_r: web.Request) -> web.Response:

@@ -17,9 +17,9 @@ from yarl import URL
 
 from gateway.httpmap import decode_raw, end_to_end, has_body_response
 from gateway.tunnel.errors import TunnelError, error_body
-from gateway.tunnel.stream import InboundExchange, OutboundExchange, TunnelStream
+from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
 
-__all__ = ["error_response", "relay_request", "call_upstream", "upstream_session"]
+__all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -187,3 +187,46 @@ async def call_upstream(
             extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
         )
         ex.reset("upstream_unavailable", f"{server}: {type(exc).__name__}: {exc}")
+
+
+async def _copy_body(src: BodyReader, dst: BodyWriter) -> None:
+    while (chunk := await src.read()) is not None:
+        await dst.write(chunk)
+    dst.end()
+
+
+async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None:
+    """Pass a request that arrived on one stream on to another, and its
+    response back: how a worker serves a request another worker sent it."""
+    head = inbound.head
+    out = stream.open_request(
+        inbound.request_id,
+        inbound.trace_id,
+        method=head.method,
+        path=head.path,
+        scheme=head.scheme,
+        authority=head.authority,
+        headers=[(h.name, h.value) for h in head.headers],
+        end_stream=head.end_stream,
+        timeout_ms=head.timeout_ms,
+    )
+    loop = asyncio.get_running_loop()
+    pump = None if head.end_stream else loop.create_task(_copy_body(inbound.body, out.sender))
+    try:
+        # The origin enforces the timeout (its RESET cancels this task); this
+        # bound only keeps an orphan from waiting forever.
+        limit = head.timeout_ms / 1000 + 5 if head.timeout_ms else None
+        await asyncio.wait([out.head], timeout=limit)
+        if not out.head.done():
+            raise TunnelError("timeout", "no response head")
+        rhead = out.head.result()
+        inbound.respond(rhead.status, rhead.reason, [(h.name, h.value) for h in rhead.headers],
+                        end_stream=rhead.end_stream)
+        if not rhead.end_stream:
+            await _copy_body(out.body, inbound.sender)
+    except TunnelError as exc:
+        inbound.reset(exc.code, exc.message)
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+        out.close()

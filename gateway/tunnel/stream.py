@@ -502,6 +502,14 @@ class TunnelStream:
         else:
             self.unknown_frames += 1
 
+    def feed(self, raw: bytes) -> None:
+        """Dispatch one received batch; raises frames.ProtocolError."""
+        self._last_seen = time.monotonic()
+        for f in frames.decode_batch(raw):
+            self._dispatch(f)
+        if self.draining:
+            self._close_if_idle()
+
     async def _read_loop(self) -> None:
         reason = "closed_by_peer"
         try:
@@ -509,11 +517,7 @@ class TunnelStream:
                 raw = await self.transport.read()
                 if raw is None:
                     break
-                self._last_seen = time.monotonic()
-                for f in frames.decode_batch(raw):
-                    self._dispatch(f)
-                if self.draining:
-                    self._close_if_idle()
+                self.feed(raw)
         except frames.ProtocolError as exc:
             reason = "protocol_error"
             log.warning("closing tunnel: %s", exc, extra={"peer": self.peer_id})
@@ -565,11 +569,9 @@ class TunnelStream:
     async def run(self) -> None:
         """Serve the stream until it closes; then fail or cancel what is on it."""
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._read_loop()),
-            loop.create_task(self._writer()),
-            loop.create_task(self._heartbeat()),
-        ]
+        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._writer())]
+        if self.limits.heartbeat_interval > 0:
+            self._tasks.append(loop.create_task(self._heartbeat()))
         try:
             done_wait = loop.create_task(self._done.wait())
             await asyncio.wait([done_wait, self._tasks[1]], return_when=asyncio.FIRST_COMPLETED)

@@ -1,63 +1,106 @@
-"""The admin port: health and the worker's live state (streams, pending tables)."""
+"""The admin port. Any worker answers for all: its own live state plus the
+other workers' from the shard table the router broadcasts."""
 from __future__ import annotations
 
-import os
-import time
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.tunnel.stream import TunnelStream
     from gateway.workers.worker import Worker
 
-__all__ = ["admin_app", "worker_status"]
+__all__ = ["admin_app", "stream_info", "all_workers"]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def worker_status(worker: "Worker") -> dict:
-    streams = []
-    for s in worker.registry:
-        streams.append(
-            {
-                "client_id": s.peer_id,
-                "connection": s.label,
-                "group": s.group,
-                "remote": getattr(s, "remote", ""),
-                "connected_at": s.connected_at,
-                "pending": len(s.pending),
-                "serving": len(s.serving),
-                "peer_inflight": s.peer_inflight,
-                "requests_originated": s.requests_originated,
-                "requests_served": s.requests_served,
-                "unknown_frames": s.unknown_frames,
-                "draining": s.draining,
-            }
-        )
+def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
+    return {
+        "client_id": s.peer_id,
+        "connection": s.label,
+        "group": s.group,
+        "worker": worker,
+        "remote": getattr(s, "remote", ""),
+        "connected_at": s.connected_at,
+        "pending": len(s.pending),
+        "serving": len(s.serving),
+        "peer_inflight": s.peer_inflight,
+        "requests_originated": s.requests_originated,
+        "requests_served": s.requests_served,
+        "unknown_frames": s.unknown_frames,
+        "draining": s.draining,
+    }
+
+
+def all_workers(worker: "Worker") -> list[dict[str, Any]]:
+    """This worker's live info and every other worker's last announce."""
+    rows = {worker.index: worker.shard_info()}
+    if worker.link is not None:
+        for info in worker.link.table.values():
+            rows.setdefault(info["worker"], info)
+    return [rows[k] for k in sorted(rows)]
+
+
+def status(worker: "Worker") -> dict[str, Any]:
+    workers = all_workers(worker)
+    groups: dict[str, int] = {}
+    for w in workers:
+        for g, n in w["streams"].items():
+            groups[g] = groups.get(g, 0) + n
     return {
         "worker": worker.index,
-        "pid": os.getpid(),
-        "uptime": round(time.monotonic() - worker.started, 3),
-        "streams": streams,
-        "groups": worker.registry.groups(),
-        "pending": sum(s["pending"] for s in streams),
-        "serving": sum(s["serving"] for s in streams),
-        "requests": worker.http_entry.requests,
-        "errors": worker.http_entry.errors,
+        "workers": len(workers),
+        "router": worker.link.router_ok if worker.link else None,
+        "streams": [c for w in workers for c in w["clients"]],
+        "groups": groups,
+        "pending": sum(w["pending"] for w in workers),
+        "serving": sum(w["serving"] for w in workers),
+        "requests": sum(w["requests"] for w in workers),
     }
 
 
 def admin_app(worker: "Worker") -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
-        return _json({"status": "draining" if worker.stopping else "ok"}, 503 if worker.stopping else 200)
+        return _json({"status": "draining" if worker.stopping else "ok", "worker": worker.index},
+                     503 if worker.stopping else 200)
 
-    async def status(_request: web.Request) -> web.Response:
-        return _json(worker_status(worker))
+    async def get_status(_request: web.Request) -> web.Response:
+        return _json(status(worker))
+
+    async def shards(_request: web.Request) -> web.Response:
+        return _json({"answered_by": worker.index, "workers": all_workers(worker)})
+
+    async def drain(request: web.Request) -> web.Response:
+        """Body: {"worker": N} and/or {"client_id": ID} / {"connection": LABEL}, optional "limit"."""
+        try:
+            body = await request.json(loads=orjson.loads) if request.can_read_body else {}
+        except orjson.JSONDecodeError:
+            return _json({"error": "bad_request", "message": "body must be JSON"}, 400)
+        if not isinstance(body, dict) or not ({"worker", "client_id", "connection"} & set(body)):
+            return _json({"error": "bad_request", "message": "give worker, client_id or connection"}, 400)
+        command: dict[str, Any] = {"op": "drain"}
+        for key in ("client_id", "connection", "limit"):
+            if key in body:
+                command[key] = body[key]
+        targets = [w["worker"] for w in all_workers(worker) if body.get("worker") in (None, w["worker"])]
+        local = 0
+        remote = []
+        for index in targets:
+            if index == worker.index:
+                local = worker.run_command(command)
+            elif worker.link is not None:
+                await worker.link.send_command(f"w{index}", command)
+                remote.append(index)
+        return _json({"drained_here": local, "sent_to_workers": remote})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/admin/status", status)
+    app.router.add_get("/admin/status", get_status)
+    app.router.add_get("/admin/shards", shards)
+    app.router.add_post("/admin/drain", drain)
     return app

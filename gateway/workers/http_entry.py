@@ -24,6 +24,7 @@ class HttpEntry:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.requests = 0
+        self.active = 0
         self.errors: dict[str, int] = {}
 
     def _error(self, code: str, message: str, rid: str, trace: str, client_id: str = "", **kw) -> web.Response:
@@ -33,6 +34,13 @@ class HttpEntry:
         return error_response(code, message, request_id=rid, trace_id=trace, client_id=client_id, **kw)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.active -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         worker = self.worker
         cfg = worker.config
         self.requests += 1
@@ -49,7 +57,10 @@ class HttpEntry:
         if length is not None and length > cfg.max_body_bytes:
             return self._error("body_too_large", f"request body is over {cfg.max_body_bytes} bytes", rid, trace)
         group = cfg.groups[rule.target]
+        # Prefer a stream this worker owns; else a worker that has one, through the router.
         stream = worker.registry.pick(group.name, group.balance)
+        if stream is None and worker.link is not None:
+            stream = worker.link.route(group.name)
         if stream is None:
             return self._error("no_client_available", f"no client of group {group.name!r} is connected", rid, trace,
                                retry_after=1)
@@ -71,6 +82,7 @@ class HttpEntry:
                 authority=rule.set_host or request.host,
                 timeout=rule.timeout,
                 max_body=cfg.max_body_bytes,
+                group=group.name,
             )
         except TunnelError as exc:
             retry = 1 if exc.status == 503 else None

@@ -21,7 +21,9 @@ class StreamRegistry:
         self._by_group.setdefault(stream.group, []).append(stream)
         old = self._by_client.get(stream.label)
         self._by_client[stream.label] = stream
-        return old if old is not stream else None
+        if old is None or old is stream or old.draining:
+            return None
+        return old
 
     def remove(self, stream: TunnelStream) -> None:
         streams = self._by_group.get(stream.group)

@@ -54,6 +54,9 @@ class TunnelEndpoint:
             await self._reject(transport, "protocol_error", "the first frame must be HELLO", peer)
             return
         hello = first[0].hello
+        if worker.stopping:
+            await self._reject(transport, "draining", "this gateway worker is shutting down", peer)
+            return
         group = cfg.groups.get(hello.group)
         if group is None:
             await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
@@ -74,7 +77,7 @@ class TunnelEndpoint:
         )
         label = f"{hello.client_id}/{hello.connection_index}"
         stream = TunnelStream(
-            transport, limits=limits, on_request=worker.egress.handle, peer_id=hello.client_id,
+            transport, limits=limits, on_request=worker.handle_egress, peer_id=hello.client_id,
             group=hello.group, label=label,
         )
         stream.remote = peer  # type: ignore[attr-defined]
@@ -92,6 +95,7 @@ class TunnelEndpoint:
             )
         )
         old = worker.registry.add(stream)
+        worker.streams_changed()
         if old is not None:
             # The newest connection of a client id wins; the old one is told to go.
             worker.spawn(old.goaway("replaced_by_newer_connection", cfg.shutdown_grace))
@@ -101,3 +105,4 @@ class TunnelEndpoint:
             await stream.run()
         finally:
             worker.registry.remove(stream)
+            worker.streams_changed()

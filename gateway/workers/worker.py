@@ -1,32 +1,54 @@
 """A gateway worker: one uvloop event loop serving the HTTP entry, the tunnel
 endpoint and the admin port, on ports shared with other workers (SO_REUSEPORT).
+With more than one worker it links to the router to reach other workers'
+client streams.
 
 `Worker.__init__` does nothing to the process; `init_process` sets it up.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
+import sys
 import time
-from typing import Coroutine
+from typing import Any, Coroutine
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, load_gateway_config
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
+from gateway.settings import ConfigError
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "worker_main", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("gateway.worker")
 
+# A worker that cannot start (port taken, bad config) exits with this; the
+# supervisor stops instead of respawning it in a loop.
+EXIT_BOOT_ERROR = 3
+
 
 class Worker:
-    def __init__(self, config: GatewayConfig, index: int = 0, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        index: int = 0,
+        instance: str | None = None,
+        router_endpoint: str | None = None,
+        overrides: argparse.Namespace | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.instance = instance or new_instance_id()
+        self.router_endpoint = router_endpoint
+        self.overrides = overrides
         self.stopping = False
         self.started = time.monotonic()
+        self.started_at = time.time()
+        self.link = None
         self._tasks: set[asyncio.Task] = set()
 
     def init_process(self) -> None:
@@ -39,7 +61,11 @@ class Worker:
         import uvloop
 
         self.init_process()
-        uvloop.run(self.serve())
+        try:
+            uvloop.run(self.serve())
+        except OSError as exc:
+            log.error("worker could not start: %s", exc)
+            sys.exit(EXIT_BOOT_ERROR)
 
     def spawn(self, coro: Coroutine) -> asyncio.Task:
         """Start a background task this worker owns (cancelled on shutdown)."""
@@ -47,6 +73,115 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- request handlers that read the current config ------------------------
+
+    async def handle_egress(self, ex) -> None:
+        """A request a client sent up its tunnel: serve it by the forward rules."""
+        await self.egress.handle(ex)
+
+    async def serve_remote(self, ex) -> None:
+        """A request another worker sent: put it on one of our client streams."""
+        from gateway.tunnel.proxy import relay_exchange
+
+        group = ex.head.group
+        spec = self.config.groups.get(group)
+        stream = self.registry.pick(group, spec.balance if spec else "round_robin")
+        if stream is None:
+            ex.reset("no_client_available", f"worker {self.index} holds no stream of group {group!r}")
+            return
+        await relay_exchange(ex, stream)
+
+    # -- state for the router and the admin port ------------------------------
+
+    def shard_info(self) -> dict[str, Any]:
+        from gateway.workers.admin import stream_info
+
+        streams: dict[str, int] = self.registry.groups()
+        clients = [stream_info(s, self.index) for s in self.registry]
+        link = self.link
+        return {
+            "worker": self.index,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "streams": streams,
+            "clients": clients,
+            "pending": sum(c["pending"] for c in clients) + sum(len(ch.pending) for ch in self._channels()),
+            "serving": sum(c["serving"] for c in clients) + sum(len(ch.serving) for ch in self._channels()),
+            "inflight": sum(c["pending"] + c["serving"] for c in clients),
+            "requests": self.http_entry.requests,
+            "requests_served": sum(c["requests_originated"] for c in clients),
+            "errors": self.http_entry.errors,
+            "cross_frames_in": link.frames_in if link else 0,
+            "cross_frames_out": link.frames_out if link else 0,
+            "config_versions": {g: spec.client.version for g, spec in self.config.groups.items()},
+            # Streams by group this worker can reach, its own and through the router.
+            "sees": self.visible_streams(),
+        }
+
+    def visible_streams(self) -> dict[str, int]:
+        seen = dict(self.registry.groups())
+        if self.link is not None and self.link.router_ok:
+            for w, info in self.link.table.items():
+                if info.get("worker") != self.index:
+                    for g, n in info.get("streams", {}).items():
+                        seen[g] = seen.get(g, 0) + n
+        return seen
+
+    def streams_changed(self) -> None:
+        """Tell the router at once, not at the next heartbeat."""
+        if self.link is not None:
+            self.link.announce_soon()
+
+    def _channels(self):
+        return list(self.link.channels.values()) if self.link else []
+
+    def run_command(self, command: dict[str, Any]) -> int:
+        """Execute an admin command on this worker's streams; returns how many it touched."""
+        if command.get("op") != "drain":
+            return 0
+        n = 0
+        limit = command.get("limit")
+        for s in list(self.registry):
+            if s.draining:
+                continue
+            if "client_id" in command and s.peer_id != command["client_id"]:
+                continue
+            if "connection" in command and s.label != command["connection"]:
+                continue
+            if limit is not None and n >= limit:
+                break
+            self.spawn(s.goaway("drain", self.config.shutdown_grace))
+            n += 1
+        log.info("drained streams", extra={"count": n, "command": command})
+        return n
+
+    def reload(self) -> None:
+        """Re-read the config file; a bad one is rejected and the old one stays."""
+        from gateway.tunnel import frames
+        from gateway.tunnel.dispatch import RuleDispatcher
+
+        try:
+            new = load_gateway_config(self.config.path, self.overrides)
+        except ConfigError as exc:
+            log.error("config reload rejected: %s", exc, extra={"file": exc.file, "key": exc.key})
+            return
+        old = self.config
+        self.config = new
+        self.egress = RuleDispatcher(new.forward, new.upstreams, self.session)
+        pushed = 0
+        for s in list(self.registry):
+            spec = new.groups.get(s.group)
+            if spec is None:
+                self.spawn(s.goaway("group_removed", new.shutdown_grace))
+            elif old.groups.get(s.group) is None or spec.client.version != old.groups[s.group].client.version:
+                s.push(frames.config(spec.client.version, spec.client.to_json()))
+                pushed += 1
+        log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
+
+    # -- serving ---------------------------------------------------------------
 
     async def serve(self) -> None:
         # grpc is imported here, in the worker, never in a parent process.
@@ -66,6 +201,7 @@ class Worker:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
 
         self.ids = RequestIds(gateway_prefix(self.instance, self.index))
         self.registry = StreamRegistry()
@@ -73,14 +209,21 @@ class Worker:
         self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, self.session)
         self.http_entry = HttpEntry(self)
         self.endpoint = TunnelEndpoint(self)
+        if self.router_endpoint:
+            from gateway.workers.router_link import RouterLink
+
+            self.link = RouterLink(self, self.router_endpoint)
+            await self.link.start()
 
         max_message = cfg.max_batch_bytes * 2 + cfg.max_header_bytes + cfg.chunk_size + (1 << 20)
         server = grpc.aio.server(
             options=grpc_options(max_message, int(cfg.heartbeat_interval * 1000), server=True),
-            maximum_concurrent_rpcs=None,
         )
         server.add_generic_rpc_handlers([tunnel_handler(self.endpoint.serve)])
-        server.add_insecure_port(f"{cfg.host}:{cfg.tunnel_port}")
+        try:
+            server.add_insecure_port(f"{cfg.host}:{cfg.tunnel_port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind tunnel port {cfg.host}:{cfg.tunnel_port}: {exc}") from None
         await server.start()
 
         app = web.Application(client_max_size=cfg.max_body_bytes)
@@ -109,15 +252,32 @@ class Worker:
 
         # Shutdown in order: stop accepting, drain streams, then end the rest.
         self.stopping = True
-        log.info("shutting down", extra={"grace": cfg.shutdown_grace})
+        grace = self.config.shutdown_grace
+        log.info("shutting down", extra={"grace": grace})
         await site.stop()
-        drains = [self.spawn(s.goaway("shutdown", cfg.shutdown_grace)) for s in list(self.registry)]
+        # server.stop closes the tunnel port now (clients reconnect to other
+        # workers) and lets running streams go on for the grace period.
+        grpc_stopped = self.spawn(server.stop(grace + 1))
+        drains = [self.spawn(s.goaway("shutdown", grace)) for s in list(self.registry)]
+        deadline = time.monotonic() + grace
         if drains:
-            await asyncio.wait(drains, timeout=cfg.shutdown_grace + 2)
-        await server.stop(1.0)
+            await asyncio.wait(drains, timeout=grace + 2)
+        # Requests this worker originated (local or through other workers) finish too.
+        while self.http_entry.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.wait([grpc_stopped], timeout=grace + 2)
         await runner.cleanup()
         await admin_runner.cleanup()
+        if self.link is not None:
+            await self.link.stop()
         for task in list(self._tasks):
             task.cancel()
         await self.session.close()
         log.info("stopped")
+
+
+def worker_main(
+    config: GatewayConfig, index: int, instance: str, router_endpoint: str | None, overrides: argparse.Namespace | None
+) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    Worker(config, index, instance, router_endpoint, overrides).run()

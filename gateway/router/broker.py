@@ -1,0 +1,146 @@
+"""The router process: a ZeroMQ ROUTER that forwards frame batches between
+workers by destination and keeps the shard table.
+
+Workers announce themselves every HEARTBEAT_INTERVAL; the router broadcasts
+the table as often, which is also its own heartbeat. A worker that stops
+announcing (or comes back with a new pid) is reported LOST to every other
+worker, so requests waiting on it fail at once instead of timing out.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import orjson
+import zmq
+
+from gateway.router import envelope as env
+from gateway.router.shard_table import InProcessShardTable, ShardTable
+
+__all__ = ["Broker", "router_main"]
+
+log = logging.getLogger("gateway.router")
+
+
+class Broker:
+    def __init__(self, endpoint: str, table: ShardTable | None = None, hwm: int = 100_000) -> None:
+        self.endpoint = endpoint
+        self.table = table or InProcessShardTable()
+        self.hwm = hwm
+        self.running = True
+        self.forwarded = 0
+        self.unroutable = 0
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._pids: dict[bytes, int] = {}
+
+    def bind(self) -> None:
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, never vanish
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a respawned worker takes over its identity
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.bind(self.endpoint)
+        self._sock = sock
+        log.info("router listening", extra={"endpoint": self.endpoint})
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    def _send(self, msg: list[bytes]) -> bool:
+        try:
+            self._sock.send_multipart(msg, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            # The destination's queue is full: it is stuck; say so rather than block everyone.
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def _lost(self, worker: bytes) -> None:
+        self._pids.pop(worker, None)
+        self.table.remove(worker.decode())
+        for other in self.table.snapshot():
+            self._send(env.to_worker(other.encode(), env.ROUTER_ID, env.LOST, worker))
+
+    def handle(self, msg: list[bytes]) -> None:
+        src, kind, dest, payload = env.from_worker(msg)
+        if kind == env.FRAMES or kind == env.COMMAND:
+            if self._send(env.to_worker(dest, src, kind, payload)):
+                self.forwarded += 1
+            else:
+                self.unroutable += 1
+                self._send(env.to_worker(src, env.ROUTER_ID, env.LOST, dest))
+        elif kind == env.ANNOUNCE:
+            info = orjson.loads(payload)
+            pid = info.get("pid")
+            old_pid = self._pids.get(src)
+            if old_pid is not None and old_pid != pid:
+                log.warning("worker restarted", extra={"worker": src.decode(), "old_pid": old_pid, "pid": pid})
+                self._lost(src)
+            self._pids[src] = pid
+            if self.table.update(src.decode(), info, time.monotonic()):
+                self.broadcast()
+
+    def tick(self) -> None:
+        for gone in self.table.expire(time.monotonic(), env.HEARTBEAT_INTERVAL * env.HEARTBEAT_LIVENESS):
+            log.warning("worker lost", extra={"worker": gone})
+            self._lost(gone.encode())
+        self.broadcast()
+
+    def broadcast(self) -> None:
+        snapshot = self.table.snapshot()
+        payload = orjson.dumps(snapshot)
+        for worker in snapshot:
+            self._send(env.to_worker(worker.encode(), env.ROUTER_ID, env.TABLE, payload))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        next_tick = time.monotonic()
+        while self.running:
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            if poller.poll(wait_ms):
+                # Drain what is there, bounded, so ticks still happen under load.
+                for _ in range(10_000):
+                    try:
+                        msg = self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        self.handle(msg)
+                    except (ValueError, orjson.JSONDecodeError) as exc:
+                        log.warning("dropped a bad envelope: %s", exc)
+            if time.monotonic() >= next_tick:
+                self.tick()
+                next_tick = time.monotonic() + env.HEARTBEAT_INTERVAL
+
+    def destroy(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+
+def router_main(endpoint: str, log_level: str, log_format: str) -> None:
+    """Entry point of the router process."""
+    from setproctitle import setproctitle
+
+    from gateway.logs import setup_logging
+
+    setproctitle("tunnel-gateway: router")
+    setup_logging(log_level, log_format, prefix={"process": "router"})
+    broker = Broker(endpoint)
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    broker.bind()
+    try:
+        broker.run()
+    finally:
+        broker.destroy()

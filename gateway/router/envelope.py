@@ -1,0 +1,75 @@
+"""The one module that builds and splits ZeroMQ envelopes between workers
+and the router.
+
+worker -> router (DEALER sends):   [kind, dest, payload]
+router -> worker (ROUTER sends):   [dest identity, src, kind, payload]
+worker receives:                   [src, kind, payload]
+
+Kinds:
+  FRAMES    payload is a batch of encoded tunnel frames for `dest`
+  ANNOUNCE  payload is JSON: the worker's shard info (also its heartbeat)
+  TABLE     payload is JSON: the whole shard table (also the router's heartbeat)
+  LOST      a worker is gone (dead, or unroutable); payload is its identity
+  COMMAND   payload is JSON: an admin command for `dest` (e.g. drain)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+__all__ = [
+    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "COMMAND", "ROUTER_ID",
+    "worker_identity", "worker_index", "ipc_endpoint",
+    "to_router", "from_worker", "to_worker", "from_router",
+    "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS",
+]
+
+FRAMES = b"F"
+ANNOUNCE = b"A"
+TABLE = b"T"
+LOST = b"L"
+COMMAND = b"C"
+ROUTER_ID = b"router"
+
+# Workers announce (and the router broadcasts its table) this often; a peer
+# silent for LIVENESS intervals is taken as gone.
+HEARTBEAT_INTERVAL = 0.2
+HEARTBEAT_LIVENESS = 3
+
+
+def worker_identity(index: int) -> bytes:
+    return f"w{index}".encode()
+
+
+def worker_index(identity: bytes) -> int | None:
+    if identity.startswith(b"w") and identity[1:].isdigit():
+        return int(identity[1:])
+    return None
+
+
+def ipc_endpoint(instance: str, directory: str | None = None) -> str:
+    """A router address unique to this gateway instance."""
+    base = directory or tempfile.gettempdir()
+    return f"ipc://{os.path.join(base, f'tunnel-gateway-{instance}.router')}"
+
+
+def to_router(kind: bytes, dest: bytes, payload: bytes) -> list[bytes]:
+    return [kind, dest, payload]
+
+
+def from_worker(msg: list[bytes]) -> tuple[bytes, bytes, bytes, bytes]:
+    """(src, kind, dest, payload) of what a ROUTER received from a worker."""
+    if len(msg) != 4:
+        raise ValueError(f"bad envelope with {len(msg)} parts")
+    return msg[0], msg[1], msg[2], msg[3]
+
+
+def to_worker(dest: bytes, src: bytes, kind: bytes, payload: bytes) -> list[bytes]:
+    return [dest, src, kind, payload]
+
+
+def from_router(msg: list[bytes]) -> tuple[bytes, bytes, bytes]:
+    """(src, kind, payload) of what a worker's DEALER received."""
+    if len(msg) != 3:
+        raise ValueError(f"bad envelope with {len(msg)} parts")
+    return msg[0], msg[1], msg[2]

@@ -1,0 +1,232 @@
+"""The supervisor: spawns the router and the workers, watches, respawns and
+signals them. It never imports grpc or zmq (children are started with the
+spawn context and import what they need themselves).
+
+Signal handlers only queue the signal; the main loop dispatches
+`handle_<signal>`. SIGTERM/SIGINT drain and stop (a second one forces),
+SIGHUP reloads the config into every worker.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from gateway.config import GatewayConfig, load_gateway_config
+from gateway.ids import new_instance_id
+from gateway.logs import setup_logging
+from gateway.router.envelope import ipc_endpoint
+from gateway.settings import ConfigError
+
+__all__ = ["Supervisor", "EXIT_OK", "EXIT_BOOT_ERROR"]
+
+log = logging.getLogger("gateway.supervisor")
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+# A child that lived at least this long was healthy: its next crash respawns at once.
+HEALTHY_AFTER = 10.0
+MAX_BACKOFF = 30.0
+
+
+def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
+                overrides: argparse.Namespace | None) -> None:
+    from gateway.workers.worker import worker_main
+
+    worker_main(config, index, instance, endpoint, overrides)
+
+
+def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
+    from gateway.router.broker import router_main
+
+    router_main(endpoint, log_level, log_format)
+
+
+@dataclass
+class Child:
+    name: str
+    make: Callable[[], multiprocessing.process.BaseProcess]
+    process: Any = None
+    started: float = 0.0
+    failures: int = 0
+    respawn_at: float | None = None
+    ever_healthy: bool = False
+
+    def start(self) -> None:
+        self.process = self.make()
+        self.process.start()
+        self.started = time.monotonic()
+        self.respawn_at = None
+        log.info("started %s", self.name, extra={"pid": self.process.pid})
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class Supervisor:
+    def __init__(self, config: GatewayConfig, workers: int, overrides: argparse.Namespace | None = None) -> None:
+        self.config = config
+        self.n_workers = workers
+        self.overrides = overrides
+        self.instance = new_instance_id()
+        self.endpoint = ipc_endpoint(self.instance) if workers > 1 else None
+        self.ctx = multiprocessing.get_context("spawn")
+        self.children: list[Child] = []
+        self.signals: list[int] = []
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- children --------------------------------------------------------------
+
+    def _worker_child(self, index: int) -> Child:
+        def make() -> multiprocessing.process.BaseProcess:
+            # Read self.config at spawn time: a respawned worker gets the reloaded config.
+            return self.ctx.Process(
+                target=_run_worker, name=f"worker-{index}",
+                args=(self.config, index, self.instance, self.endpoint, self.overrides),
+            )
+
+        return Child(f"worker {index}", make)
+
+    def _router_child(self) -> Child:
+        def make() -> multiprocessing.process.BaseProcess:
+            return self.ctx.Process(
+                target=_run_router, name="router",
+                args=(self.endpoint, self.config.log_level, self.config.log_format),
+            )
+
+        return Child("router", make)
+
+    # -- signals ---------------------------------------------------------------
+
+    def _queue_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            log.warning("second stop signal: forcing exit")
+            for child in self.children:
+                if child.alive:
+                    child.process.kill()
+            return
+        self.stopping = True
+        log.info("stopping: draining workers", extra={"grace": self.config.shutdown_grace})
+        for child in self.children:
+            if child.alive and child.name != "router":
+                os.kill(child.process.pid, signal.SIGTERM)
+
+    handle_int = handle_term
+
+    def handle_hup(self) -> None:
+        try:
+            new = load_gateway_config(self.config.path, self.overrides)
+        except ConfigError as exc:
+            log.error("config reload rejected: %s", exc, extra={"file": exc.file, "key": exc.key})
+            return
+        self.config = new
+        log.info("config reloaded; telling the workers", extra={"file": new.path})
+        for child in self.children:
+            if child.alive and child.name != "router":
+                os.kill(child.process.pid, signal.SIGHUP)
+
+    # -- main loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        from setproctitle import setproctitle
+
+        setproctitle("tunnel-gateway: supervisor")
+        setup_logging(self.config.log_level, self.config.log_format, prefix={"process": "supervisor"})
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._queue_signal)
+        if self.endpoint:
+            self.children.append(self._router_child())
+        self.children += [self._worker_child(i) for i in range(self.n_workers)]
+        for child in self.children:
+            child.start()
+        log.info("supervisor running", extra={"workers": self.n_workers, "instance": self.instance})
+        deadline: float | None = None
+        while True:
+            sentinels = [c.process.sentinel for c in self.children if c.alive]
+            multiprocessing.connection.wait(sentinels + [self._wake_r], timeout=0.5)
+            self._drain_wakeups()
+            while self.signals:
+                sig = self.signals.pop(0)
+                name = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup"}[sig]
+                getattr(self, f"handle_{name}")()
+                if self.stopping and deadline is None:
+                    deadline = time.monotonic() + self.config.shutdown_grace + 5
+            if self.stopping:
+                if self._stop_step(deadline):
+                    break
+                continue
+            self._reap_and_respawn()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("supervisor exiting", extra={"code": self.exit_code})
+        return self.exit_code
+
+    def _drain_wakeups(self) -> None:
+        os.set_blocking(self._wake_r, False)
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap_and_respawn(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is not None and not child.process.is_alive() and child.respawn_at is None:
+                code = child.process.exitcode
+                lived = now - child.started
+                child.process.join(0)
+                if code == EXIT_BOOT_ERROR and lived < HEALTHY_AFTER:
+                    log.error("%s could not boot (exit %s); stopping the gateway", child.name, code)
+                    self.exit_code = EXIT_BOOT_ERROR
+                    self.stopping = True
+                    self.handle_term_forced()
+                    return
+                child.failures = child.failures + 1 if lived < HEALTHY_AFTER else 1
+                delay = 0.0 if child.failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (child.failures - 2))
+                child.respawn_at = now + delay
+                log.warning("%s died (exit %s); respawning in %.1fs", child.name, code, delay,
+                            extra={"failures": child.failures})
+            if child.respawn_at is not None and now >= child.respawn_at:
+                child.start()
+
+    def handle_term_forced(self) -> None:
+        for child in self.children:
+            if child.alive:
+                os.kill(child.process.pid, signal.SIGTERM)
+
+    def _stop_step(self, deadline: float) -> bool:
+        """One step of the shutdown; True when every child is gone."""
+        workers_alive = [c for c in self.children if c.name != "router" and c.alive]
+        if workers_alive and time.monotonic() > deadline:
+            for c in workers_alive:
+                log.warning("%s did not stop in time; killing it", c.name)
+                c.process.kill()
+        if workers_alive:
+            return False
+        for c in self.children:
+            if c.name == "router" and c.alive:
+                c.process.terminate()
+                c.process.join(3)
+                if c.alive:
+                    c.process.kill()
+        for c in self.children:
+            if c.process is not None:
+                c.process.join(1)
+        return True

@@ -1,0 +1,204 @@
+"""A worker's link to the router: cross-worker channels and the shard table.
+
+Each peer worker is reached through a *channel*: a TunnelStream whose
+transport is the ZeroMQ link, so requests crossing workers get the same
+exchanges, flow control and RESETs as on a client tunnel. Liveness comes from
+the router (LOST, and its table broadcast as a heartbeat), not from PINGs.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from gateway.router import envelope as env
+from gateway.tunnel import frames
+from gateway.tunnel.stream import StreamLimits, TunnelStream
+
+if TYPE_CHECKING:
+    from gateway.workers.worker import Worker
+
+__all__ = ["RouterLink"]
+
+log = logging.getLogger("gateway.worker.link")
+
+
+class LinkTransport:
+    """A channel's transport: writes go through the router; reads are fed by
+    the link's receive loop, so `read` only waits for the end."""
+
+    __slots__ = ("link", "dest", "_closed")
+
+    def __init__(self, link: "RouterLink", dest: bytes) -> None:
+        self.link = link
+        self.dest = dest
+        self._closed = asyncio.Event()
+
+    async def read(self) -> bytes | None:
+        await self._closed.wait()
+        return None
+
+    async def write(self, raw: bytes) -> None:
+        self.link.frames_out += 1
+        await self.link.sock.send_multipart(env.to_router(env.FRAMES, self.dest, raw))
+
+    def peer(self) -> str:
+        return self.dest.decode()
+
+    async def close(self) -> None:
+        self._closed.set()
+
+
+class RouterLink:
+    def __init__(self, worker: "Worker", endpoint: str) -> None:
+        self.worker = worker
+        self.endpoint = endpoint
+        self.identity = env.worker_identity(worker.index)
+        self.channels: dict[bytes, TunnelStream] = {}
+        self.table: dict[str, dict[str, Any]] = {}
+        self.frames_in = 0
+        self.frames_out = 0
+        self.router_ok = False
+        self._last_table = 0.0
+        self._rr = itertools.count()
+        self._announce_now = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._receive()), loop.create_task(self._heartbeat())]
+
+    async def stop(self) -> None:
+        for ch in list(self.channels.values()):
+            ch.close("worker_stopping")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sock is not None:
+            self.sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # -- channels ------------------------------------------------------------
+
+    def channel(self, peer: bytes) -> TunnelStream:
+        ch = self.channels.get(peer)
+        if ch is not None and not ch.closed:
+            return ch
+        cfg = self.worker.config
+        limits = StreamLimits(
+            max_inflight=cfg.max_inflight_per_stream * 16,
+            window=cfg.stream_window,
+            chunk_size=cfg.chunk_size,
+            max_batch_bytes=cfg.max_batch_bytes,
+            max_queue_bytes=cfg.max_queue_bytes,
+            heartbeat_interval=0,
+        )
+        ch = TunnelStream(LinkTransport(self, peer), limits=limits, on_request=self.worker.serve_remote,
+                          peer_id=peer.decode(), label=f"worker {peer.decode()}")
+        self.channels[peer] = ch
+        task = asyncio.get_running_loop().create_task(ch.run())
+        task.add_done_callback(lambda _t, p=peer, c=ch: self._channel_done(p, c))
+        return ch
+
+    def _channel_done(self, peer: bytes, ch: TunnelStream) -> None:
+        if self.channels.get(peer) is ch:
+            del self.channels[peer]
+
+    def route(self, group: str) -> TunnelStream | None:
+        """A channel to a live worker that holds streams of `group`."""
+        if not self.router_ok:
+            return None
+        me = self.identity.decode()
+        holders = [w for w, info in self.table.items() if w != me and info.get("streams", {}).get(group)]
+        if not holders:
+            return None
+        holders.sort()
+        return self.channel(holders[next(self._rr) % len(holders)].encode())
+
+    def lose(self, peer: bytes, reason: str) -> None:
+        self.table.pop(peer.decode(), None)
+        ch = self.channels.pop(peer, None)
+        if ch is not None:
+            ch.close(reason)
+
+    # -- loops -----------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            msg = await self.sock.recv_multipart(copy=True)
+            try:
+                src, kind, payload = env.from_router(msg)
+            except ValueError as exc:
+                log.warning("bad envelope from router: %s", exc)
+                continue
+            if kind == env.FRAMES:
+                self.frames_in += 1
+                ch = self.channel(src)
+                try:
+                    ch.feed(payload)
+                except frames.ProtocolError as exc:
+                    log.warning("bad frames from %s: %s", src.decode(), exc)
+                    ch.close("protocol_error")
+            elif kind == env.TABLE:
+                self.table = orjson.loads(payload)
+                self._last_table = time.monotonic()
+                if not self.router_ok:
+                    log.info("router connected")
+                self.router_ok = True
+            elif kind == env.LOST:
+                log.warning("worker lost", extra={"peer": payload.decode()})
+                self.lose(payload, "worker_lost")
+            elif kind == env.COMMAND:
+                try:
+                    self.worker.run_command(orjson.loads(payload))
+                except Exception:
+                    log.exception("admin command failed")
+
+    def announce_soon(self) -> None:
+        self._announce_now.set()
+
+    async def _announce(self) -> None:
+        try:
+            info = orjson.dumps(self.worker.shard_info())
+            await self.sock.send_multipart(env.to_router(env.ANNOUNCE, b"", info), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    async def _heartbeat(self) -> None:
+        interval = env.HEARTBEAT_INTERVAL
+        while True:
+            self._announce_now.clear()
+            await self._announce()
+            if self.router_ok and time.monotonic() - self._last_table > interval * env.HEARTBEAT_LIVENESS * 2:
+                # Requests that crossed the router fail now; the rest go on.
+                log.warning("router lost; cross-worker requests fail until it is back")
+                self.router_ok = False
+                self.table = {}
+                for peer in list(self.channels):
+                    self.lose(peer, "router_lost")
+            try:
+                await asyncio.wait_for(self._announce_now.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def send_command(self, worker: str, command: dict) -> None:
+        await self.sock.send_multipart(env.to_router(env.COMMAND, worker.encode(), orjson.dumps(command)))
