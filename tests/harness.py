@@ -290,3 +290,56 @@ def standard_stack(procs: Processes, tmp: Path, **kw: Any) -> Stack:
     stack.start_gateway(**kw)
     stack.start_client()
     return stack
+
+
+def shards(stack: Stack) -> list[dict]:
+    return get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
+
+
+def streams_by_worker(stack: Stack) -> dict[int, int]:
+    return {w["worker"]: sum(w["streams"].values()) for w in shards(stack)}
+
+
+def drain(stack: Stack, **selection: Any) -> dict:
+    body = json.dumps(selection).encode()
+    return http("POST", f"http://127.0.0.1:{stack.admin_port}/admin/drain", body,
+                {"Content-Type": "application/json"}).json()
+
+
+def concentrate(stack: Stack, worker: int, expected: int, workers: int = 2, timeout: float = 40.0) -> None:
+    """Drain the other workers until all `expected` streams sit on `worker`."""
+
+    def done() -> bool:
+        counts = streams_by_worker(stack)
+        if len(counts) < workers or sum(counts.values()) < expected:
+            return False
+        if counts.get(worker, 0) == expected and stack.routable():
+            return True
+        for w, n in counts.items():
+            if w != worker and n:
+                drain(stack, worker=w)
+        return False
+
+    wait_until(done, timeout, interval=0.5, what=f"all streams on worker {worker}")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of a process, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+def proc_title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""

@@ -45,6 +45,11 @@ def grpc_options(max_message_bytes: int, keepalive_ms: int, *, server: bool) -> 
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    if not server:
+        # Each connection its own TCP connection (grpc shares subchannels
+        # between channels of a process by default), so the kernel spreads
+        # them over workers and a reconnect can land on another worker.
+        opts.append(("grpc.use_local_subchannel_pool", 1))
     if server:
         opts += [
             ("grpc.so_reuseport", 1),

@@ -48,4 +48,10 @@ class StreamRegistry:
             yield from streams
 
     def groups(self) -> dict[str, int]:
-        return {g: len(s) for g, s in self._by_group.items()}
+        """Usable (not draining) streams by group."""
+        out = {}
+        for g, streams in self._by_group.items():
+            n = sum(1 for s in streams if not s.draining and not s.closed)
+            if n:
+                out[g] = n
+        return out

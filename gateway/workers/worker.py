@@ -155,6 +155,8 @@ class Worker:
                 break
             self.spawn(s.goaway("drain", self.config.shutdown_grace))
             n += 1
+        if n:
+            self.streams_changed()
         log.info("drained streams", extra={"count": n, "command": command})
         return n
 
