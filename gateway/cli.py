@@ -1,28 +1,89 @@
-"""`tunnel-gateway`: the command line. Flags mirror the [gateway] settings."""
+"""`tunnel-gateway`: the command line. Flags mirror the [gateway] settings.
+
+    tunnel-gateway [-c FILE] [--flag VALUE ...]     run the gateway
+    tunnel-gateway check-config FILE [--flag ...]   validate, print the effective config
+
+Precedence: flag > environment (TUNNEL_GATEWAY_*) > file > default.
+Exit codes: 0 ok, 2 bad config or usage, 3 could not bind a port.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
+import orjson
+
 from gateway import __version__
-from gateway.config import GATEWAY_SETTINGS, load_gateway_config
+from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
 from gateway.settings import ConfigError, add_arguments
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "effective_config"]
 
 EXIT_BAD_CONFIG = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunnel-gateway", description="Tunnel gateway: HTTP entry, tunnel endpoint, admin.")
-    p.add_argument("--config", "-c", default="conf/gateway.toml", help="TOML config file (default: conf/gateway.toml)")
+def build_parser(check: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunnel-gateway check-config" if check else "tunnel-gateway",
+        description="Validate a config file and print the effective config." if check else
+        "Tunnel gateway: HTTP entry, tunnel endpoint, admin port; one worker process per core.",
+        epilog="Also: 'tunnel-gateway check-config FILE'. Exit codes: 0 ok, 2 bad config or usage, 3 could not bind.",
+    )
+    if check:
+        p.add_argument("config", help="TOML config file to check")
+    else:
+        p.add_argument("--config", "-c", default="conf/gateway.toml", help="TOML config file (default: conf/gateway.toml)")
     p.add_argument("--version", action="version", version=f"tunnel-gateway {__version__}")
-    add_arguments(p, GATEWAY_SETTINGS)
+    add_arguments(p, GATEWAY_SETTINGS, ENV_PREFIX)
     return p
 
 
+def effective_config(config: GatewayConfig) -> dict:
+    """The config as the gateway will run it, tokens left out."""
+
+    def rule(r) -> dict:
+        out = {}
+        for f in r.__dataclass_fields__:
+            v = getattr(r, f)
+            out[f] = sorted(v) if isinstance(v, frozenset) else v
+        return out
+
+    return {
+        "file": config.path,
+        "gateway": dict(config.settings),
+        "groups": {
+            name: {
+                "tokens": len(g.tokens),
+                "balance": g.balance,
+                "config_version": g.client.version,
+                "rules": [rule(r) for r in g.client.rules],
+                "upstreams": {u: list(up.servers) for u, up in g.client.upstreams.items()},
+            }
+            for name, g in config.groups.items()
+        },
+        "routes": [rule(r) for r in config.routes],
+        "forward": [rule(r) for r in config.forward],
+        "upstreams": {u: {"servers": list(up.servers), "balance": up.balance} for u, up in config.upstreams.items()},
+    }
+
+
+def check_config(argv: list[str]) -> int:
+    args = build_parser(check=True).parse_args(argv)
+    try:
+        config = load_gateway_config(args.config, args)
+    except ConfigError as exc:
+        print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    sys.stdout.write(orjson.dumps(effective_config(config), option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(f"{args.config}: ok", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "check-config":
+        return check_config(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_gateway_config(args.config, args)

@@ -16,11 +16,13 @@ from gateway.balance import STREAM_POLICIES
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, apply_overrides, check_mapping, choice, load_section, port,
+    ConfigError, Setting, apply_env, apply_overrides, check_mapping, choice, load_section, port,
     positive_float, positive_int, read_toml, string,
 )
 
-__all__ = ["GATEWAY_SETTINGS", "GroupSpec", "GatewayConfig", "load_gateway_config"]
+ENV_PREFIX = "TUNNEL_GATEWAY_"
+
+__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "GroupSpec", "GatewayConfig", "load_gateway_config"]
 
 def worker_count(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -108,6 +110,7 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
     if unknown:
         raise ConfigError(path, sorted(unknown)[0], "unknown table")
     settings = load_section(doc.get("gateway"), GATEWAY_SETTINGS, path, "gateway")
+    apply_env(settings, GATEWAY_SETTINGS, ENV_PREFIX)
     if args is not None:
         apply_overrides(settings, args, GATEWAY_SETTINGS)
     if settings["chunk_size"] > settings["stream_window"]:

@@ -7,12 +7,14 @@ description); `load_section` validates a TOML table against it and
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["ConfigError", "Setting", "read_toml", "load_section", "add_arguments", "apply_overrides",
+__all__ = ["ConfigError", "Setting", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
+           "env_name",
            "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port"]
 
 
@@ -121,17 +123,62 @@ def load_section(table: Any, settings: Sequence[Setting], file: str, section: st
     return values
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _from_text(text: str, default: Any) -> Any:
+    """Parse an environment value by the type of the setting's default."""
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("must be true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("must be an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+    return text
+
+
+def env_name(prefix: str, setting: Setting) -> str:
+    return prefix + setting.name.upper()
+
+
+def apply_env(values: dict[str, Any], settings: Sequence[Setting], prefix: str,
+              environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Environment variables (PREFIX + NAME) override the file."""
+    environ = os.environ if environ is None else environ
+    for s in settings:
+        name = env_name(prefix, s)
+        if name in environ:
+            try:
+                values[s.name] = s.validate(_from_text(environ[name], s.default))
+            except ValueError as exc:
+                raise ConfigError("environment", name, str(exc)) from None
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting], env_prefix: str = "") -> None:
     for s in settings:
         if not s.flag:
             continue
+        env = f", env {env_name(env_prefix, s)}" if env_prefix else ""
         kind = type(s.default) if s.default is not None and not isinstance(s.default, bool) else str
         if isinstance(s.default, bool):
             parser.add_argument(s.option, dest=s.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"{s.help} (default: {s.default})")
+                                help=f"{s.help} (default: {s.default}{env})")
         else:
             parser.add_argument(s.option, dest=s.name, default=None, type=kind,
-                                help=f"{s.help} (default: {s.default!r})")
+                                help=f"{s.help} (default: {s.default!r}{env})")
 
 
 def apply_overrides(values: dict[str, Any], args: argparse.Namespace, settings: Sequence[Setting], where: str = "command line") -> dict[str, Any]:

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.settings import (
-    ConfigError, Setting, apply_overrides, choice, host_port, load_section, port, positive_float,
+    ConfigError, Setting, apply_env, apply_overrides, choice, host_port, load_section, port, positive_float,
     positive_int, read_toml, string,
 )
 
-__all__ = ["CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
+ENV_PREFIX = "TUNNEL_CLIENT_"
+
+__all__ = ["ENV_PREFIX", "CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
 
 CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("server", "127.0.0.1:50001", host_port, "gateway tunnel address host:port"),
@@ -62,6 +64,7 @@ def load_client_config(path: str | None, args: argparse.Namespace | None = None)
     if unknown:
         raise ConfigError(where, sorted(unknown)[0], "unknown table")
     settings = load_section(doc.get("client"), CLIENT_SETTINGS, where, "client")
+    apply_env(settings, CLIENT_SETTINGS, ENV_PREFIX)
     if args is not None:
         apply_overrides(settings, args, CLIENT_SETTINGS)
     for key in ("group", "token"):

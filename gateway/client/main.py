@@ -10,7 +10,7 @@ import sys
 import orjson
 
 from gateway import __version__
-from gateway.client.config import CLIENT_SETTINGS, ClientConfig, load_client_config
+from gateway.client.config import CLIENT_SETTINGS, ENV_PREFIX, ClientConfig, load_client_config
 from gateway.logs import setup_logging
 from gateway.settings import ConfigError, add_arguments
 
@@ -18,10 +18,14 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunnel-client", description="Tunnel client: connects out to a tunnel-gateway.")
+    p = argparse.ArgumentParser(
+        prog="tunnel-client",
+        description="Tunnel client: connects out to a tunnel-gateway, serves its group, runs the local egress entry.",
+        epilog="Precedence: flag > environment (TUNNEL_CLIENT_*) > file > default. Exit codes: 0 ok, 2 bad config.",
+    )
     p.add_argument("--config", "-c", default=None, help="TOML config file with a [client] table")
     p.add_argument("--version", action="version", version=f"tunnel-client {__version__}")
-    add_arguments(p, CLIENT_SETTINGS)
+    add_arguments(p, CLIENT_SETTINGS, ENV_PREFIX)
     return p
 
 
