@@ -16,6 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.httpmap import decode_raw, end_to_end, has_body_response
+from gateway.observe import AccessRecord
 from gateway.tunnel.errors import TunnelError, error_body
 from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
 
@@ -71,8 +72,10 @@ async def relay_request(
     timeout: float,
     max_body: int,
     group: str = "",
+    record: AccessRecord | None = None,
 ) -> web.StreamResponse:
-    """Send `request` down `stream` and stream the response back to the caller."""
+    """Send `request` down `stream` and stream the response back to the caller.
+    `record`, when given, gets the status, the body sizes and any error."""
     has_body = request.body_exists
     ex = stream.open_request(
         request_id,
@@ -122,23 +125,34 @@ async def relay_request(
         resp.headers["x-trace-id"] = trace_id
         if content_length is not None and content_length.isdigit():
             resp.content_length = int(content_length)
+        if record is not None:
+            record.status = head.status
         await resp.prepare(request)
+        sent = 0
         if has_body_response(request.method, head.status):
             try:
                 while (chunk := await ex.body.read()) is not None:
+                    sent += len(chunk)
                     await resp.write(chunk)
             except TunnelError as exc:
                 # The head is out; the only honest signal left is a cut connection.
                 log.warning("response body cut: %s", exc.code, extra={"request_id": request_id, "trace_id": trace_id})
+                if record is not None:
+                    record.error = exc.code
                 resp.force_close()
                 if request.transport is not None:
                     request.transport.close()
                 return resp
+            finally:
+                if record is not None:
+                    record.bytes_out = sent
         await resp.write_eof()
         return resp
     finally:
         if pump is not None and not pump.done():
             pump.cancel()
+        if record is not None:
+            record.bytes_in = ex.sender.bytes_sent
         ex.close()
 
 
