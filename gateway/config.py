@@ -48,6 +48,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
     Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
+    Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),
     Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
 )

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["AccessRecord", "AccessLog", "RequestMetrics", "NO_METRICS"]
+__all__ = ["AccessRecord", "AccessLog", "RateWindow", "RequestMetrics", "NO_METRICS"]
 
 log = logging.getLogger("gateway.access")
 
@@ -121,6 +121,39 @@ class AccessLog:
         if self._fd is not None and self.target not in ("stdout", "off"):
             os.close(self._fd)
         self._fd = None
+
+
+class RateWindow:
+    """Requests and errors of the last minute, in one-second buckets."""
+
+    __slots__ = ("_buckets", "_second")
+
+    def __init__(self) -> None:
+        self._buckets = [[0, 0] for _ in range(60)]
+        self._second = int(time.time())
+
+    def _advance(self, now: int) -> None:
+        if now - self._second >= 60:
+            for b in self._buckets:
+                b[0] = b[1] = 0
+        else:
+            for s in range(self._second + 1, now + 1):
+                b = self._buckets[s % 60]
+                b[0] = b[1] = 0
+        self._second = now
+
+    def add(self, error: bool) -> None:
+        now = int(time.time())
+        if now != self._second:
+            self._advance(now)
+        b = self._buckets[now % 60]
+        b[0] += 1
+        if error:
+            b[1] += 1
+
+    def last_minute(self) -> dict[str, int]:
+        self._advance(max(self._second, int(time.time())))
+        return {"requests": sum(b[0] for b in self._buckets), "errors": sum(b[1] for b in self._buckets)}
 
 
 class RequestMetrics(Protocol):

@@ -13,7 +13,9 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,6 +48,13 @@ def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
     from gateway.router.broker import router_main
 
     router_main(endpoint, log_level, log_format)
+
+
+def _forget_metrics_of(pid: int) -> None:
+    """A dead worker's live gauges stop counting; its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
 
 
 @dataclass
@@ -83,6 +92,7 @@ class Supervisor:
         self.stopping = False
         self.exit_code = EXIT_OK
         self._wake_r, self._wake_w = os.pipe()
+        self._own_metrics_dir: str | None = None
 
     # -- children --------------------------------------------------------------
 
@@ -143,6 +153,19 @@ class Supervisor:
 
     # -- main loop -------------------------------------------------------------
 
+    def _metrics_dir(self) -> None:
+        """Every worker writes its metrics here; a scrape of any worker adds them up.
+        Set before any child starts, wiped at start as prometheus-client asks."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            path = os.path.join(tempfile.gettempdir(), f"tunnel-gateway-{self.instance}-metrics")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+            self._own_metrics_dir = path
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+
     def run(self) -> int:
         from setproctitle import setproctitle
 
@@ -150,6 +173,7 @@ class Supervisor:
         setup_logging(self.config.log_level, self.config.log_format, prefix={"process": "supervisor"})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._queue_signal)
+        self._metrics_dir()
         if self.endpoint:
             self.children.append(self._router_child())
         self.children += [self._worker_child(i) for i in range(self.n_workers)]
@@ -174,6 +198,8 @@ class Supervisor:
             self._reap_and_respawn()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._own_metrics_dir:
+            shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
         log.info("supervisor exiting", extra={"code": self.exit_code})
         return self.exit_code
 
@@ -198,6 +224,8 @@ class Supervisor:
                     self.stopping = True
                     self.handle_term_forced()
                     return
+                if child.name != "router":
+                    _forget_metrics_of(child.process.pid)
                 child.failures = child.failures + 1 if lived < HEALTHY_AFTER else 1
                 delay = 0.0 if child.failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (child.failures - 2))
                 child.respawn_at = now + delay

@@ -200,6 +200,9 @@ class Stack:
     def gateway_doc(self, settings: dict | None = None, groups: dict | None = None, routes: list | None = None,
                     forward: list | None = None, upstreams: dict | None = None) -> dict:
         backend = self.backend_url
+        self.http_port = self.http_port or free_port()
+        self.tunnel_port = self.tunnel_port or free_port()
+        self.admin_port = self.admin_port or free_port()
         return {
             "gateway": {
                 "host": "127.0.0.1", "http_port": self.http_port, "tunnel_port": self.tunnel_port,
@@ -219,9 +222,6 @@ class Stack:
         }
 
     def start_gateway(self, doc: dict | None = None, **kw: Any) -> Proc:
-        self.http_port = self.http_port or free_port()
-        self.tunnel_port = self.tunnel_port or free_port()
-        self.admin_port = self.admin_port or free_port()
         doc = doc or self.gateway_doc(**kw)
         self.gateway_config = self.tmp / "gateway.toml"
         self.gateway_config.write_text(to_toml(doc))

@@ -34,6 +34,7 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", 10.0, positive_float, "seconds to wait for the gateway's WELCOME"),
     Setting("reconnect_initial", 0.5, positive_float, "first reconnect delay, seconds"),
     Setting("reconnect_max", 30.0, positive_float, "reconnect delay cap, seconds"),
+    Setting("access_log", "stdout", string, "access log of the local entry: off, stdout or a file path"),
     Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
 )

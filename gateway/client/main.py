@@ -43,8 +43,16 @@ async def serve(config: ClientConfig) -> None:
     session = upstream_session()
     agent = Agent(config, session)
     runners = []
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+    from gateway.observe import AccessLog
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    access_log = AccessLog(config.access_log)
     if config.local_port:
-        entry = LocalEntry(agent)
+        entry = LocalEntry(agent, access_log=access_log, metrics=metrics)
         app = web.Application(client_max_size=config.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", entry.handle)
         limit = max(8190, config.max_header_bytes * 2)
@@ -54,16 +62,17 @@ async def serve(config: ClientConfig) -> None:
         await web.TCPSite(runner, config.local_host, config.local_port).start()
         runners.append(runner)
     if config.admin_port:
-        runners.append(await _start_admin(agent, config))
+        runners.append(await _start_admin(agent, config, registry))
     try:
         await agent.run_forever(stop)
     finally:
         for runner in runners:
             await runner.cleanup()
         await session.close()
+        access_log.close()
 
 
-async def _start_admin(agent, config: ClientConfig):
+async def _start_admin(agent, config: ClientConfig, registry):
     from aiohttp import web
 
     def state() -> dict:
@@ -90,7 +99,13 @@ async def _start_admin(agent, config: ClientConfig):
     async def status(_r: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(state()), content_type="application/json")
 
+    async def metrics(_r: web.Request) -> web.Response:
+        from gateway.metrics import CONTENT_TYPE_LATEST, render
+
+        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status", status)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.httpmap import decode_raw, end_to_end, forwarded, header_bytes
 from gateway.ids import RequestIds, trace_id_from
-from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RequestMetrics
+from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.proxy import error_response, relay_request
 from gateway.tunnel.stream import TunnelStream
@@ -33,6 +33,7 @@ class HttpEntryBase:
         self.requests = 0
         self.active = 0
         self.errors: dict[str, int] = {}
+        self.window = RateWindow()
 
     async def serve(self, request: web.Request, rec: AccessRecord) -> web.StreamResponse:
         raise NotImplementedError
@@ -59,6 +60,7 @@ class HttpEntryBase:
             rec.duration = time.monotonic() - t0
             self.access_log.write(rec)
             self.metrics.observe(rec)
+            self.window.add(bool(rec.error) or rec.status >= 500)
 
     def fail(self, rec: AccessRecord, code: str, message: str, *, status: int | None = None,
              retry_after: int | None = None) -> web.Response:

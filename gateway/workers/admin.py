@@ -98,8 +98,14 @@ def admin_app(worker: "Worker") -> web.Application:
                 remote.append(index)
         return _json({"drained_here": local, "sent_to_workers": remote})
 
+    async def metrics(_request: web.Request) -> web.Response:
+        from gateway.metrics import CONTENT_TYPE_LATEST, render
+
+        return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/status", get_status)
     app.router.add_get("/admin/shards", shards)
     app.router.add_post("/admin/drain", drain)

@@ -31,6 +31,7 @@ class TunnelEndpoint:
         self.worker = worker
 
     async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str) -> None:
+        self.worker.metrics.rejections.labels(code).inc()
         log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code})
         await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=message)))
 
@@ -94,6 +95,7 @@ class TunnelEndpoint:
                 )
             )
         )
+        worker.metrics.connects.labels(hello.group).inc()
         old = worker.registry.add(stream)
         worker.streams_changed()
         if old is not None:

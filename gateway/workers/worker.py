@@ -116,7 +116,8 @@ class Worker:
             "errors": self.http_entry.errors,
             "cross_frames_in": link.frames_in if link else 0,
             "cross_frames_out": link.frames_out if link else 0,
-            "config_versions": {g: spec.client.version for g, spec in self.config.groups.items()},
+            "config_versions": self.config_versions(),
+            "last_minute": self.http_entry.window.last_minute(),
             # Streams by group this worker can reach, its own and through the router.
             "sees": self.visible_streams(),
         }
@@ -172,6 +173,8 @@ class Worker:
             return
         old = self.config
         self.config = new
+        old_versions = {g: spec.client.version for g, spec in old.groups.items()}
+        self.metrics.set_config_versions(self.config_versions(), old_versions)
         self.egress = RuleDispatcher(new.forward, new.upstreams, self.session)
         pushed = 0
         for s in list(self.registry):
@@ -182,6 +185,18 @@ class Worker:
                 s.push(frames.config(spec.client.version, spec.client.to_json()))
                 pushed += 1
         log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
+
+    def config_versions(self) -> dict[str, str]:
+        return {g: spec.client.version for g, spec in self.config.groups.items()}
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            link = self.link
+            self.metrics.sample(
+                str(self.index), sum(s.inflight for s in self.registry), self.registry.groups(),
+                link.frames_in if link else 0, link.frames_out if link else 0,
+            )
+            await asyncio.sleep(1.0)
 
     # -- serving ---------------------------------------------------------------
 
@@ -205,11 +220,18 @@ class Worker:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
+        from gateway.metrics import Metrics
+        from gateway.observe import AccessLog
+
         self.ids = RequestIds(gateway_prefix(self.instance, self.index))
         self.registry = StreamRegistry()
         self.session = upstream_session()
         self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, self.session)
-        self.http_entry = HttpEntry(self)
+        self.metrics = Metrics()
+        self.metrics.set_config_versions(self.config_versions())
+        self.access_log = AccessLog(cfg.access_log)
+        self.http_entry = HttpEntry(self, access_log=self.access_log, metrics=self.metrics)
+        self.spawn(self._sample_metrics())
         self.endpoint = TunnelEndpoint(self)
         if self.router_endpoint:
             from gateway.workers.router_link import RouterLink
@@ -275,6 +297,7 @@ class Worker:
         for task in list(self._tasks):
             task.cancel()
         await self.session.close()
+        self.access_log.close()
         log.info("stopped")
 
 

@@ -1,0 +1,88 @@
+"""Prometheus metrics, with prometheus-client.
+
+In the gateway every worker writes its samples to PROMETHEUS_MULTIPROC_DIR
+(set by the supervisor before it spawns anyone), so a scrape of /metrics on
+any worker adds up all of them. The tunnel client, one process, keeps them in
+its own registry. Import this module only in a worker or a client process.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+from gateway.observe import AccessRecord
+
+__all__ = ["Metrics", "render", "CONTENT_TYPE_LATEST"]
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {} if registry is None else {"registry": registry}
+        self.registry = registry
+        self.requests = Counter("tunnel_requests_total", "Requests by direction, group, rule and status class",
+                                ["direction", "group", "rule", "status_class"], **kw)
+        self.duration = Histogram("tunnel_request_duration_seconds", "Request duration at the entry",
+                                  ["direction", "group"], buckets=BUCKETS, **kw)
+        self.body_bytes = Counter("tunnel_body_bytes_total", "Body bytes through the entry (in: from the caller)",
+                                  ["direction", "flow"], **kw)
+        self.errors = Counter("tunnel_errors_total", "Error answers by status and reason", ["status", "reason"], **kw)
+        self.inflight = Gauge("tunnel_inflight_requests", "Requests in flight on client streams",
+                              ["worker"], multiprocess_mode="livesum", **kw)
+        self.streams = Gauge("tunnel_streams", "Connected client streams", ["group", "worker"],
+                             multiprocess_mode="livesum", **kw)
+        self.cross = Counter("tunnel_cross_worker_batches_total", "Frame batches sent to or received from other workers",
+                             ["worker", "flow"], **kw)
+        self.config_version = Gauge("tunnel_config_version_info", "Config version of each group (value 1: current)",
+                                    ["group", "version"], multiprocess_mode="livemax", **kw)
+        self.connects = Counter("tunnel_client_connects_total", "Tunnel connections accepted (reconnects included)",
+                                ["group"], **kw)
+        self.rejections = Counter("tunnel_client_rejections_total", "Tunnel connections refused", ["reason"], **kw)
+        self._cross_seen = (0, 0)
+        self._stream_labels: set[tuple[str, str]] = set()
+
+    def observe(self, rec: AccessRecord) -> None:
+        self.requests.labels(rec.direction, rec.group, rec.rule, f"{rec.status // 100}xx").inc()
+        self.duration.labels(rec.direction, rec.group).observe(rec.duration)
+        if rec.bytes_in:
+            self.body_bytes.labels(rec.direction, "in").inc(rec.bytes_in)
+        if rec.bytes_out:
+            self.body_bytes.labels(rec.direction, "out").inc(rec.bytes_out)
+        if rec.error:
+            self.errors.labels(str(rec.status), rec.error).inc()
+
+    def sample(self, worker: str, inflight: int, streams: dict[str, int], cross_in: int, cross_out: int) -> None:
+        """Gauges and counters read from live state, once a second."""
+        self.inflight.labels(worker).set(inflight)
+        seen = set()
+        for group, n in streams.items():
+            self.streams.labels(group, worker).set(n)
+            seen.add((group, worker))
+        for labels in self._stream_labels - seen:
+            self.streams.labels(*labels).set(0)
+        self._stream_labels = seen
+        last_in, last_out = self._cross_seen
+        if cross_in > last_in:
+            self.cross.labels(worker, "in").inc(cross_in - last_in)
+        if cross_out > last_out:
+            self.cross.labels(worker, "out").inc(cross_out - last_out)
+        self._cross_seen = (cross_in, cross_out)
+
+    def set_config_versions(self, versions: dict[str, str], old: dict[str, str] | None = None) -> None:
+        for group, version in (old or {}).items():
+            if versions.get(group) != version:
+                self.config_version.labels(group, version).set(0)
+        for group, version in versions.items():
+            self.config_version.labels(group, version).set(1)
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """The exposition text: every worker's samples in multiprocess mode."""
+    if registry is None:
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
