@@ -326,6 +326,7 @@ class TunnelStream:
         self.close_reason = ""
         self.connected_at = time.time()
         self.peer_inflight = 0
+        self.config_version = ""  # the group config last sent to (or applied by) the peer
         self.requests_originated = 0
         self.requests_served = 0
         self.unknown_frames = 0

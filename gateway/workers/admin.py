@@ -34,6 +34,7 @@ def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
         "requests_served": s.requests_served,
         "unknown_frames": s.unknown_frames,
         "draining": s.draining,
+        "config_version": s.config_version,
     }
 
 
@@ -103,7 +104,15 @@ def admin_app(worker: "Worker") -> web.Application:
 
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def page(_request: web.Request) -> web.Response:
+        from gateway.workers.status_page import render_status_page
+
+        body = render_status_page(all_workers(worker), worker.config_versions(),
+                                  worker.link.router_ok if worker.link else None)
+        return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
+
     app = web.Application()
+    app.router.add_get("/", page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/status", get_status)

@@ -82,6 +82,7 @@ class TunnelEndpoint:
             group=hello.group, label=label,
         )
         stream.remote = peer  # type: ignore[attr-defined]
+        stream.config_version = group.client.version
         await transport.write(
             frames.encode_frame(
                 frames.welcome(

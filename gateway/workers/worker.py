@@ -99,6 +99,7 @@ class Worker:
 
         streams: dict[str, int] = self.registry.groups()
         clients = [stream_info(s, self.index) for s in self.registry]
+
         link = self.link
         return {
             "worker": self.index,
@@ -183,6 +184,7 @@ class Worker:
                 self.spawn(s.goaway("group_removed", new.shutdown_grace))
             elif old.groups.get(s.group) is None or spec.client.version != old.groups[s.group].client.version:
                 s.push(frames.config(spec.client.version, spec.client.to_json()))
+                s.config_version = spec.client.version
                 pushed += 1
         log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
 
