@@ -49,8 +49,23 @@ def setup_logging(level: str = "info", fmt: str = "json", *, prefix: dict | None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp logs every bad request at error level with a traceback; keep it readable.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL if level.upper() != "DEBUG" else logging.DEBUG)
+    # aiohttp logs every malformed request with a traceback; make it one line.
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.filters[:] = [_BadRequestLine()]
+
+
+class _BadRequestLine(logging.Filter):
+    """'Error handling request' + traceback -> one warning line naming the peer and the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Error handling request") and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = "bad request rejected: %s"
+            record.args = (f"{type(exc).__name__}: {exc}".splitlines()[0][:300],)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 class _Prefix(logging.Filter):
