@@ -8,7 +8,7 @@ from typing import Sequence, TypeVar
 __all__ = ["ServerPool", "UPSTREAM_POLICIES", "STREAM_POLICIES", "pick_least"]
 
 UPSTREAM_POLICIES = ("round_robin", "random", "least_conn")
-STREAM_POLICIES = ("round_robin", "least_inflight")
+STREAM_POLICIES = ("round_robin", "least_inflight", "consistent_hash")
 
 T = TypeVar("T")
 

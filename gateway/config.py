@@ -9,11 +9,13 @@ upstreams its clients get), `[[routes]]` (ingress: request -> group),
 from __future__ import annotations
 
 import argparse
+import datetime
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from gateway.balance import STREAM_POLICIES
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
+from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
     ConfigError, Setting, apply_env, apply_overrides, check_mapping, choice, load_section, port,
@@ -22,7 +24,7 @@ from gateway.settings import (
 
 ENV_PREFIX = "TUNNEL_GATEWAY_"
 
-__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "GroupSpec", "GatewayConfig", "load_gateway_config"]
+__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "GroupSpec", "Token", "GatewayConfig", "load_gateway_config"]
 
 def worker_count(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -55,11 +57,22 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
 
 
 @dataclass(frozen=True)
+class Token:
+    value: str
+    expires: float | None = None  # unix time; None: never
+
+    def valid_at(self, now: float) -> bool:
+        return self.expires is None or now < self.expires
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     name: str
-    tokens: tuple[str, ...]
+    tokens: tuple[Token, ...]
     balance: str
     client: GroupConfig
+    hash_key: str = "client_ip"
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True)
@@ -85,22 +98,52 @@ class GatewayConfig:
         self.__dict__.update(state)
 
 
+def _parse_tokens(raw: Any, file: str, key: str) -> tuple[Token, ...]:
+    """Tokens are strings, or tables {token = "...", expires = 2026-12-01T00:00:00Z} for rotation."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(file, key, "must be a non-empty list of tokens")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str) and item:
+            out.append(Token(item))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
+            raise ConfigError(file, f"{key}[{i}]", "must be a non-empty string or {token = \"...\", expires = DATETIME}")
+        unknown = set(item) - {"token", "expires"}
+        if unknown:
+            raise ConfigError(file, f"{key}[{i}].{sorted(unknown)[0]}", "unknown key")
+        expires = item.get("expires")
+        if expires is not None:
+            if not isinstance(expires, datetime.datetime):
+                raise ConfigError(file, f"{key}[{i}].expires", "must be a TOML date-time like 2026-12-01T00:00:00Z")
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=datetime.timezone.utc)
+            expires = expires.timestamp()
+        out.append(Token(item["token"], expires))
+    return tuple(out)
+
+
 def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
     groups = {}
     for name, table in check_mapping(raw, file, "groups").items():
         key = f"groups.{name}"
         if not isinstance(table, dict):
             raise ConfigError(file, key, "must be a table")
-        unknown = set(table) - {"tokens", "balance", "rules", "upstreams"}
+        unknown = set(table) - {"tokens", "balance", "hash_key", "rules", "upstreams"} - LIMIT_KEYS
         if unknown:
             raise ConfigError(file, f"{key}.{sorted(unknown)[0]}", "unknown key")
-        tokens = table.get("tokens")
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
-            raise ConfigError(file, f"{key}.tokens", "must be a non-empty list of non-empty strings")
         balance = table.get("balance", "round_robin")
         if balance not in STREAM_POLICIES:
             raise ConfigError(file, f"{key}.balance", f"must be one of {', '.join(STREAM_POLICIES)}")
-        groups[name] = GroupSpec(name, tuple(tokens), balance, parse_group_config(table, file, key))
+        hash_key = table.get("hash_key", "client_ip")
+        if not isinstance(hash_key, str) or not (
+            hash_key == "client_ip" or hash_key.startswith("header:") or hash_key.startswith("cookie:")
+        ):
+            raise ConfigError(file, f"{key}.hash_key", "must be client_ip, header:NAME or cookie:NAME")
+        groups[name] = GroupSpec(
+            name, _parse_tokens(table.get("tokens"), file, f"{key}.tokens"), balance,
+            parse_group_config(table, file, key), hash_key, parse_limits(table, file, key),
+        )
     return groups
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.settings import ConfigError
 
 __all__ = ["Rule", "first_match", "parse_rules", "host_matches", "path_matches"]
@@ -54,6 +55,7 @@ class Rule:
     remove_headers: frozenset[str] = frozenset()
     strip_prefix: bool = False
     timeout: float = 30.0
+    limits: Limits = Limits()
 
     def matches(self, host: str, path: str, method: str, headers: Mapping[str, str]) -> bool:
         if self.methods and method not in self.methods:
@@ -85,7 +87,7 @@ def first_match(rules: Sequence[Rule], host: str, path: str, method: str, header
 _RULE_KEYS = {
     "name", "host", "path_prefix", "methods", "headers", "set_host",
     "add_headers", "remove_headers", "strip_prefix", "timeout",
-}
+} | LIMIT_KEYS
 
 
 def _str(where: str, key: str, value: Any) -> str:
@@ -153,6 +155,7 @@ def parse_rules(
                 remove_headers=frozenset(h.lower() for h in _str_list(where, f"{k}.remove_headers", item.get("remove_headers", []))),
                 strip_prefix=strip,
                 timeout=float(timeout),
+                limits=parse_limits(item, where, k),
             )
         )
     return tuple(rules)

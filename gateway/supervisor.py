@@ -38,10 +38,10 @@ MAX_BACKOFF = 30.0
 
 
 def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
-                overrides: argparse.Namespace | None) -> None:
+                overrides: argparse.Namespace | None, workers: int) -> None:
     from gateway.workers.worker import worker_main
 
-    worker_main(config, index, instance, endpoint, overrides)
+    worker_main(config, index, instance, endpoint, overrides, workers)
 
 
 def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
@@ -101,7 +101,7 @@ class Supervisor:
             # Read self.config at spawn time: a respawned worker gets the reloaded config.
             return self.ctx.Process(
                 target=_run_worker, name=f"worker-{index}",
-                args=(self.config, index, self.instance, self.endpoint, self.overrides),
+                args=(self.config, index, self.instance, self.endpoint, self.overrides, self.n_workers),
             )
 
         return Child(f"worker {index}", make)

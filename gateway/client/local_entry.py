@@ -26,7 +26,7 @@ class LocalEntry(HttpEntryBase):
         cfg = self.agent.config
         rec.client_id = cfg.client_id
         rec.group = cfg.group
-        refused = self.check_limits(request, rec, cfg.max_header_bytes, cfg.max_body_bytes)
+        refused = self.check_head(request, rec, cfg.max_header_bytes) or self.check_body(request, rec, cfg.max_body_bytes)
         if refused is not None:
             return refused
         stream = self.agent.pick_stream()

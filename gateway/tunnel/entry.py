@@ -71,9 +71,13 @@ class HttpEntryBase:
         return error_response(code, message, request_id=rec.request_id, trace_id=rec.trace_id,
                               client_id=rec.client_id, status=status, retry_after=retry_after)
 
-    def check_limits(self, request: web.Request, rec: AccessRecord, max_header: int, max_body: int) -> web.Response | None:
+    def check_head(self, request: web.Request, rec: AccessRecord, max_header: int) -> web.Response | None:
         if header_bytes(request.raw_headers) + len(request.raw_path) > max_header:
             return self.fail(rec, "headers_too_large", f"request head over {max_header} bytes")
+        return None
+
+    def check_body(self, request: web.Request, rec: AccessRecord, max_body: int) -> web.Response | None:
+        """A declared length over the limit; a chunked body is counted as it streams."""
         length = request.content_length
         if length is not None and length > max_body:
             return self.fail(rec, "body_too_large", f"request body is over {max_body} bytes")
@@ -86,12 +90,13 @@ class HttpEntryBase:
 
     async def relay(self, request: web.Request, rec: AccessRecord, stream: TunnelStream, *,
                     headers: list[tuple[str, str]], path: str, authority: str, timeout: float, max_body: int,
-                    group: str = "") -> web.StreamResponse:
+                    group: str = "", target_client: str = "") -> web.StreamResponse:
         rec.client_id = rec.client_id or stream.peer_id
         try:
             return await relay_request(
                 request, stream, request_id=rec.request_id, trace_id=rec.trace_id, headers=headers, path=path,
-                authority=authority, timeout=timeout, max_body=max_body, group=group, record=rec,
+                authority=authority, timeout=timeout, max_body=max_body, group=group,
+                target_client=target_client, record=rec,
             )
         except TunnelError as exc:
             return self.fail(rec, exc.code, exc.message, retry_after=1 if exc.status == 503 else None)

@@ -21,6 +21,7 @@ STATUS: dict[str, int] = {
     "bad_request": 400,
     "cancelled": 502,
     "tunnel_unavailable": 503,
+    "rate_limited": 429,
 }
 
 MESSAGES: dict[str, str] = {

@@ -87,6 +87,7 @@ def request_head(
     end_stream: bool,
     timeout_ms: int,
     group: str = "",
+    target_client: str = "",
 ) -> pb.Frame:
     return pb.Frame(
         request_id=request_id,
@@ -100,6 +101,7 @@ def request_head(
             end_stream=end_stream,
             timeout_ms=timeout_ms,
             group=group,
+            target_client=target_client,
         ),
     )
 
@@ -150,8 +152,9 @@ def window(request_id: str, trace_id: str, increment: int, *, reply: bool) -> pb
     )
 
 
-def ping(nonce: int, *, ack: bool, inflight: int) -> pb.Frame:
-    return pb.Frame(ping=pb.Ping(nonce=nonce, ack=ack, inflight=inflight))
+def ping(nonce: int, *, ack: bool, inflight: int, unhealthy: Sequence[str] | None = None) -> pb.Frame:
+    return pb.Frame(ping=pb.Ping(nonce=nonce, ack=ack, inflight=inflight, unhealthy_upstreams=unhealthy or (),
+                                 health_report=unhealthy is not None))
 
 
 def goaway(reason: str) -> pb.Frame:
@@ -200,5 +203,5 @@ def welcome(
     )
 
 
-def config(config_version: str, config_json: bytes) -> pb.Frame:
-    return pb.Frame(config=pb.Config(config_version=config_version, config_json=config_json))
+def config(config_version: str, config_json: bytes, error: str = "") -> pb.Frame:
+    return pb.Frame(config=pb.Config(config_version=config_version, config_json=config_json, error=error))

@@ -72,6 +72,7 @@ async def relay_request(
     timeout: float,
     max_body: int,
     group: str = "",
+    target_client: str = "",
     record: AccessRecord | None = None,
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller.
@@ -88,6 +89,7 @@ async def relay_request(
         end_stream=not has_body,
         timeout_ms=int(timeout * 1000),
         group=group,
+        target_client=target_client,
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

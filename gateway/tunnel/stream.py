@@ -326,7 +326,9 @@ class TunnelStream:
         self.close_reason = ""
         self.connected_at = time.time()
         self.peer_inflight = 0
-        self.config_version = ""  # the group config last sent to (or applied by) the peer
+        self.config_version = ""  # the group config the peer applied
+        self.peer_unhealthy: frozenset[str] = frozenset()  # upstreams the peer reports down
+        self.health_source: Callable[[], list[str]] | None = None  # ours, sent with each PING
         self.requests_originated = 0
         self.requests_served = 0
         self.unknown_frames = 0
@@ -404,6 +406,7 @@ class TunnelStream:
         end_stream: bool,
         timeout_ms: int,
         group: str = "",
+        target_client: str = "",
     ) -> OutboundExchange:
         """Send a request head; raises TunnelError when the stream cannot take it."""
         if self.closed or self.draining:
@@ -425,6 +428,7 @@ class TunnelStream:
                 end_stream=end_stream,
                 timeout_ms=timeout_ms,
                 group=group,
+                target_client=target_client,
             )
         )
         if end_stream:
@@ -490,6 +494,8 @@ class TunnelStream:
     def _control(self, f: frames.Frame, kind: str) -> None:
         if kind == "ping":
             self.peer_inflight = f.ping.inflight
+            if f.ping.health_report:
+                self.peer_unhealthy = frozenset(f.ping.unhealthy_upstreams)
             if not f.ping.ack:
                 self.push(frames.ping(f.ping.nonce, ack=True, inflight=self.inflight))
         elif kind == "goaway":
@@ -538,7 +544,12 @@ class TunnelStream:
                 log.warning("peer missed 3 heartbeats", extra={"peer": self.peer_id})
                 self.close("heartbeat_timeout")
                 return
-            self.push(frames.ping(next(self._nonces), ack=False, inflight=self.inflight))
+            self.send_ping()
+
+    def send_ping(self) -> None:
+        """A PING now, with our health report when we have one."""
+        unhealthy = self.health_source() if self.health_source is not None else None
+        self.push(frames.ping(next(self._nonces), ack=False, inflight=self.inflight, unhealthy=unhealthy))
 
     async def _flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

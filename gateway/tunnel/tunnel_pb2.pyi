@@ -49,7 +49,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Headers(_message.Message):
-    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group")
+    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group", "target_client")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Headers(_message.Message):
     END_STREAM_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLIENT_FIELD_NUMBER: _ClassVar[int]
     method: str
     path: str
     scheme: str
@@ -70,7 +71,8 @@ class Headers(_message.Message):
     end_stream: bool
     timeout_ms: int
     group: str
-    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
+    target_client: str
+    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ..., target_client: _Optional[str] = ...) -> None: ...
 
 class Data(_message.Message):
     __slots__ = ("data", "end_stream")
@@ -95,14 +97,18 @@ class Window(_message.Message):
     def __init__(self, increment: _Optional[int] = ...) -> None: ...
 
 class Ping(_message.Message):
-    __slots__ = ("nonce", "ack", "inflight")
+    __slots__ = ("nonce", "ack", "inflight", "unhealthy_upstreams", "health_report")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REPORT_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     ack: bool
     inflight: int
-    def __init__(self, nonce: _Optional[int] = ..., ack: _Optional[bool] = ..., inflight: _Optional[int] = ...) -> None: ...
+    unhealthy_upstreams: _containers.RepeatedScalarFieldContainer[str]
+    health_report: bool
+    def __init__(self, nonce: _Optional[int] = ..., ack: _Optional[bool] = ..., inflight: _Optional[int] = ..., unhealthy_upstreams: _Optional[_Iterable[str]] = ..., health_report: _Optional[bool] = ...) -> None: ...
 
 class GoAway(_message.Message):
     __slots__ = ("reason",)
@@ -149,9 +155,11 @@ class Welcome(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("config_version", "config_json")
+    __slots__ = ("config_version", "config_json", "error")
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     config_version: str
     config_json: bytes
-    def __init__(self, config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ...) -> None: ...
+    error: str
+    def __init__(self, config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...

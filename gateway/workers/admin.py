@@ -35,6 +35,7 @@ def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
         "unknown_frames": s.unknown_frames,
         "draining": s.draining,
         "config_version": s.config_version,
+        "unhealthy": sorted(s.peer_unhealthy),
     }
 
 

@@ -1,19 +1,33 @@
-"""The public HTTP entry: match a route, pick a client stream, relay."""
+"""The public HTTP entry: match a route, apply its limits, choose a client
+stream (this worker's or another's), relay."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.httpmap import apply_rule
 from gateway.observe import AccessRecord
+from gateway.router.envelope import worker_identity
 from gateway.rules import first_match
 from gateway.tunnel.entry import HttpEntryBase
 
 if TYPE_CHECKING:
+    from gateway.config import GroupSpec
     from gateway.workers.worker import Worker
 
-__all__ = ["HttpEntry"]
+__all__ = ["HttpEntry", "hash_key_of"]
+
+
+def hash_key_of(spec: "GroupSpec", request: web.Request) -> str:
+    """The consistent-hash key of a request: a header, a cookie or the client IP."""
+    kind, _, name = spec.hash_key.partition(":")
+    if kind == "header":
+        return request.headers.get(name, "")
+    if kind == "cookie":
+        return request.cookies.get(name, "")
+    return request.remote or ""
 
 
 class HttpEntry(HttpEntryBase):
@@ -26,7 +40,7 @@ class HttpEntry(HttpEntryBase):
     async def serve(self, request: web.Request, rec: AccessRecord) -> web.StreamResponse:
         worker = self.gateway
         cfg = worker.config
-        refused = self.check_limits(request, rec, cfg.max_header_bytes, cfg.max_body_bytes)
+        refused = self.check_head(request, rec, cfg.max_header_bytes)
         if refused is not None:
             return refused
         path_only = request.raw_path.split("?", 1)[0]
@@ -35,20 +49,49 @@ class HttpEntry(HttpEntryBase):
             return self.fail(rec, "no_matching_rule", f"no route matches {request.method} {request.host}{path_only}")
         rec.rule = rule.name
         rec.group = rule.target
-        group = cfg.groups[rule.target]
-        # Prefer a stream this worker owns; else a worker that has one, through the router.
-        stream = worker.registry.pick(group.name, group.balance)
-        if stream is None and worker.link is not None:
-            stream = worker.link.route(group.name)
-        if stream is None:
-            return self.fail(rec, "no_client_available", f"no client of group {group.name!r} is connected",
+        spec = cfg.groups[rule.target]
+        max_body = min(n for n in (cfg.max_body_bytes, spec.limits.max_body_bytes, rule.limits.max_body_bytes) if n)
+        refused = self.check_body(request, rec, max_body)
+        if refused is not None:
+            return refused
+        gates = [g for g in (worker.limit_gate("group", spec.name, spec.limits),
+                             worker.limit_gate("rule", rule.name, rule.limits)) if g is not None]
+        admitted = []
+        try:
+            for gate in gates:
+                verdict = gate.admit()
+                if verdict is not None:
+                    code, wait = verdict
+                    return self.fail(rec, code, f"{code.replace('_', ' ')} by the limits of {rule.name!r}",
+                                     retry_after=max(1, math.ceil(wait)))
+                admitted.append(gate)
+            return await self._relay(request, rec, rule, spec, path_only, max_body)
+        finally:
+            for gate in admitted:
+                gate.release()
+
+    async def _relay(self, request: web.Request, rec: AccessRecord, rule, spec, path_only: str,
+                     max_body: int) -> web.StreamResponse:
+        worker = self.gateway
+        path = rule.rewrite_path(request.raw_path)
+        authority = rule.set_host or request.host
+        candidates = worker.candidates(spec.name)
+        upstream = None
+        if any(c.unhealthy for c in candidates):
+            # Which upstream the client will use, by the group's rules the gateway hands out.
+            client_rule = first_match(spec.client.rules, authority, path.split("?", 1)[0], request.method,
+                                      request.headers)
+            upstream = client_rule.target if client_rule else None
+        key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
+        choice = worker.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key)
+        if choice is None:
+            return self.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
                              retry_after=1)
+        # A stream this worker owns, or a channel to the worker that owns the chosen one.
+        stream = choice.stream or worker.link.channel(worker_identity(choice.worker))
         return await self.relay(
             request, rec, stream,
             headers=apply_rule(self.forward_headers(request), rule),
-            path=rule.rewrite_path(request.raw_path),
-            authority=rule.set_host or request.host,
-            timeout=rule.timeout,
-            max_body=cfg.max_body_bytes,
-            group=group.name,
+            path=path, authority=authority, timeout=rule.timeout, max_body=max_body,
+            group=spec.name, target_client=choice.client_id,
         )

@@ -1,10 +1,8 @@
 """Which tunnel streams this worker holds, by group; picks one. No I/O."""
 from __future__ import annotations
 
-import itertools
 from typing import Iterator
 
-from gateway.balance import pick_least
 from gateway.tunnel.stream import TunnelStream
 
 __all__ = ["StreamRegistry"]
@@ -13,7 +11,6 @@ __all__ = ["StreamRegistry"]
 class StreamRegistry:
     def __init__(self) -> None:
         self._by_group: dict[str, list[TunnelStream]] = {}
-        self._rr: dict[str, itertools.count] = {}
         self._by_client: dict[str, TunnelStream] = {}
 
     def add(self, stream: TunnelStream) -> TunnelStream | None:
@@ -34,14 +31,9 @@ class StreamRegistry:
         if self._by_client.get(stream.label) is stream:
             del self._by_client[stream.label]
 
-    def pick(self, group: str, policy: str) -> TunnelStream | None:
-        streams = [s for s in self._by_group.get(group, ()) if not s.draining and not s.closed]
-        if not streams:
-            return None
-        if policy == "least_inflight":
-            return pick_least(streams, lambda s: s.inflight)
-        counter = self._rr.setdefault(group, itertools.count())
-        return streams[next(counter) % len(streams)]
+    def usable(self, group: str) -> list[TunnelStream]:
+        """Streams of `group` that take new requests."""
+        return [s for s in self._by_group.get(group, ()) if not s.draining and not s.closed]
 
     def __iter__(self) -> Iterator[TunnelStream]:
         for streams in self._by_group.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from gateway.tunnel import frames
@@ -11,6 +12,7 @@ from gateway.tunnel.stream import StreamLimits, TunnelStream
 from gateway.tunnel.transport import ServerTransport
 
 if TYPE_CHECKING:
+    from gateway.config import Token
     from gateway.workers.worker import Worker
 
 __all__ = ["TunnelEndpoint"]
@@ -18,12 +20,16 @@ __all__ = ["TunnelEndpoint"]
 log = logging.getLogger("gateway.tunnel")
 
 
-def token_ok(given: str, allowed: tuple[str, ...]) -> bool:
-    """Constant-time comparison against every allowed token."""
-    ok = False
+def check_token(given: str, allowed: tuple["Token", ...], now: float) -> str | None:
+    """None when `given` is a valid token; else the rejection code. Every
+    allowed token is compared, in constant time, whatever matches first."""
+    matched = None
     for token in allowed:
-        ok |= hmac.compare_digest(given.encode(), token.encode())
-    return ok
+        if hmac.compare_digest(given.encode(), token.value.encode()):
+            matched = token
+    if matched is None:
+        return "missing_token" if not given else "bad_token"
+    return None if matched.valid_at(now) else "token_expired"
 
 
 class TunnelEndpoint:
@@ -62,8 +68,9 @@ class TunnelEndpoint:
         if group is None:
             await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
             return
-        if not token_ok(hello.token, group.tokens):
-            await self._reject(transport, "bad_token", f"token not valid for group {hello.group!r}", peer)
+        refused = check_token(hello.token, group.tokens, time.time())
+        if refused is not None:
+            await self._reject(transport, refused, f"token not valid for group {hello.group!r} ({refused})", peer)
             return
         if not hello.client_id:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer)

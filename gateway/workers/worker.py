@@ -39,6 +39,7 @@ class Worker:
         instance: str | None = None,
         router_endpoint: str | None = None,
         overrides: argparse.Namespace | None = None,
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.index = index
@@ -49,6 +50,8 @@ class Worker:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.link = None
+        self.workers = workers
+        self._gates: dict = {}
         self._tasks: set[asyncio.Task] = set()
 
     def init_process(self) -> None:
@@ -85,12 +88,42 @@ class Worker:
         from gateway.tunnel.proxy import relay_exchange
 
         group = ex.head.group
-        spec = self.config.groups.get(group)
-        stream = self.registry.pick(group, spec.balance if spec else "round_robin")
-        if stream is None:
+        candidates = self.candidates(group, local_only=True)
+        # The origin chose the client (policy, health); keep to it while it is here.
+        chosen = [c for c in candidates if c.client_id == ex.head.target_client] or candidates
+        pick = self.balancer.pick(group, "round_robin", chosen)
+        if pick is None:
             ex.reset("no_client_available", f"worker {self.index} holds no stream of group {group!r}")
             return
-        await relay_exchange(ex, stream)
+        await relay_exchange(ex, pick.stream)
+
+    def candidates(self, group: str, local_only: bool = False) -> list:
+        """Streams of `group` this worker could send a request to: its own, then other workers'."""
+        from gateway.workers.balancer import Candidate
+
+        out = [Candidate(s.peer_id, self.index, s.inflight, s.peer_unhealthy, s) for s in self.registry.usable(group)]
+        link = self.link
+        if not local_only and link is not None and link.router_ok:
+            for info in link.table.values():
+                if info["worker"] == self.index:
+                    continue
+                for c in info["clients"]:
+                    if c["group"] == group and not c["draining"]:
+                        out.append(Candidate(c["client_id"], info["worker"], c["pending"] + c["serving"],
+                                             frozenset(c.get("unhealthy", ()))))
+        return out
+
+    def limit_gate(self, kind: str, name: str, limits):
+        """The live gate of a group's or a rule's limits (None when it has none)."""
+        if limits.empty:
+            return None
+        key = (kind, name)
+        gate = self._gates.get(key)
+        if gate is None or gate.limits != limits:
+            from gateway.limits import LimitGate
+
+            gate = self._gates[key] = LimitGate(limits, self.workers)
+        return gate
 
     # -- state for the router and the admin port ------------------------------
 
@@ -232,6 +265,9 @@ class Worker:
         self.metrics = Metrics()
         self.metrics.set_config_versions(self.config_versions())
         self.access_log = AccessLog(cfg.access_log)
+        from gateway.workers.balancer import Balancer
+
+        self.balancer = Balancer()
         self.http_entry = HttpEntry(self, access_log=self.access_log, metrics=self.metrics)
         self.spawn(self._sample_metrics())
         self.endpoint = TunnelEndpoint(self)
@@ -304,7 +340,8 @@ class Worker:
 
 
 def worker_main(
-    config: GatewayConfig, index: int, instance: str, router_endpoint: str | None, overrides: argparse.Namespace | None
+    config: GatewayConfig, index: int, instance: str, router_endpoint: str | None,
+    overrides: argparse.Namespace | None, workers: int = 1,
 ) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
-    Worker(config, index, instance, router_endpoint, overrides).run()
+    Worker(config, index, instance, router_endpoint, overrides, workers).run()
