@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from typing import Sequence, TypeVar
 
 __all__ = ["ServerPool", "UPSTREAM_POLICIES", "STREAM_POLICIES", "pick_least"]
@@ -14,25 +15,68 @@ T = TypeVar("T")
 
 
 class ServerPool:
-    """The servers of one upstream and the policy that picks among them."""
+    """The servers of one upstream, their health, and the policy that picks
+    among the healthy ones (among all of them when none is healthy).
 
-    __slots__ = ("servers", "policy", "_rr", "_active")
+    Passive health: `max_fails` failures in a row take a server out for
+    `fail_timeout` seconds. Active health: `set_health` from a checker."""
 
-    def __init__(self, servers: Sequence[str], policy: str = "round_robin") -> None:
+    __slots__ = ("servers", "policy", "max_fails", "fail_timeout", "_rr", "_active", "_fails", "_down_until",
+                 "_check_down")
+
+    def __init__(self, servers: Sequence[str], policy: str = "round_robin", *, max_fails: int = 3,
+                 fail_timeout: float = 10.0) -> None:
         if policy not in UPSTREAM_POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
         self.servers = tuple(servers)
         self.policy = policy
-        self._rr = itertools.cycle(range(len(self.servers)))
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self._rr = itertools.count()
         self._active = dict.fromkeys(self.servers, 0)
+        self._fails = dict.fromkeys(self.servers, 0)
+        self._down_until = dict.fromkeys(self.servers, 0.0)
+        self._check_down: set[str] = set()
+
+    def is_healthy(self, server: str, now: float | None = None) -> bool:
+        if server in self._check_down:
+            return False
+        return self._down_until[server] <= (time.monotonic() if now is None else now)
+
+    def healthy_servers(self) -> list[str]:
+        now = time.monotonic()
+        return [s for s in self.servers if self.is_healthy(s, now)]
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.healthy_servers())
+
+    def report(self, server: str, ok: bool) -> None:
+        """Passive health: the outcome of a real request."""
+        if ok:
+            self._fails[server] = 0
+            return
+        self._fails[server] += 1
+        if self.max_fails and self._fails[server] >= self.max_fails:
+            self._down_until[server] = time.monotonic() + self.fail_timeout
+
+    def set_health(self, server: str, ok: bool) -> None:
+        """Active health: the outcome of a health check."""
+        if ok:
+            self._check_down.discard(server)
+            self._fails[server] = 0
+            self._down_until[server] = 0.0
+        else:
+            self._check_down.add(server)
 
     def acquire(self) -> str:
+        servers = self.healthy_servers() or self.servers
         if self.policy == "random":
-            server = random.choice(self.servers)
+            server = random.choice(servers)
         elif self.policy == "least_conn":
-            server = pick_least(self.servers, self._active.__getitem__)
+            server = pick_least(servers, self._active.__getitem__)
         else:
-            server = self.servers[next(self._rr)]
+            server = servers[next(self._rr) % len(servers)]
         self._active[server] += 1
         return server
 

@@ -18,7 +18,7 @@ from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, apply_env, apply_overrides, check_mapping, choice, load_section, port,
+    ConfigError, Setting, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, port,
     positive_float, positive_int, read_toml, string,
 )
 
@@ -49,6 +49,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("stream_window", 262144, positive_int, "per-request flow-control window, bytes"),
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
     Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
+    Setting("watch_config", True, boolean, "reload when the config file changes on disk (checked every second)"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
     Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),
     Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),

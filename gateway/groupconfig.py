@@ -20,9 +20,13 @@ class Upstream:
     name: str
     servers: tuple[str, ...]
     balance: str = "round_robin"
+    health_path: str = ""        # active check: GET server + path; "" for passive only
+    health_interval: float = 5.0
+    max_fails: int = 3           # passive: failures in a row that take a server out
+    fail_timeout: float = 10.0   # ... for this long
 
     def pool(self) -> ServerPool:
-        return ServerPool(self.servers, self.balance)
+        return ServerPool(self.servers, self.balance, max_fails=self.max_fails, fail_timeout=self.fail_timeout)
 
 
 def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
@@ -35,7 +39,7 @@ def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
         k = f"{key}.{name}"
         if not isinstance(table, dict):
             raise ConfigError(file, k, "must be a table")
-        unknown = set(table) - {"servers", "balance"}
+        unknown = set(table) - {"servers", "balance", "health_path", "health_interval", "max_fails", "fail_timeout"}
         if unknown:
             raise ConfigError(file, f"{k}.{sorted(unknown)[0]}", "unknown key")
         servers = table.get("servers")
@@ -47,7 +51,19 @@ def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
         balance = table.get("balance", "round_robin")
         if balance not in UPSTREAM_POLICIES:
             raise ConfigError(file, f"{k}.balance", f"must be one of {', '.join(UPSTREAM_POLICIES)}")
-        out[name] = Upstream(name, tuple(s.rstrip("/") for s in servers), balance)
+        health_path = table.get("health_path", "")
+        if not isinstance(health_path, str) or (health_path and not health_path.startswith("/")):
+            raise ConfigError(file, f"{k}.health_path", "must be a path starting with /")
+        numbers = {}
+        for key_name, default, kind in (("health_interval", 5.0, float), ("fail_timeout", 10.0, float),
+                                        ("max_fails", 3, int)):
+            v = table.get(key_name, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (kind is int and not isinstance(v, int)):
+                raise ConfigError(file, f"{k}.{key_name}", f"must be a non-negative {'integer' if kind is int else 'number'}")
+            numbers[key_name] = kind(v)
+        if health_path and numbers["health_interval"] <= 0:
+            raise ConfigError(file, f"{k}.health_interval", "must be positive when health_path is set")
+        out[name] = Upstream(name, tuple(s.rstrip("/") for s in servers), balance, health_path, **numbers)
     return out
 
 

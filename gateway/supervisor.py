@@ -93,6 +93,7 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self._wake_r, self._wake_w = os.pipe()
         self._own_metrics_dir: str | None = None
+        self._stamp = self._config_stamp()
 
     # -- children --------------------------------------------------------------
 
@@ -196,12 +197,30 @@ class Supervisor:
                     break
                 continue
             self._reap_and_respawn()
+            self._watch_config()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._own_metrics_dir:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
         log.info("supervisor exiting", extra={"code": self.exit_code})
         return self.exit_code
+
+    def _config_stamp(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.config.path)
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
+
+    def _watch_config(self) -> None:
+        """A changed file is reloaded as on SIGHUP (a bad one is rejected and logged)."""
+        if not self.config.watch_config:
+            return
+        stamp = self._config_stamp()
+        if stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            log.info("config file changed on disk", extra={"file": self.config.path})
+            self.handle_hup()
 
     def _drain_wakeups(self) -> None:
         os.set_blocking(self._wake_r, False)

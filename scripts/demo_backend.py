@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 
 from aiohttp import web
 
 HUNDRED = b"x" * 99 + b"\n"
-STATS = {"cancelled": 0, "inflight": 0, "requests": 0}
+STATS = {"cancelled": 0, "inflight": 0, "requests": 0, "pid": os.getpid()}
 
 
 async def index(_r: web.Request) -> web.Response:

@@ -195,6 +195,8 @@ class Stack:
         self.backend_port = self.backend_port or free_port()
         self.backend = self.procs.start(name, [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
         wait_until(lambda: http("GET", f"{self.backend_url}/stats", timeout=2).status == 200, what="backend")
+        # Another process on the port would answer too: make sure it is ours.
+        assert http("GET", f"{self.backend_url}/stats").json()["pid"] == self.backend.popen.pid, "backend port taken"
         return self.backend
 
     def gateway_doc(self, settings: dict | None = None, groups: dict | None = None, routes: list | None = None,
@@ -227,6 +229,8 @@ class Stack:
         self.gateway_config.write_text(to_toml(doc))
         self.gateway = self.procs.start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
         wait_until(lambda: self._gateway_ready(), what="gateway /healthz")
+        shards = get_json(f"http://127.0.0.1:{self.admin_port}/admin/shards")["workers"]
+        assert all(w["pid"] in children_of(self.gateway.popen.pid) for w in shards), "admin port taken"
         return self.gateway
 
     def _gateway_ready(self) -> bool:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import time
 from typing import Any
+
+import orjson
 
 import grpc
 import grpc.aio
@@ -28,6 +31,7 @@ log = logging.getLogger("gateway.client")
 
 # A connection that stayed up this long resets the back-off.
 HEALTHY_AFTER = 10.0
+REJECTED_MIN_DELAY = 15.0
 
 
 class Backoff:
@@ -62,7 +66,10 @@ class Connection:
 
     def _on_control(self, f: frames.Frame, kind: str) -> None:
         if kind == "config":
-            self.agent.apply_config(f.config.config_version, f.config.config_json)
+            error = self.agent.apply_config(f.config.config_version, f.config.config_json)
+            if self.stream is not None:
+                # Acknowledge: the version applied, or why not.
+                self.stream.push(frames.config(f.config.config_version, b"", error))
         elif kind == "goaway":
             self._goaway.set()
 
@@ -81,6 +88,9 @@ class Connection:
                 if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
                     backoff.reset()
                 delay = backoff.next_delay()
+                if outcome == "rejected":
+                    # Retrying a refused token fast helps nobody: a few attempts a minute at most.
+                    delay = max(delay, REJECTED_MIN_DELAY)
                 log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome,
                                                 "connection": self.index})
                 try:
@@ -134,6 +144,7 @@ class Connection:
                 transport, limits=limits, on_request=self.agent.handle, peer_id="gateway", group=cfg.group,
                 label=f"{cfg.client_id}/{self.index}", on_control=self._on_control,
             )
+            stream.health_source = self.agent.unhealthy_upstreams
             self._goaway.clear()
             self.stream = stream
             self.connects += 1
@@ -194,18 +205,61 @@ class Agent:
             return
         await dispatcher.handle(ex)
 
-    def apply_config(self, version: str, raw: bytes) -> None:
-        """Swap in a group config from the gateway; a bad one keeps the old."""
+    def apply_config(self, version: str, raw: bytes, *, cache: bool = True) -> str:
+        """Swap in a group config from the gateway atomically: requests in
+        flight finish on the old rules. A bad one keeps the old; returns the
+        error ("" when applied)."""
         if version == self.config_version and self.dispatcher is not None:
-            return
+            return ""
         try:
             group = group_config_from_json(raw, f"gateway config {version}")
         except ConfigError as exc:
             log.error("config from gateway rejected: %s", exc, extra={"config_version": version})
-            return
-        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session)
+            return str(exc)
+        old = self.dispatcher
+        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session, self.report_health)
+        self.dispatcher.start()
+        if old is not None:
+            old.close()
         self.config_version = version
         log.info("config applied", extra={"config_version": version, "rules": len(group.rules)})
+        if cache and self.config.config_cache:
+            self._save_cache(version, raw)
+        self.report_health()
+        return ""
+
+    def _save_cache(self, version: str, raw: bytes) -> None:
+        """Keep the last config on disk so a restarted client serves with it until the gateway answers."""
+        path = self.config.config_cache
+        try:
+            tmp = f"{path}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(orjson.dumps({"config_version": version, "config": orjson.loads(raw)}))
+            os.replace(tmp, path)
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("cannot write config cache %s: %s", path, exc)
+
+    def load_cache(self) -> None:
+        path = self.config.config_cache
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path, "rb") as fh:
+                doc = orjson.loads(fh.read())
+            self.apply_config(doc["config_version"], orjson.dumps(doc["config"]), cache=False)
+            log.info("serving with the cached config until the gateway answers",
+                     extra={"config_version": doc["config_version"], "file": path})
+        except (OSError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            log.warning("ignoring config cache %s: %s", path, exc)
+
+    def unhealthy_upstreams(self) -> list[str]:
+        return self.dispatcher.unhealthy_upstreams() if self.dispatcher is not None else []
+
+    def report_health(self) -> None:
+        """Tell the gateway now, not at the next heartbeat."""
+        for stream in self.streams():
+            if not stream.closed:
+                stream.send_ping()
 
     def pick_stream(self) -> TunnelStream | None:
         """A usable stream for an egress request, round robin over connections."""

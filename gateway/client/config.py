@@ -27,6 +27,7 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("local_port", 7001, port, "local egress entry port (0: off)"),
     Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),
     Setting("admin_port", 0, port, "client status port: /healthz, /status (0: off)"),
+    Setting("config_cache", "", string, "file keeping the last group config, used at start until the gateway answers"),
     Setting("request_timeout", 30.0, positive_float, "seconds an egress request waits for a response head"),
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),

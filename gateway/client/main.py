@@ -42,6 +42,7 @@ async def serve(config: ClientConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     session = upstream_session()
     agent = Agent(config, session)
+    agent.load_cache()
     runners = []
     from prometheus_client import CollectorRegistry
 

@@ -2,11 +2,15 @@
 
 The client serves ingress requests with its group's rules; the gateway serves
 egress requests with its forward rules. A config change builds a new
-dispatcher; requests already running keep the one they started with.
+dispatcher; requests already running keep the one they started with. The
+dispatcher also keeps its upstreams' health: passive (failed requests) and,
+for upstreams with a `health_path`, active checks.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import asyncio
+import logging
+from typing import Callable, Mapping, Sequence
 
 import aiohttp
 from multidict import CIMultiDict
@@ -20,12 +24,62 @@ from gateway.tunnel.stream import InboundExchange
 
 __all__ = ["RuleDispatcher"]
 
+log = logging.getLogger("gateway.health")
+
+CHECK_TIMEOUT = 5.0
+
 
 class RuleDispatcher:
-    def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], session: aiohttp.ClientSession) -> None:
+    def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], session: aiohttp.ClientSession,
+                 on_health_change: Callable[[], None] | None = None) -> None:
         self.rules = tuple(rules)
+        self.upstreams = dict(upstreams)
         self.pools = {name: up.pool() for name, up in upstreams.items()}
         self.session = session
+        self.on_health_change = on_health_change
+        self._unhealthy = self.unhealthy_upstreams()
+        self._checks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Start the active health checks (needs a running loop)."""
+        loop = asyncio.get_running_loop()
+        self._checks = [loop.create_task(self._check_loop(up)) for up in self.upstreams.values() if up.health_path]
+
+    def close(self) -> None:
+        for t in self._checks:
+            t.cancel()
+        self._checks = []
+
+    def unhealthy_upstreams(self) -> list[str]:
+        """Upstreams with no healthy server."""
+        return sorted(name for name, pool in self.pools.items() if not pool.healthy)
+
+    def _health_maybe_changed(self) -> None:
+        now = self.unhealthy_upstreams()
+        if now != self._unhealthy:
+            log.warning("upstream health changed", extra={"unhealthy": now, "was": self._unhealthy})
+            self._unhealthy = now
+            if self.on_health_change is not None:
+                self.on_health_change()
+
+    async def _check_loop(self, up: Upstream) -> None:
+        pool = self.pools[up.name]
+        while True:
+            for server in up.servers:
+                ok = await self._check(server + up.health_path, min(CHECK_TIMEOUT, up.health_interval))
+                if ok != pool.is_healthy(server):
+                    log.info("health check", extra={"upstream": up.name, "server": server, "healthy": ok})
+                pool.set_health(server, ok)
+            self._health_maybe_changed()
+            await asyncio.sleep(up.health_interval)
+
+    async def _check(self, url: str, timeout: float) -> bool:
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return r.status < 400
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return False
 
     async def handle(self, ex: InboundExchange) -> None:
         head = ex.head
@@ -43,8 +97,12 @@ class RuleDispatcher:
         if head.timeout_ms:
             timeout = min(timeout, head.timeout_ms / 1000)
         try:
-            await call_upstream(
-                ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path), timeout=timeout
+            ok = await call_upstream(
+                ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
+                timeout=timeout,
             )
+            pool.report(server, ok)
+            if not ok:
+                self._health_maybe_changed()
         finally:
             pool.release(server)

@@ -177,8 +177,9 @@ async def call_upstream(
     headers: list[tuple[str, str]],
     path: str,
     timeout: float,
-) -> None:
-    """Make the exchange's request to `server` and stream the response back."""
+) -> bool:
+    """Make the exchange's request to `server` and stream the response back.
+    False when the upstream failed (refused, broke, timed out): passive health."""
     method = ex.head.method
     url = URL(server + path, encoded=True)
     body = None if ex.body.at_eof else ex.body.iter_chunks()
@@ -197,12 +198,14 @@ async def call_upstream(
                 async for chunk in resp.content.iter_any():
                     await ex.sender.write(chunk)
                 ex.sender.end()
+        return True
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
         log.warning(
             "upstream %s failed: %s", server, exc or type(exc).__name__,
             extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
         )
         ex.reset("upstream_unavailable", f"{server}: {type(exc).__name__}: {exc}")
+        return False
 
 
 async def _copy_body(src: BodyReader, dst: BodyWriter) -> None:

@@ -74,6 +74,11 @@ def admin_app(worker: "Worker") -> web.Application:
     async def get_status(_request: web.Request) -> web.Response:
         return _json(status(worker))
 
+    async def clients(_request: web.Request) -> web.Response:
+        """Every connected client stream of every worker."""
+        rows = [c for w in all_workers(worker) for c in w["clients"]]
+        return _json({"clients": sorted(rows, key=lambda c: (c["group"], c["connection"]))})
+
     async def shards(_request: web.Request) -> web.Response:
         return _json({"answered_by": worker.index, "workers": all_workers(worker)})
 
@@ -118,5 +123,6 @@ def admin_app(worker: "Worker") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/status", get_status)
     app.router.add_get("/admin/shards", shards)
+    app.router.add_get("/admin/clients", clients)
     app.router.add_post("/admin/drain", drain)
     return app

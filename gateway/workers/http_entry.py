@@ -87,6 +87,7 @@ class HttpEntry(HttpEntryBase):
         if choice is None:
             return self.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
                              retry_after=1)
+        rec.client_id = choice.client_id
         # A stream this worker owns, or a channel to the worker that owns the chosen one.
         stream = choice.stream or worker.link.channel(worker_identity(choice.worker))
         return await self.relay(

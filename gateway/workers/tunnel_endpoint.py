@@ -41,6 +41,19 @@ class TunnelEndpoint:
         log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code})
         await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=message)))
 
+    def _on_control(self, stream: TunnelStream, f: frames.Frame, kind: str) -> None:
+        if kind == "config":
+            # The client reports the group config version it applied, or why it refused it.
+            if f.config.error:
+                log.error("client refused config %s: %s", f.config.config_version, f.config.error,
+                          extra={"client_id": stream.peer_id, "group": stream.group})
+            else:
+                stream.config_version = f.config.config_version
+                log.info("client applied config", extra={"client_id": stream.peer_id, "group": stream.group,
+                                                         "config_version": f.config.config_version})
+        elif kind != "goaway":
+            stream.unknown_frames += 1
+
     async def serve(self, transport: ServerTransport) -> None:
         worker = self.worker
         cfg = worker.config
@@ -86,7 +99,7 @@ class TunnelEndpoint:
         label = f"{hello.client_id}/{hello.connection_index}"
         stream = TunnelStream(
             transport, limits=limits, on_request=worker.handle_egress, peer_id=hello.client_id,
-            group=hello.group, label=label,
+            group=hello.group, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
         )
         stream.remote = peer  # type: ignore[attr-defined]
         stream.config_version = group.client.version

@@ -209,15 +209,17 @@ class Worker:
         self.config = new
         old_versions = {g: spec.client.version for g, spec in old.groups.items()}
         self.metrics.set_config_versions(self.config_versions(), old_versions)
+        self.egress.close()
         self.egress = RuleDispatcher(new.forward, new.upstreams, self.session)
+        self.egress.start()
         pushed = 0
         for s in list(self.registry):
             spec = new.groups.get(s.group)
             if spec is None:
                 self.spawn(s.goaway("group_removed", new.shutdown_grace))
-            elif old.groups.get(s.group) is None or spec.client.version != old.groups[s.group].client.version:
+            elif spec.client.version != s.config_version:
+                # The client answers with the version it applied (see TunnelEndpoint).
                 s.push(frames.config(spec.client.version, spec.client.to_json()))
-                s.config_version = spec.client.version
                 pushed += 1
         log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
 
@@ -262,6 +264,7 @@ class Worker:
         self.registry = StreamRegistry()
         self.session = upstream_session()
         self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, self.session)
+        self.egress.start()
         self.metrics = Metrics()
         self.metrics.set_config_versions(self.config_versions())
         self.access_log = AccessLog(cfg.access_log)
