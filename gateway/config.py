@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -49,6 +50,10 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("stream_window", 262144, positive_int, "per-request flow-control window, bytes"),
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
     Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
+    Setting("tls_cert", "", string, "certificate (PEM) for TLS on the tunnel port (and the HTTP entry with http_tls)"),
+    Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
+    Setting("tls_client_ca", "", string, "CA (PEM) that signs client certificates: requires mTLS on the tunnel"),
+    Setting("http_tls", False, boolean, "serve the HTTP entry over TLS with tls_cert"),
     Setting("watch_config", True, boolean, "reload when the config file changes on disk (checked every second)"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
     Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),
@@ -74,6 +79,7 @@ class GroupSpec:
     client: GroupConfig
     hash_key: str = "client_ip"
     limits: Limits = Limits()
+    client_cert_names: tuple[str, ...] = ()  # with mTLS: the client certificate must match one
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
         key = f"groups.{name}"
         if not isinstance(table, dict):
             raise ConfigError(file, key, "must be a table")
-        unknown = set(table) - {"tokens", "balance", "hash_key", "rules", "upstreams"} - LIMIT_KEYS
+        unknown = set(table) - {"tokens", "balance", "hash_key", "rules", "upstreams", "client_cert_names"} - LIMIT_KEYS
         if unknown:
             raise ConfigError(file, f"{key}.{sorted(unknown)[0]}", "unknown key")
         balance = table.get("balance", "round_robin")
@@ -141,9 +147,12 @@ def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
             hash_key == "client_ip" or hash_key.startswith("header:") or hash_key.startswith("cookie:")
         ):
             raise ConfigError(file, f"{key}.hash_key", "must be client_ip, header:NAME or cookie:NAME")
+        names = table.get("client_cert_names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(file, f"{key}.client_cert_names", "must be a list of name patterns like *.agents.example")
         groups[name] = GroupSpec(
             name, _parse_tokens(table.get("tokens"), file, f"{key}.tokens"), balance,
-            parse_group_config(table, file, key), hash_key, parse_limits(table, file, key),
+            parse_group_config(table, file, key), hash_key, parse_limits(table, file, key), tuple(names),
         )
     return groups
 
@@ -162,6 +171,13 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
         raise ConfigError(path, "gateway.chunk_size", "must not exceed gateway.stream_window")
     if settings["max_header_bytes"] + settings["chunk_size"] > settings["max_batch_bytes"] * 3:
         raise ConfigError(path, "gateway.max_batch_bytes", "too small for a head plus a chunk")
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        if settings[key] and not os.path.isfile(settings[key]):
+            raise ConfigError(path, f"gateway.{key}", f"file {settings[key]!r} not found")
+    if bool(settings["tls_cert"]) != bool(settings["tls_key"]):
+        raise ConfigError(path, "gateway.tls_key", "tls_cert and tls_key go together")
+    if (settings["tls_client_ca"] or settings["http_tls"]) and not settings["tls_cert"]:
+        raise ConfigError(path, "gateway.tls_cert", "is required for tls_client_ca and http_tls")
     groups = _parse_groups(doc.get("groups"), path)
     routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"])
     upstreams = parse_upstreams(doc.get("upstreams"), path, "upstreams")

@@ -123,10 +123,29 @@ class Connection:
             return None
         return welcome
 
+    async def _channel(self) -> grpc.aio.Channel:
+        cfg = self.agent.config
+        options = grpc_options(16 << 20, 10000, server=False)
+        if not (cfg.tls or cfg.tls_ca or cfg.insecure):
+            return grpc.aio.insecure_channel(cfg.server, options=options)
+        from gateway.tls import channel_credentials
+
+        # --insecure fetches the gateway's certificate: blocking I/O, off the loop.
+        creds, name = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: channel_credentials(cfg.server, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
+                                              insecure=cfg.insecure))
+        if name:
+            options = options + [("grpc.ssl_target_name_override", name)]
+        return grpc.aio.secure_channel(cfg.server, creds, options=options)
+
     async def _connect_once(self, stop: asyncio.Event) -> str:
         cfg = self.agent.config
         loop = asyncio.get_running_loop()
-        channel = grpc.aio.insecure_channel(cfg.server, options=grpc_options(16 << 20, 10000, server=False))
+        try:
+            channel = await self._channel()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot set up the tunnel channel: %s", _describe(exc), extra={"server": cfg.server})
+            return "unreachable"
         transport = ClientTransport(open_client_call(channel), cfg.server)
         keep_channel = False
         try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.settings import (
-    ConfigError, Setting, apply_env, apply_overrides, choice, host_port, load_section, port, positive_float,
+    ConfigError, Setting, apply_env, apply_overrides, boolean, choice, host_port, load_section, port, positive_float,
     positive_int, read_toml, string,
 )
 
@@ -28,6 +28,11 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),
     Setting("admin_port", 0, port, "client status port: /healthz, /status (0: off)"),
     Setting("config_cache", "", string, "file keeping the last group config, used at start until the gateway answers"),
+    Setting("tls", False, boolean, "connect to the gateway over TLS"),
+    Setting("tls_ca", "", string, "CA (PEM) to verify the gateway with (default: the system's roots)"),
+    Setting("tls_cert", "", string, "client certificate (PEM) for mTLS"),
+    Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
+    Setting("insecure", False, boolean, "TLS without verifying the gateway's certificate (warns)"),
     Setting("request_timeout", 30.0, positive_float, "seconds an egress request waits for a response head"),
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),

@@ -79,6 +79,9 @@ class ServerTransport:
     def peer(self) -> str:
         return self._ctx.peer()
 
+    def auth_context(self) -> dict:
+        return self._ctx.auth_context()
+
     async def close(self) -> None:
         # The call ends when the servicer coroutine returns.
         return None

@@ -81,6 +81,14 @@ class TunnelEndpoint:
         if group is None:
             await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
             return
+        if cfg.tls_client_ca and group.client_cert_names:
+            from gateway.tls import name_allowed, peer_names
+
+            names = peer_names(transport.auth_context())
+            if not name_allowed(names, group.client_cert_names):
+                await self._reject(transport, "bad_certificate",
+                                   f"client certificate {names} not allowed for group {hello.group!r}", peer)
+                return
         refused = check_token(hello.token, group.tokens, time.time())
         if refused is not None:
             await self._reject(transport, refused, f"token not valid for group {hello.group!r} ({refused})", peer)

@@ -285,8 +285,14 @@ class Worker:
             options=grpc_options(max_message, int(cfg.heartbeat_interval * 1000), server=True),
         )
         server.add_generic_rpc_handlers([tunnel_handler(self.endpoint.serve)])
+        address = f"{cfg.host}:{cfg.tunnel_port}"
         try:
-            server.add_insecure_port(f"{cfg.host}:{cfg.tunnel_port}")
+            if cfg.tls_cert:
+                from gateway.tls import server_credentials
+
+                server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+            else:
+                server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind tunnel port {cfg.host}:{cfg.tunnel_port}: {exc}") from None
         await server.start()
@@ -301,7 +307,12 @@ class Worker:
             max_line_size=parser_limit, max_field_size=parser_limit,
         )
         await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.http_port, reuse_port=True, backlog=1024)
+        ssl_context = None
+        if cfg.http_tls:
+            from gateway.tls import http_ssl_context
+
+            ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key)
+        site = web.TCPSite(runner, cfg.host, cfg.http_port, reuse_port=True, backlog=1024, ssl_context=ssl_context)
         await site.start()
 
         admin_runner = web.AppRunner(admin_app(self), handle_signals=False, access_log=None)
