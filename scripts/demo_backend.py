@@ -10,6 +10,7 @@ GET  /slow?ms=N&token=T  waits N ms, answers T
 GET  /status/N         answers with status N
 GET  /cookies          two Set-Cookie headers
 GET  /stats            cancellations seen, requests in flight
+GET  /health           200, or 503 for checkers marked sick (POST/DELETE /sick?name=N)
 """
 from __future__ import annotations
 
@@ -106,6 +107,24 @@ async def stats(_r: web.Request) -> web.Response:
     return web.json_response(STATS)
 
 
+SICK: set[str] = set()
+
+
+async def health(r: web.Request) -> web.Response:
+    """503 for health checks whose User-Agent names a checker marked sick."""
+    agent = r.headers.get("User-Agent", "")
+    if any(name in agent for name in SICK):
+        return web.Response(status=503, text="sick\n")
+    return web.Response(text="ok\n")
+
+
+async def sick(r: web.Request) -> web.Response:
+    """POST /sick?name=N marks checker N sick; DELETE heals it."""
+    name = r.query["name"]
+    (SICK.add if r.method == "POST" else SICK.discard)(name)
+    return web.json_response(sorted(SICK))
+
+
 @web.middleware
 async def count(request: web.Request, handler):
     STATS["requests"] += 1
@@ -123,6 +142,9 @@ def make_app() -> web.Application:
     app.router.add_get("/status/{code:\\d+}", status)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/health", health)
+    app.router.add_post("/sick", sick)
+    app.router.add_delete("/sick", sick)
     return app
 
 

@@ -236,7 +236,8 @@ class Agent:
             log.error("config from gateway rejected: %s", exc, extra={"config_version": version})
             return str(exc)
         old = self.dispatcher
-        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session, self.report_health)
+        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session, self.report_health,
+                                         checker=f"tunnel-client {self.config.client_id}")
         self.dispatcher.start()
         if old is not None:
             old.close()

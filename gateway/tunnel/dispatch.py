@@ -31,12 +31,14 @@ CHECK_TIMEOUT = 5.0
 
 class RuleDispatcher:
     def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], session: aiohttp.ClientSession,
-                 on_health_change: Callable[[], None] | None = None) -> None:
+                 on_health_change: Callable[[], None] | None = None, checker: str = "tunnel-gateway") -> None:
         self.rules = tuple(rules)
         self.upstreams = dict(upstreams)
         self.pools = {name: up.pool() for name, up in upstreams.items()}
         self.session = session
         self.on_health_change = on_health_change
+        # Health checks say who sends them, so upstream logs can tell them apart.
+        self._check_headers = {"User-Agent": f"tunnel-health-check ({checker})"}
         self._unhealthy = self.unhealthy_upstreams()
         self._checks: list[asyncio.Task] = []
 
@@ -75,7 +77,8 @@ class RuleDispatcher:
 
     async def _check(self, url: str, timeout: float) -> bool:
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self.session.get(url, headers=self._check_headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
                 return r.status < 400
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):

@@ -1,0 +1,97 @@
+"""Health-aware and consistent-hash balancing over the clients of a group."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness import Stack, get_json, http, wait_until
+
+
+def _clients(stack: Stack) -> dict[str, dict]:
+    """client_id -> summed stream info over its connections."""
+    out: dict[str, dict] = {}
+    for c in get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]:
+        agg = out.setdefault(c["client_id"], {"served": 0, "unhealthy": set()})
+        agg["served"] += c["requests_originated"]
+        agg["unhealthy"] |= set(c["unhealthy"])
+    return out
+
+
+@pytest.fixture
+def two_clients(procs, tmp_path) -> Stack:
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    groups = {"g1": {
+        "tokens": ["test-token"],
+        "upstreams": {"web": {"servers": [stack.backend_url], "health_path": "/health", "health_interval": 0.3}},
+        "rules": [{"path_prefix": "/", "upstream": "web"}],
+    }}
+    stack.start_gateway(settings={"workers": 2}, groups=groups)
+    stack.start_client("c1")
+    stack.start_client("c2")
+    return stack
+
+
+def test_unhealthy_upstream_at_one_client_moves_traffic_and_back(two_clients):
+    stack = two_clients
+    http("POST", f"{stack.backend_url}/sick?name=tunnel-client%20c1")
+    wait_until(lambda: _clients(stack)["c1"]["unhealthy"] == {"web"}, 5, what="c1 reports web unhealthy")
+    # Every worker knows it (the shard table carries client health).
+    wait_until(lambda: all(c["unhealthy"] == ["web"] for w in
+                           get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
+                           for c in w["clients"] if c["client_id"] == "c1"), 3, what="health in shard table")
+    before = _clients(stack)
+    for i in range(40):
+        r = http("GET", f"{stack.url}/hello", headers={"Connection": "close"})
+        assert r.status == 200
+    wait_until(lambda: _clients(stack)["c2"]["served"] - before["c2"]["served"] == 40, 3, what="c2 served all")
+    assert _clients(stack)["c1"]["served"] == before["c1"]["served"]
+    # Restored: c1 gets traffic again.
+    http("DELETE", f"{stack.backend_url}/sick?name=tunnel-client%20c1")
+    wait_until(lambda: not _clients(stack)["c1"]["unhealthy"], 5, what="c1 healthy again")
+    wait_until(lambda: all(not c["unhealthy"] for w in
+                           get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
+                           for c in w["clients"]), 3, what="health in shard table")
+    before = _clients(stack)
+    for i in range(40):
+        assert http("GET", f"{stack.url}/hello", headers={"Connection": "close"}).status == 200
+    wait_until(lambda: _clients(stack)["c1"]["served"] > before["c1"]["served"], 3, what="c1 serves again")
+    stack.wait_idle()
+
+
+def test_consistent_hash_moves_only_the_lost_clients_keys(procs, tmp_path):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    log = tmp_path / "access.log"
+    groups = {"g1": {
+        "tokens": ["test-token"], "balance": "consistent_hash", "hash_key": "header:X-User",
+        "upstreams": {"web": {"servers": [stack.backend_url]}},
+        "rules": [{"path_prefix": "/", "upstream": "web"}],
+    }}
+    stack.start_gateway(settings={"workers": 2, "access_log": str(log)}, groups=groups)
+    for cid in ("c1", "c2", "c3"):
+        stack.start_client(cid)
+
+    def owners() -> dict[str, str]:
+        ids = {}
+        for i in range(200):
+            r = http("GET", f"{stack.url}/hello", headers={"X-User": f"user-{i}", "Connection": "close"})
+            assert r.status == 200
+            ids[r.header("x-request-id")] = f"user-{i}"
+        wait_until(lambda: log.exists() and sum(1 for l in log.read_text().splitlines()
+                                                if json.loads(l)["request_id"] in ids) == 200, 5, what="access log")
+        return {ids[e["request_id"]]: e["client_id"] for e in map(json.loads, log.read_text().splitlines())
+                if e["request_id"] in ids}
+
+    first = owners()
+    assert set(first.values()) == {"c1", "c2", "c3"}
+    assert owners() == first  # stable while nothing changes
+    stack.clients["c3"][0].stop()
+    wait_until(lambda: "c3" not in _clients(stack) and stack.routable(), 5, what="c3 gone")
+    second = owners()
+    for key, owner in first.items():
+        if owner == "c3":
+            assert second[key] in ("c1", "c2")
+        else:
+            assert second[key] == owner, f"{key} moved from {owner} to {second[key]}"
