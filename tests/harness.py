@@ -2,6 +2,7 @@
 free loopback ports, wait for readiness by polling, and stop them all."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -124,6 +125,8 @@ class Processes:
 
 
 def toml_value(v: Any) -> str:
+    if isinstance(v, datetime.datetime):
+        return v.isoformat().replace("+00:00", "Z")
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -1,0 +1,147 @@
+"""Who may join a group: tokens (rotation, expiry), TLS and mTLS."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from gateway.tunnel import frames
+from tests.harness import Stack, get_json, http, wait_until
+
+
+def _attempts(stack: Stack, client_id: str) -> int:
+    return stack.clients[client_id][0].output().count("gateway rejected this client")
+
+
+def _connected_ids(stack: Stack) -> set[str]:
+    return {c["client_id"] for c in get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]}
+
+
+@pytest.fixture
+def token_stack(procs, tmp_path) -> Stack:
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    web = {"web": {"servers": [stack.backend_url]}}
+    rules = [{"path_prefix": "/", "upstream": "web"}]
+    groups = {
+        "g1": {"tokens": ["new-token", {"token": "old-token", "expires": datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)},
+                          {"token": "later-token", "expires": datetime.datetime(2999, 1, 1, tzinfo=datetime.timezone.utc)}],
+               "upstreams": web, "rules": rules},
+        "g2": {"tokens": ["g2-token"], "upstreams": web, "rules": rules},
+    }
+    doc = stack.gateway_doc(groups=groups)
+    stack.start_gateway(doc)
+    return stack
+
+
+@pytest.mark.parametrize("token,code", [("wrong", "bad_token"), ("g2-token", "bad_token"),
+                                        ("old-token", "token_expired")])
+def test_refused_tokens(token_stack, token, code):
+    stack = token_stack
+    stack.start_client("bad", token=token, wait=False)
+    wait_until(lambda: _attempts(stack, "bad") >= 1, 10, what="rejection")
+    out = stack.clients["bad"][0].output()
+    assert code in out
+    time.sleep(4)  # a refused client must not hammer the gateway
+    assert _attempts(stack, "bad") <= 2
+    assert "bad" not in _connected_ids(stack)
+    # The gateway logs the attempt, never the token.
+    log = stack.gateway.output()
+    assert "tunnel rejected" in log and code in log and token not in log
+    # Nothing reaches a refused client: the group has no client at all.
+    r = http("GET", f"{stack.url}/hello")
+    assert r.status == 503 and r.json()["error"] == "no_client_available"
+
+
+def test_rotation_tokens_accepted(token_stack):
+    token_stack.start_client("c1", token="new-token")
+    token_stack.start_client("c2", token="later-token")
+    assert {"c1", "c2"} <= _connected_ids(token_stack)
+    assert http("GET", f"{token_stack.url}/hello").status == 200
+
+
+def test_missing_token_and_unknown_group_are_refused(token_stack):
+    async def hello(group: str, token: str) -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{token_stack.tunnel_port}") as ch:
+            call = ch.stream_stream("/tunnel.v1.Tunnel/Connect")()
+            await call.write(frames.encode_frame(frames.hello(client_id="raw", group=group, token=token,
+                                                              version="test", capabilities=[], connection_index=0)))
+            welcome = frames.decode_batch(await asyncio.wait_for(call.read(), 5))[0].welcome
+            call.cancel()
+            return welcome.code, welcome.message
+
+    assert asyncio.run(hello("g1", ""))[0] == "missing_token"
+    assert asyncio.run(hello("nope", "new-token"))[0] == "unknown_group"
+    assert http("GET", f"http://127.0.0.1:{token_stack.admin_port}/healthz").status == 200
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def _make_cert(d: Path, ca: str, name: str, cn: str, san: str) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    _make_ca(d, "ca")
+    _make_ca(d, "other-ca")
+    _make_cert(d, "ca", "server", "gateway.test", "DNS:gateway.test,DNS:localhost,IP:127.0.0.1")
+    _make_cert(d, "ca", "good", "edge-1.agents.test", "DNS:edge-1.agents.test")
+    _make_cert(d, "ca", "evil", "edge-1.evil.test", "DNS:edge-1.evil.test")
+    return d
+
+
+def test_tunnel_over_tls_and_untrusted_ca(procs, tmp_path, pki):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    stack.start_gateway(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")})
+    stack.start_client("c1", extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
+    assert http("GET", f"{stack.url}/hello").status == 200
+    # A client that does not trust the gateway's CA refuses to connect.
+    stack.start_client("c2", wait=False, extra=["--tls", "--tls-ca", str(pki / "other-ca.pem")])
+    wait_until(lambda: "cannot reach gateway" in stack.clients["c2"][0].output(), 15, what="c2 refuses")
+    assert "c2" not in _connected_ids(stack)
+    # A plaintext client gets nowhere either.
+    stack.start_client("c3", wait=False)
+    wait_until(lambda: "cannot reach gateway" in stack.clients["c3"][0].output(), 15, what="c3 refused")
+    # --insecure connects, with a warning.
+    stack.start_client("c4", extra=["--insecure"])
+    assert "NOT verified" in stack.clients["c4"][0].output()
+
+
+def test_mtls_rejects_a_certificate_of_the_wrong_name(procs, tmp_path, pki):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    doc = stack.gateway_doc(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+                                      "tls_client_ca": str(pki / "ca.pem")})
+    doc["groups"]["g1"]["client_cert_names"] = ["*.agents.test"]
+    stack.start_gateway(doc)
+    tls = ["--tls", "--tls-ca", str(pki / "ca.pem")]
+    stack.start_client("good", extra=[*tls, "--tls-cert", str(pki / "good.pem"), "--tls-key", str(pki / "good.key")])
+    assert http("GET", f"{stack.url}/hello").status == 200
+    stack.start_client("evil", wait=False,
+                       extra=[*tls, "--tls-cert", str(pki / "evil.pem"), "--tls-key", str(pki / "evil.key")])
+    wait_until(lambda: "bad_certificate" in stack.clients["evil"][0].output(), 15, what="evil rejected")
+    assert "evil" not in _connected_ids(stack)
+    # No certificate at all: the TLS handshake itself fails.
+    stack.start_client("anon", wait=False, extra=tls)
+    wait_until(lambda: "cannot reach gateway" in stack.clients["anon"][0].output(), 15, what="anon refused")
+    assert _connected_ids(stack) == {"good"}
