@@ -52,6 +52,8 @@ def setup_logging(level: str = "info", fmt: str = "json", *, prefix: dict | None
     # aiohttp logs every malformed request with a traceback; make it one line.
     server_log = logging.getLogger("aiohttp.server")
     server_log.filters[:] = [_BadRequestLine()]
+    # aiohttp logs non-HTTP garbage at debug level; let it reach the filter, which keeps only that.
+    server_log.setLevel(logging.DEBUG)
 
 
 class _BadRequestLine(logging.Filter):
@@ -61,11 +63,12 @@ class _BadRequestLine(logging.Filter):
         if record.getMessage().startswith("Error handling request") and record.exc_info:
             exc = record.exc_info[1]
             record.msg = "bad request rejected: %s"
-            record.args = (f"{type(exc).__name__}: {exc}".splitlines()[0][:300],)
+            record.args = (" ".join(f"{type(exc).__name__}: {exc}".split())[:300],)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = None
             record.exc_text = None
-        return True
+            return True
+        return record.levelno > logging.DEBUG or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 class _Prefix(logging.Filter):
