@@ -117,8 +117,11 @@ def test_sigkill_worker_fails_cross_requests_fast_and_respawns(sharded):
     killed, results = asyncio.run(scenario())
     crossed = [(s, b, t) for s, b, t in results if s != -1]
     assert crossed, "no request landed on worker 1"
+    assert any(s == 502 for s, _, _ in crossed)
     for status, body, t in crossed:
-        assert status == 502 and "tunnel_closed" in body, (status, body)
+        # 502 for what worker 1 had sent to worker 0; a request the HTTP client
+        # retried after its connection to worker 0 broke may find no client yet (503).
+        assert (status, json.loads(body)["error"]) in ((502, "tunnel_closed"), (503, "no_client_available")), body
         assert t - killed < 1.5, f"took {t - killed:.2f}s after the kill"
     # Respawned quickly with a new pid; the client reconnects to live workers.
     wait_until(lambda: {w["worker"]: w["pid"] for w in shards(sharded)}.get(0, old[0]) != old[0], 2.5,
