@@ -127,6 +127,20 @@ def test_tunnel_over_tls_and_untrusted_ca(procs, tmp_path, pki):
     assert "NOT verified" in stack.clients["c4"][0].output()
 
 
+def test_https_entry(procs, tmp_path, pki):
+    import ssl
+    import urllib.request
+
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    stack.start_gateway(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+                                  "http_tls": True})
+    stack.start_client("c1", extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{stack.http_port}/hello", context=ctx, timeout=10) as r:
+        assert r.status == 200 and len(r.read()) == 100
+
+
 def test_mtls_rejects_a_certificate_of_the_wrong_name(procs, tmp_path, pki):
     stack = Stack(procs, tmp_path)
     stack.start_backend()

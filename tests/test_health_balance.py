@@ -95,3 +95,33 @@ def test_consistent_hash_moves_only_the_lost_clients_keys(procs, tmp_path):
             assert second[key] in ("c1", "c2")
         else:
             assert second[key] == owner, f"{key} moved from {owner} to {second[key]}"
+
+
+def test_gateway_forward_upstreams_are_health_checked(procs, tmp_path):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port here
+    stack.start_gateway(upstreams={"backend": {"servers": [dead, stack.backend_url], "health_path": "/health",
+                                               "health_interval": 0.3}})
+    stack.start_client("c1")
+    # After the first check, egress never goes to the dead server.
+    wait_until(lambda: all(http("GET", f"{stack.local_url()}/hello").status == 200 for _ in range(6)), 5,
+               what="egress avoids the dead server")
+    for _ in range(20):
+        assert http("GET", f"{stack.local_url()}/hello").status == 200
+
+
+def test_passive_health_takes_a_failing_server_out(procs, tmp_path):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    groups = {"g1": {
+        "tokens": ["test-token"],
+        "upstreams": {"web": {"servers": ["http://127.0.0.1:9", stack.backend_url], "max_fails": 1,
+                              "fail_timeout": 30.0}},
+        "rules": [{"path_prefix": "/", "upstream": "web"}],
+    }}
+    stack.start_gateway(groups=groups)
+    stack.start_client("c1", extra=["--connections", "1"])
+    statuses = [http("GET", f"{stack.url}/hello").status for _ in range(12)]
+    # At most the first try reaches the dead server; after that it is out.
+    assert statuses.count(502) <= 1 and statuses[-10:] == [200] * 10
