@@ -19,7 +19,7 @@ from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, port,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, port,
     positive_float, positive_int, read_toml, string,
 )
 
@@ -83,26 +83,13 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(SettingsAccess):
     path: str
     settings: Mapping[str, Any]
     groups: Mapping[str, GroupSpec]
     routes: tuple[Rule, ...]
     forward: tuple[Rule, ...]
     upstreams: Mapping[str, Upstream]
-
-    def __getattr__(self, name: str) -> Any:
-        # Settings read as attributes: config.http_port
-        try:
-            return self.__dict__["settings"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __getstate__(self) -> dict:
-        return self.__dict__
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 def _parse_tokens(raw: Any, file: str, key: str) -> tuple[Token, ...]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["ConfigError", "Setting", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
+__all__ = ["ConfigError", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
            "env_name",
            "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port"]
 
@@ -90,6 +90,22 @@ class Setting:
     @property
     def option(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+class SettingsAccess:
+    """Settings read as attributes (config.http_port) of a frozen, picklable config."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

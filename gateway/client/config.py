@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.settings import (
-    ConfigError, Setting, apply_env, apply_overrides, boolean, choice, host_port, load_section, port, positive_float,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, host_port, load_section, port, positive_float,
     positive_int, read_toml, string,
 )
 
@@ -47,21 +47,9 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(SettingsAccess):
     path: str
     settings: Mapping[str, Any]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["settings"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __getstate__(self) -> dict:
-        return self.__dict__
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 def load_client_config(path: str | None, args: argparse.Namespace | None = None) -> ClientConfig:

@@ -14,7 +14,7 @@ import collections
 import itertools
 import logging
 import time
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
@@ -393,22 +393,9 @@ class TunnelStream:
 
     # -- originating requests ------------------------------------------------
 
-    def open_request(
-        self,
-        request_id: str,
-        trace_id: str,
-        *,
-        method: str,
-        path: str,
-        scheme: str,
-        authority: str,
-        headers: Iterable[tuple[str, str]],
-        end_stream: bool,
-        timeout_ms: int,
-        group: str = "",
-        target_client: str = "",
-    ) -> OutboundExchange:
-        """Send a request head; raises TunnelError when the stream cannot take it."""
+    def open_request(self, request_id: str, trace_id: str, *, end_stream: bool, **head: Any) -> OutboundExchange:
+        """Send a request head (the fields of `frames.request_head`); raises
+        TunnelError when the stream cannot take another request."""
         if self.closed or self.draining:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} is closing")
         if len(self.pending) >= self.limits.max_inflight or self.queue_full:
@@ -416,21 +403,7 @@ class TunnelStream:
         ex = OutboundExchange(self, request_id, trace_id)
         self.pending[request_id] = ex
         self.requests_originated += 1
-        self.push(
-            frames.request_head(
-                request_id,
-                trace_id,
-                method=method,
-                path=path,
-                scheme=scheme,
-                authority=authority,
-                headers=headers,
-                end_stream=end_stream,
-                timeout_ms=timeout_ms,
-                group=group,
-                target_client=target_client,
-            )
-        )
+        self.push(frames.request_head(request_id, trace_id, end_stream=end_stream, **head))
         if end_stream:
             ex.sender.ended = True
         return ex
