@@ -54,6 +54,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
     Setting("tls_client_ca", "", string, "CA (PEM) that signs client certificates: requires mTLS on the tunnel"),
     Setting("http_tls", False, boolean, "serve the HTTP entry over TLS with tls_cert"),
+    Setting("force_cross_worker", False, boolean,
+            "send requests through the router to another worker when one holds a stream (to measure the hop)"),
     Setting("watch_config", True, boolean, "reload when the config file changes on disk (checked every second)"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
     Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),

@@ -48,7 +48,8 @@ class Balancer:
         return next(counter) % n
 
     def pick(self, group: str, policy: str, candidates: list[Candidate], *, upstream: str | None = None,
-             key: str | None = None) -> Candidate | None:
+             key: str | None = None, prefer_remote: bool = False) -> Candidate | None:
+        """`prefer_remote` turns the local preference around (benchmarks of the router hop)."""
         if not candidates:
             return None
         if upstream is not None:
@@ -58,8 +59,8 @@ class Balancer:
         if policy == "consistent_hash" and key is not None:
             winner = rendezvous(key, {c.client_id for c in candidates})
             candidates = [c for c in candidates if c.client_id == winner]
-        local = [c for c in candidates if c.stream is not None]
-        pool = local or candidates
+        preferred = [c for c in candidates if (c.stream is None) == prefer_remote]
+        pool = preferred or candidates
         if policy == "least_inflight":
             return pick_least(pool, lambda c: c.inflight)
         return pool[self._next(group, len(pool))]

@@ -83,7 +83,8 @@ class HttpEntry(HttpEntryBase):
                                       request.headers)
             upstream = client_rule.target if client_rule else None
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
-        choice = worker.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key)
+        choice = worker.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key,
+                                      prefer_remote=worker.config.force_cross_worker)
         if choice is None:
             return self.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
                              retry_after=1)
