@@ -41,6 +41,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("admin_host", "127.0.0.1", string, "address of the admin port"),
     Setting("admin_port", 9090, port, "admin port: /healthz, /admin/status"),
     Setting("request_timeout", 30.0, positive_float, "default seconds to wait for a response head"),
+    Setting("stream_idle_timeout", 300.0, positive_float,
+            "after a response head, the longest silence between body chunks (long streams, SSE)"),
     Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),

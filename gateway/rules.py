@@ -55,6 +55,7 @@ class Rule:
     remove_headers: frozenset[str] = frozenset()
     strip_prefix: bool = False
     timeout: float = 30.0
+    idle_timeout: float = 0.0  # 0: the global stream_idle_timeout
     limits: Limits = Limits()
 
     def matches(self, host: str, path: str, method: str, headers: Mapping[str, str]) -> bool:
@@ -86,8 +87,14 @@ def first_match(rules: Sequence[Rule], host: str, path: str, method: str, header
 
 _RULE_KEYS = {
     "name", "host", "path_prefix", "methods", "headers", "set_host",
-    "add_headers", "remove_headers", "strip_prefix", "timeout",
+    "add_headers", "remove_headers", "strip_prefix", "timeout", "idle_timeout",
 } | LIMIT_KEYS
+
+
+def _positive(where: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(where, key, "must be a non-negative number of seconds")
+    return float(value)
 
 
 def _str(where: str, key: str, value: Any) -> str:
@@ -155,6 +162,7 @@ def parse_rules(
                 remove_headers=frozenset(h.lower() for h in _str_list(where, f"{k}.remove_headers", item.get("remove_headers", []))),
                 strip_prefix=strip,
                 timeout=float(timeout),
+                idle_timeout=_positive(where, f"{k}.idle_timeout", item.get("idle_timeout", 0.0)),
                 limits=parse_limits(item, where, k),
             )
         )

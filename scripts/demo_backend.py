@@ -10,6 +10,7 @@ GET  /slow?ms=N&token=T  waits N ms, answers T
 GET  /status/N         answers with status N
 GET  /cookies          two Set-Cookie headers
 GET  /stats            cancellations seen, requests in flight
+GET  /sse?n=N&ms=M     N server-sent events, one every M ms, each with its send time
 GET  /health           200, or 503 for checkers marked sick (POST/DELETE /sick?name=N)
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import time
 
 from aiohttp import web
 
@@ -107,6 +109,19 @@ async def stats(_r: web.Request) -> web.Response:
     return web.json_response(STATS)
 
 
+async def sse(r: web.Request) -> web.StreamResponse:
+    """n server-sent events, one every `ms` ms; each carries the time it was sent."""
+    n = int(r.query.get("n", "10"))
+    every = int(r.query.get("ms", "100")) / 1000
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(r)
+    for i in range(n):
+        await resp.write(f"id: {i}\ndata: {time.time():.6f}\n\n".encode())
+        await asyncio.sleep(every)
+    await resp.write_eof()
+    return resp
+
+
 SICK: set[str] = set()
 
 
@@ -143,6 +158,7 @@ def make_app() -> web.Application:
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/stats", stats)
     app.router.add_get("/health", health)
+    app.router.add_get("/sse", sse)
     app.router.add_post("/sick", sick)
     app.router.add_delete("/sick", sick)
     return app

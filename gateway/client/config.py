@@ -34,6 +34,8 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
     Setting("insecure", False, boolean, "TLS without verifying the gateway's certificate (warns)"),
     Setting("request_timeout", 30.0, positive_float, "seconds an egress request waits for a response head"),
+    Setting("stream_idle_timeout", 300.0, positive_float,
+            "egress: after a response head, the longest silence between body chunks"),
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),

@@ -36,4 +36,5 @@ class LocalEntry(HttpEntryBase):
         return await self.relay(
             request, rec, stream, headers=self.forward_headers(request), path=request.raw_path,
             authority=request.host, timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
+            idle_timeout=cfg.stream_idle_timeout,
         )

@@ -102,7 +102,7 @@ class RuleDispatcher:
         try:
             ok = await call_upstream(
                 ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
-                timeout=timeout,
+                timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000,
             )
             pool.report(server, ok)
             if not ok:

@@ -90,13 +90,13 @@ class HttpEntryBase:
 
     async def relay(self, request: web.Request, rec: AccessRecord, stream: TunnelStream, *,
                     headers: list[tuple[str, str]], path: str, authority: str, timeout: float, max_body: int,
-                    group: str = "", target_client: str = "") -> web.StreamResponse:
+                    group: str = "", target_client: str = "", idle_timeout: float | None = None) -> web.StreamResponse:
         rec.client_id = rec.client_id or stream.peer_id
         try:
             return await relay_request(
                 request, stream, request_id=rec.request_id, trace_id=rec.trace_id, headers=headers, path=path,
                 authority=authority, timeout=timeout, max_body=max_body, group=group,
-                target_client=target_client, record=rec,
+                target_client=target_client, idle_timeout=idle_timeout, record=rec,
             )
         except TunnelError as exc:
             return self.fail(rec, exc.code, exc.message, retry_after=1 if exc.status == 503 else None)

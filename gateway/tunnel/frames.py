@@ -88,6 +88,7 @@ def request_head(
     timeout_ms: int,
     group: str = "",
     target_client: str = "",
+    idle_timeout_ms: int = 0,
 ) -> pb.Frame:
     return pb.Frame(
         request_id=request_id,
@@ -102,6 +103,7 @@ def request_head(
             timeout_ms=timeout_ms,
             group=group,
             target_client=target_client,
+            idle_timeout_ms=idle_timeout_ms,
         ),
     )
 

@@ -73,6 +73,7 @@ async def relay_request(
     max_body: int,
     group: str = "",
     target_client: str = "",
+    idle_timeout: float | None = None,
     record: AccessRecord | None = None,
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller.
@@ -90,6 +91,7 @@ async def relay_request(
         timeout_ms=int(timeout * 1000),
         group=group,
         target_client=target_client,
+        idle_timeout_ms=int(idle_timeout * 1000) if idle_timeout else 0,
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -133,7 +135,7 @@ async def relay_request(
         sent = 0
         if has_body_response(request.method, head.status):
             try:
-                while (chunk := await ex.body.read()) is not None:
+                while (chunk := await ex.body.read(idle_timeout)) is not None:
                     sent += len(chunk)
                     await resp.write(chunk)
             except TunnelError as exc:
@@ -177,6 +179,7 @@ async def call_upstream(
     headers: list[tuple[str, str]],
     path: str,
     timeout: float,
+    idle_timeout: float = 0.0,
 ) -> bool:
     """Make the exchange's request to `server` and stream the response back.
     False when the upstream failed (refused, broke, timed out): passive health."""
@@ -190,7 +193,9 @@ async def call_upstream(
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout),
+            # The originator enforces the head timeout (its RESET cancels this
+            # call); here only silence is bounded, so long streams may go on.
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=max(timeout, idle_timeout)),
         ) as resp:
             with_body = has_body_response(method, resp.status)
             ex.respond(resp.status, resp.reason or "", end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
@@ -228,6 +233,7 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
         headers=[(h.name, h.value) for h in head.headers],
         end_stream=head.end_stream,
         timeout_ms=head.timeout_ms,
+        idle_timeout_ms=head.idle_timeout_ms,
     )
     loop = asyncio.get_running_loop()
     pump = None if head.end_stream else loop.create_task(_copy_body(inbound.body, out.sender))

@@ -90,15 +90,23 @@ class BodyReader:
             self._error = error
         self._event.set()
 
-    async def read(self) -> bytes | None:
-        """The next chunk, or None at the end of the body."""
+    async def read(self, idle: float | None = None) -> bytes | None:
+        """The next chunk, or None at the end of the body; TunnelError("timeout")
+        when nothing arrives for `idle` seconds."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._eof:
                 return None
             self._event.clear()
-            await self._event.wait()
+            if idle is None:
+                await self._event.wait()
+            else:
+                try:
+                    async with asyncio.timeout(idle):
+                        await self._event.wait()
+                except TimeoutError:
+                    raise TunnelError("timeout", f"no body data for {idle:g}s") from None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if not self._eof:

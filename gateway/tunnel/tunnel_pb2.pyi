@@ -49,7 +49,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Headers(_message.Message):
-    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group", "target_client")
+    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group", "target_client", "idle_timeout_ms")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Headers(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     method: str
     path: str
     scheme: str
@@ -72,7 +73,8 @@ class Headers(_message.Message):
     timeout_ms: int
     group: str
     target_client: str
-    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ..., target_client: _Optional[str] = ...) -> None: ...
+    idle_timeout_ms: int
+    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ..., target_client: _Optional[str] = ..., idle_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Data(_message.Message):
     __slots__ = ("data", "end_stream")

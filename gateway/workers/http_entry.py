@@ -96,4 +96,5 @@ class HttpEntry(HttpEntryBase):
             headers=apply_rule(self.forward_headers(request), rule),
             path=path, authority=authority, timeout=rule.timeout, max_body=max_body,
             group=spec.name, target_client=choice.client_id,
+            idle_timeout=rule.idle_timeout or worker.config.stream_idle_timeout,
         )
