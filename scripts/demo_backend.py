@@ -10,6 +10,7 @@ GET  /slow?ms=N&token=T  waits N ms, answers T
 GET  /status/N         answers with status N
 GET  /cookies          two Set-Cookie headers
 GET  /stats            cancellations seen, requests in flight
+GET  /ws               WebSocket echo (close:CODE:REASON makes it close)
 GET  /sse?n=N&ms=M     N server-sent events, one every M ms, each with its send time
 GET  /health           200, or 503 for checkers marked sick (POST/DELETE /sick?name=N)
 """
@@ -122,6 +123,30 @@ async def sse(r: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def ws_echo(r: web.Request) -> web.WebSocketResponse:
+    """Echo every message; 'close:CODE:REASON' makes the server close; the
+    close code the client sent is kept in /stats (ws_close)."""
+    ws = web.WebSocketResponse(protocols=("echo", "chat"), max_msg_size=16 << 20, autoping=False)
+    await ws.prepare(r)
+    STATS["ws_open"] = STATS.get("ws_open", 0) + 1
+    try:
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                if msg.data.startswith("close:"):
+                    _, code, reason = msg.data.split(":", 2)
+                    await ws.close(code=int(code), message=reason.encode())
+                    break
+                await ws.send_str(msg.data)
+            elif msg.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            elif msg.type == web.WSMsgType.PING:
+                await ws.pong(msg.data)
+        STATS["ws_close"] = ws.close_code
+    finally:
+        STATS["ws_open"] -= 1
+    return ws
+
+
 SICK: set[str] = set()
 
 
@@ -159,6 +184,7 @@ def make_app() -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_get("/health", health)
     app.router.add_get("/sse", sse)
+    app.router.add_get("/ws", ws_echo)
     app.router.add_post("/sick", sick)
     app.router.add_delete("/sick", sick)
     return app

@@ -18,6 +18,7 @@ from yarl import URL
 from gateway.httpmap import decode_raw, end_to_end, has_body_response
 from gateway.observe import AccessRecord
 from gateway.tunnel.errors import TunnelError, error_body
+from gateway.tunnel.websocket import MAX_MESSAGE, bridge_entry, bridge_upstream, is_websocket
 from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
 
 __all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session"]
@@ -78,13 +79,15 @@ async def relay_request(
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller.
     `record`, when given, gets the status, the body sizes and any error."""
-    has_body = request.body_exists
+    websocket = is_websocket(request.method, request.headers)
+    # A WebSocket's messages travel as its body, so its body stays open.
+    has_body = request.body_exists or websocket
     ex = stream.open_request(
         request_id,
         trace_id,
         method=request.method,
         path=path,
-        scheme=request.scheme,
+        scheme=("wss" if request.secure else "ws") if websocket else request.scheme,
         authority=authority,
         headers=headers,
         end_stream=not has_body,
@@ -97,7 +100,7 @@ async def relay_request(
     deadline = loop.time() + timeout
     pump: asyncio.Task[None] | None = None
     try:
-        if has_body:
+        if has_body and not websocket:
             pump = loop.create_task(
                 _pump_body(request, ex, max_body, stream.limits.chunk_size)
             )
@@ -118,6 +121,10 @@ async def relay_request(
             ex.close("timeout", f"no response head within {timeout:g}s")
             raise TunnelError("timeout", f"no response head within {timeout:g}s")
         head = ex.head.result()  # raises the TunnelError of a RESET or a lost stream
+        if websocket and head.status == 101:
+            if record is not None:
+                record.status = 101
+            return await bridge_entry(request, ex, head, MAX_MESSAGE)
         resp = web.StreamResponse(status=head.status, reason=head.reason or None)
         content_length = None
         for h in head.headers:
@@ -183,6 +190,10 @@ async def call_upstream(
 ) -> bool:
     """Make the exchange's request to `server` and stream the response back.
     False when the upstream failed (refused, broke, timed out): passive health."""
+    if ex.head.scheme in ("ws", "wss"):
+        scheme = "wss" if server.startswith("https:") else "ws"
+        url = scheme + server[server.index(":"):] + path
+        return await bridge_upstream(ex, session, url, headers, timeout, MAX_MESSAGE)
     method = ex.head.method
     url = URL(server + path, encoded=True)
     body = None if ex.body.at_eof else ex.body.iter_chunks()
