@@ -141,7 +141,7 @@ async def ws_echo(r: web.Request) -> web.WebSocketResponse:
                 await ws.send_bytes(msg.data)
             elif msg.type == web.WSMsgType.PING:
                 await ws.pong(msg.data)
-        STATS["ws_close"] = ws.close_code
+        STATS.setdefault("ws_closes", []).append(ws.close_code)
     finally:
         STATS["ws_open"] -= 1
     return ws

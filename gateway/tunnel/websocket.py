@@ -19,17 +19,17 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from gateway.tunnel.errors import TunnelError
+from gateway.tunnel.lpm import Decoder, encode
 from gateway.tunnel.stream import BodyReader, BodyWriter
 
 MAX_MESSAGE = 16 << 20
 
-__all__ = ["MAX_MESSAGE", "is_websocket", "encode", "Decoder", "bridge_entry", "bridge_upstream", "UPSTREAM_DROP",
+__all__ = ["MAX_MESSAGE", "is_websocket", "bridge_entry", "bridge_upstream", "UPSTREAM_DROP",
            "TEXT", "BINARY", "PING", "PONG", "CLOSE"]
 
 log = logging.getLogger("gateway.websocket")
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
-_HEAD = struct.Struct("!BI")
 # Handshake headers the upstream-side client makes itself.
 UPSTREAM_DROP = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                            "sec-websocket-protocol"})
@@ -43,10 +43,6 @@ def is_websocket(method: str, headers: Any) -> bool:
             and "upgrade" in headers.get("Connection", "").lower())
 
 
-def encode(kind: int, payload: bytes) -> bytes:
-    return _HEAD.pack(kind, len(payload)) + payload
-
-
 def close_payload(code: int, reason: str) -> bytes:
     return struct.pack("!H", code) + reason.encode()
 
@@ -55,28 +51,6 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) < 2:
         return 1005, ""
     return struct.unpack("!H", payload[:2])[0], payload[2:].decode(errors="replace")
-
-
-class Decoder:
-    """Whole messages out of a stream of chunks."""
-
-    def __init__(self, max_message: int) -> None:
-        self.max_message = max_message
-        self._buf = bytearray()
-
-    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
-        self._buf += chunk
-        out = []
-        while len(self._buf) >= _HEAD.size:
-            kind, length = _HEAD.unpack_from(self._buf)
-            if length > self.max_message:
-                raise TunnelError("protocol_error", f"websocket message of {length} bytes is over the limit")
-            end = _HEAD.size + length
-            if len(self._buf) < end:
-                break
-            out.append((kind, bytes(self._buf[_HEAD.size:end])))
-            del self._buf[:end]
-        return out
 
 
 async def _to_tunnel(ws: Any, sender: BodyWriter) -> tuple[int, str]:
@@ -93,6 +67,9 @@ async def _to_tunnel(ws: Any, sender: BodyWriter) -> tuple[int, str]:
             await sender.write(encode(PONG, msg.data))
         elif msg.type == WSMsgType.CLOSE:
             code, reason = msg.data or 1005, msg.extra or ""
+            if not ws.closed:
+                # Complete the close handshake at once (the upstream side does not autoclose).
+                await ws.close(code=code, message=reason.encode())
             break
         else:  # CLOSING, CLOSED, ERROR: the connection went away
             code, reason = ws.close_code or 1006, ""
