@@ -13,12 +13,15 @@ import logging
 from typing import Callable, Mapping, Sequence
 
 import aiohttp
+import grpc
+import grpc.aio
 from multidict import CIMultiDict
 
 from gateway.groupconfig import Upstream
 from gateway.httpmap import apply_rule
 from gateway.rules import Rule, first_match
 from gateway.tunnel import frames
+from gateway.tunnel.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
 from gateway.tunnel.proxy import call_upstream
 from gateway.tunnel.stream import InboundExchange
 
@@ -41,6 +44,7 @@ class RuleDispatcher:
         self._check_headers = {"User-Agent": f"tunnel-health-check ({checker})"}
         self._unhealthy = self.unhealthy_upstreams()
         self._checks: list[asyncio.Task] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     def start(self) -> None:
         """Start the active health checks (needs a running loop)."""
@@ -51,6 +55,23 @@ class RuleDispatcher:
         for t in self._checks:
             t.cancel()
         self._checks = []
+        for channel in self._channels.values():
+            # Calls still running on it finish first (grace).
+            asyncio.get_running_loop().create_task(channel.close(grace=30.0))
+        self._channels = {}
+
+    def _grpc_channel(self, server: str) -> grpc.aio.Channel:
+        """One channel per upstream server, kept for the dispatcher's life."""
+        channel = self._channels.get(server)
+        if channel is None:
+            target = server.split("://", 1)[1]
+            options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+            if server.startswith("https://"):
+                channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
+            self._channels[server] = channel
+        return channel
 
     def unhealthy_upstreams(self) -> list[str]:
         """Upstreams with no healthy server."""
@@ -100,10 +121,14 @@ class RuleDispatcher:
         if head.timeout_ms:
             timeout = min(timeout, head.timeout_ms / 1000)
         try:
-            ok = await call_upstream(
-                ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
-                timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000,
-            )
+            if head.scheme == "grpc":
+                ok = await call_upstream_grpc(ex, self._grpc_channel(server), apply_rule(pairs, rule),
+                                              rule.rewrite_path(head.path))
+            else:
+                ok = await call_upstream(
+                    ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
+                    timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000,
+                )
             pool.report(server, ok)
             if not ok:
                 self._health_maybe_changed()

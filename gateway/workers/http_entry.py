@@ -9,7 +9,6 @@ from aiohttp import web
 
 from gateway.httpmap import apply_rule
 from gateway.observe import AccessRecord
-from gateway.router.envelope import worker_identity
 from gateway.rules import first_match
 from gateway.tunnel.entry import HttpEntryBase
 
@@ -75,26 +74,17 @@ class HttpEntry(HttpEntryBase):
         worker = self.gateway
         path = rule.rewrite_path(request.raw_path)
         authority = rule.set_host or request.host
-        candidates = worker.candidates(spec.name)
-        upstream = None
-        if any(c.unhealthy for c in candidates):
-            # Which upstream the client will use, by the group's rules the gateway hands out.
-            client_rule = first_match(spec.client.rules, authority, path.split("?", 1)[0], request.method,
-                                      request.headers)
-            upstream = client_rule.target if client_rule else None
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
-        choice = worker.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key,
-                                      prefer_remote=worker.config.force_cross_worker)
-        if choice is None:
+        chosen = worker.choose_stream(spec, authority=authority, path=path, method=request.method,
+                                      headers=request.headers, key=key)
+        if chosen is None:
             return self.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
                              retry_after=1)
-        rec.client_id = choice.client_id
-        # A stream this worker owns, or a channel to the worker that owns the chosen one.
-        stream = choice.stream or worker.link.channel(worker_identity(choice.worker))
+        stream, rec.client_id = chosen
         return await self.relay(
             request, rec, stream,
             headers=apply_rule(self.forward_headers(request), rule),
             path=path, authority=authority, timeout=rule.timeout, max_body=max_body,
-            group=spec.name, target_client=choice.client_id,
+            group=spec.name, target_client=rec.client_id,
             idle_timeout=rule.idle_timeout or worker.config.stream_idle_timeout,
         )

@@ -113,6 +113,25 @@ class Worker:
                                              frozenset(c.get("unhealthy", ()))))
         return out
 
+    def choose_stream(self, spec, *, authority: str, path: str, method: str, headers, key: str | None):
+        """(stream, client id) for a request to group `spec`: by its policy, its
+        clients' health, preferring streams this worker owns; None if there is none."""
+        from gateway.router.envelope import worker_identity
+        from gateway.rules import first_match
+
+        candidates = self.candidates(spec.name)
+        upstream = None
+        if any(c.unhealthy for c in candidates):
+            # Which upstream the client will use, by the group's rules the gateway hands out.
+            client_rule = first_match(spec.client.rules, authority, path.split("?", 1)[0], method, headers)
+            upstream = client_rule.target if client_rule else None
+        choice = self.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key,
+                                    prefer_remote=self.config.force_cross_worker)
+        if choice is None:
+            return None
+        # A stream this worker owns, or a channel to the worker that owns the chosen one.
+        return choice.stream or self.link.channel(worker_identity(choice.worker)), choice.client_id
+
     def limit_gate(self, kind: str, name: str, limits):
         """The live gate of a group's or a rule's limits (None when it has none)."""
         if limits.empty:
