@@ -37,6 +37,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("workers", 0, worker_count, "worker processes (0: one per core)"),
     Setting("host", "0.0.0.0", string, "address the HTTP entry and tunnel port listen on"),
     Setting("http_port", 8001, port, "public HTTP entry port"),
+    Setting("grpc_port", 8002, port, "public gRPC entry port (0: off)"),
     Setting("tunnel_port", 50001, port, "tunnel port (gRPC) that clients connect to"),
     Setting("admin_host", "127.0.0.1", string, "address of the admin port"),
     Setting("admin_port", 9090, port, "admin port: /healthz, /admin/status"),
@@ -94,6 +95,7 @@ class GatewayConfig(SettingsAccess):
     routes: tuple[Rule, ...]
     forward: tuple[Rule, ...]
     upstreams: Mapping[str, Upstream]
+    grpc_routes: tuple[Rule, ...] = ()
 
 
 def _parse_tokens(raw: Any, file: str, key: str) -> tuple[Token, ...]:
@@ -151,7 +153,7 @@ def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
 def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> GatewayConfig:
     """Read and validate `path`; CLI flags in `args` override the file."""
     doc = read_toml(path)
-    unknown = set(doc) - {"gateway", "groups", "routes", "forward", "upstreams"}
+    unknown = set(doc) - {"gateway", "groups", "routes", "grpc_routes", "forward", "upstreams"}
     if unknown:
         raise ConfigError(path, sorted(unknown)[0], "unknown table")
     settings = load_section(doc.get("gateway"), GATEWAY_SETTINGS, path, "gateway")
@@ -171,6 +173,8 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
         raise ConfigError(path, "gateway.tls_cert", "is required for tls_client_ca and http_tls")
     groups = _parse_groups(doc.get("groups"), path)
     routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"])
+    grpc_routes = parse_rules(doc.get("grpc_routes"), path, "grpc_routes", "group", groups,
+                              settings["request_timeout"])
     upstreams = parse_upstreams(doc.get("upstreams"), path, "upstreams")
     forward = parse_rules(doc.get("forward"), path, "forward", "upstream", upstreams, settings["request_timeout"])
-    return GatewayConfig(path, settings, groups, routes, forward, upstreams)
+    return GatewayConfig(path, settings, groups, routes, forward, upstreams, grpc_routes)

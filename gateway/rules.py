@@ -56,10 +56,13 @@ class Rule:
     strip_prefix: bool = False
     timeout: float = 30.0
     idle_timeout: float = 0.0  # 0: the global stream_idle_timeout
+    service_prefix: str = ""   # gRPC routes: the service name starts with this
     limits: Limits = Limits()
 
     def matches(self, host: str, path: str, method: str, headers: Mapping[str, str]) -> bool:
         if self.methods and method not in self.methods:
+            return False
+        if self.service_prefix and not path.startswith(self.service_prefix, 1):
             return False
         if not host_matches(self.host, host):
             return False
@@ -87,7 +90,7 @@ def first_match(rules: Sequence[Rule], host: str, path: str, method: str, header
 
 _RULE_KEYS = {
     "name", "host", "path_prefix", "methods", "headers", "set_host",
-    "add_headers", "remove_headers", "strip_prefix", "timeout", "idle_timeout",
+    "add_headers", "remove_headers", "strip_prefix", "timeout", "idle_timeout", "match_service",
 } | LIMIT_KEYS
 
 
@@ -163,6 +166,7 @@ def parse_rules(
                 strip_prefix=strip,
                 timeout=float(timeout),
                 idle_timeout=_positive(where, f"{k}.idle_timeout", item.get("idle_timeout", 0.0)),
+                service_prefix=_str(where, f"{k}.match_service", item.get("match_service", "")).lstrip("/"),
                 limits=parse_limits(item, where, k),
             )
         )

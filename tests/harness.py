@@ -169,6 +169,7 @@ class Stack:
     http_port: int = 0
     tunnel_port: int = 0
     admin_port: int = 0
+    grpc_port: int = 0
     gateway: Proc | None = None
     gateway_config: Path | None = None
     clients: dict[str, tuple[Proc, int, int]] = field(default_factory=dict)  # id -> (proc, local, admin)
@@ -208,10 +209,12 @@ class Stack:
         self.http_port = self.http_port or free_port()
         self.tunnel_port = self.tunnel_port or free_port()
         self.admin_port = self.admin_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
         return {
             "gateway": {
                 "host": "127.0.0.1", "http_port": self.http_port, "tunnel_port": self.tunnel_port,
-                "admin_port": self.admin_port, "log_level": "info", "log_format": "json",
+                "admin_port": self.admin_port, "grpc_port": self.grpc_port, "log_level": "info",
+                "log_format": "json",
                 "heartbeat_interval": 1.0, "shutdown_grace": 3.0, **(settings or {}),
             },
             "groups": groups if groups is not None else {
@@ -350,3 +353,53 @@ def proc_title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+# -- helpers for the end-to-end failure, faithfulness and body tests ---------------
+
+
+def raw_request(port: int, method: str, target: str, headers: list[tuple[str, str]] | None = None,
+                body: bytes | None = None, timeout: float = 30, conn: Any = None) -> Response:
+    """One request exactly as given: the target is not re-quoted, headers keep
+    their order and repeats, nothing is added but Host (when not given) and
+    Content-Length (for a body). Pass `conn` (an http.client connection) to
+    send several requests on one keep-alive connection."""
+    import http.client
+
+    own = conn is None
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        headers = list(headers or [])
+        if not any(n.lower() == "host" for n, _ in headers):
+            c.putheader("Host", f"127.0.0.1:{port}")
+        for n, v in headers:
+            c.putheader(n, v)
+        if body is not None and not any(n.lower() in ("content-length", "transfer-encoding") for n, _ in headers):
+            c.putheader("Content-Length", str(len(body)))
+        c.endheaders(body)
+        r = c.getresponse()
+        return Response(r.status, r.getheaders(), r.read())
+    finally:
+        if own:
+            c.close()
+
+
+def header_values(headers: list[tuple[str, str]] | list[list[str]], name: str) -> list[str]:
+    """Every value of `name`, in order (repeats kept)."""
+    return [v for n, v in headers if n.lower() == name.lower()]
+
+
+def backend_stats(stack: Stack) -> dict:
+    return get_json(f"{stack.backend_url}/stats")
+
+
+def signal_client(stack: Stack, client_id: str, sig: int) -> None:
+    proc = stack.clients[client_id][0]
+    if proc.alive():
+        os.kill(proc.popen.pid, sig)
+
+
+def stream_rows(stack: Stack) -> list[dict]:
+    """Every client stream the gateway holds (/admin/status)."""
+    return stack.status()["streams"]

@@ -314,7 +314,31 @@ class Worker:
                 server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind tunnel port {cfg.host}:{cfg.tunnel_port}: {exc}") from None
+        grpc_server = None
+        if cfg.grpc_port:
+            from gateway.tunnel.grpc_bridge import MAX_MESSAGE
+            from gateway.workers.grpc_entry import GrpcEntry
+
+            grpc_server = grpc.aio.server(options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ])
+            self.grpc_entry = GrpcEntry(self)
+            grpc_server.add_generic_rpc_handlers([self.grpc_entry])
+            grpc_address = f"{cfg.host}:{cfg.grpc_port}"
+            try:
+                if cfg.http_tls:
+                    from gateway.tls import server_credentials
+
+                    grpc_server.add_secure_port(grpc_address, server_credentials(cfg.tls_cert, cfg.tls_key))
+                else:
+                    grpc_server.add_insecure_port(grpc_address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot bind gRPC entry {grpc_address}: {exc}") from None
         await server.start()
+        if grpc_server is not None:
+            await grpc_server.start()
 
         app = web.Application(client_max_size=cfg.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self.http_entry.handle)
@@ -350,6 +374,10 @@ class Worker:
         grace = self.config.shutdown_grace
         log.info("shutting down", extra={"grace": grace})
         await site.stop()
+        stopping = []
+        if grpc_server is not None:
+            # Stop taking calls; running ones get the grace period.
+            stopping.append(self.spawn(grpc_server.stop(grace)))
         # server.stop closes the tunnel port now (clients reconnect to other
         # workers) and lets running streams go on for the grace period.
         grpc_stopped = self.spawn(server.stop(grace + 1))
@@ -360,7 +388,7 @@ class Worker:
         # Requests this worker originated (local or through other workers) finish too.
         while self.http_entry.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.wait([grpc_stopped], timeout=grace + 2)
+        await asyncio.wait([grpc_stopped, *stopping], timeout=grace + 2)
         await runner.cleanup()
         await admin_runner.cleanup()
         if self.link is not None:

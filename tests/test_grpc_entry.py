@@ -1,0 +1,159 @@
+"""gRPC through the gateway's gRPC entry and a tunnel client to a grpc.aio server."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from tests.harness import ROOT, Stack, free_port, wait_until
+
+HERE = Path(__file__).resolve().parent / "grpc_echo"
+
+
+@pytest.fixture(scope="module")
+def echo_gen(tmp_path_factory):
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("echo_gen")
+    assert protoc.main(["protoc", f"-I{HERE}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        str(HERE / "echo.proto")]) == 0
+    sys.path.insert(0, str(out))
+    yield out, importlib.import_module("echo_pb2"), importlib.import_module("echo_pb2_grpc")
+    sys.path.remove(str(out))
+
+
+@pytest.fixture
+def grpc_stack(procs, tmp_path, echo_gen) -> Stack:
+    gen, pb, _ = echo_gen
+    port = free_port()
+    procs.start("grpc-echo", [sys.executable, str(HERE / "server.py"), str(gen), str(port)])
+
+    async def up() -> bool:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            await asyncio.wait_for(ch.channel_ready(), 1)
+            return True
+
+    wait_until(lambda: asyncio.run(up()), 15, what="grpc echo server")
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    groups = {"g1": {"tokens": ["test-token"], "upstreams": {"grpc": {"servers": [f"http://127.0.0.1:{port}"]},
+                                                             "web": {"servers": [stack.backend_url]}},
+                     "rules": [{"path_prefix": "/echo.v1.Echo", "upstream": "grpc"},
+                               {"path_prefix": "/", "upstream": "web"}]}}
+    doc = stack.gateway_doc(groups=groups)
+    doc["grpc_routes"] = [{"match_service": "echo.", "group": "g1", "timeout": 10.0}]
+    stack.start_gateway(doc)
+    stack.start_client("c1")
+    stack.echo_port = port
+    return stack
+
+
+def _stub(stack: Stack, gen):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}")
+    return channel, gen[2].EchoStub(channel)
+
+
+def test_all_four_call_kinds_with_metadata_and_trailers(grpc_stack, echo_gen):
+    pb = echo_gen[1]
+
+    async def main():
+        channel, stub = _stub(grpc_stack, echo_gen)
+        async with channel:
+            call = stub.Unary(pb.Msg(text="hi"), metadata=(("x-caller", "me"), ("x-blob-bin", b"\x01\x02")))
+            assert (await call).text == "hi"
+            assert dict(await call.initial_metadata())["srv-init"] == "1"
+            trailing = dict(await call.trailing_metadata())
+            assert trailing["srv-trail"] == "t-hi" and trailing["x-caller"] == "me"
+            assert trailing["srv-bin-bin"] == b"\x00\x01\xff"
+            assert await call.code() == grpc.StatusCode.OK
+
+            got = [m.text async for m in stub.ServerStream(pb.Msg(text="s", count=5))]
+            assert got == [f"s-{i}" for i in range(5)]
+
+            async def gen():
+                for t in "abcde":
+                    yield pb.Msg(text=t)
+
+            res = await stub.ClientStream(gen())
+            assert (res.text, res.count) == ("abcde", 5)
+
+            bidi = stub.Bidi()
+            for i in range(20):
+                await bidi.write(pb.Msg(text=f"m{i}", count=i))
+                reply = await bidi.read()
+                assert (reply.text, reply.count) == (f"M{i}", i)  # one by one, not collected
+            await bidi.done_writing()
+            assert await bidi.read() is grpc.aio.EOF
+
+    asyncio.run(main())
+    grpc_stack.wait_idle()
+
+
+def test_status_details_deadline_and_cancel(grpc_stack, echo_gen):
+    pb = echo_gen[1]
+
+    async def main():
+        channel, stub = _stub(grpc_stack, echo_gen)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Unary(pb.Msg(text="x", fail="no such thing"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and err.value.details() == "no such thing"
+            assert dict(err.value.trailing_metadata())["srv-trail"] == "t-x"
+            # The caller's deadline reaches the upstream, which runs out of it.
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Unary(pb.Msg(text="slow", delay_ms=3000), timeout=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 2
+            # A cancel by the caller reaches the upstream.
+            call = stub.ServerStream(pb.Msg(text="c", count=100, delay_ms=100))
+            assert (await call.read()).text == "c-0"
+            call.cancel()
+            await asyncio.sleep(0.1)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_stack.echo_port}") as direct:
+            stats = direct.unary_unary("/echo.v1.Echo/Stats", request_serializer=pb.Msg.SerializeToString,
+                                       response_deserializer=pb.Msg.FromString)
+
+            async def cancelled() -> tuple[int, int]:
+                c, d = (await stats(pb.Msg())).text.split(":")
+                return int(c), int(d)
+
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                cancelled_n, deadlines = await cancelled()
+                if cancelled_n >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            return cancelled_n, deadlines
+
+    cancelled_n, deadlines = asyncio.run(main())
+    assert cancelled_n >= 2  # the deadline-expired call and the cancelled stream
+    assert deadlines >= 1
+    grpc_stack.wait_idle()
+
+
+def test_unrouted_service_and_lost_client(grpc_stack, echo_gen):
+    pb = echo_gen[1]
+
+    async def main():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_stack.grpc_port}") as ch:
+            other = ch.unary_unary("/other.Svc/M")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await other(b"")
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            stub = _stub(grpc_stack, echo_gen)[1]
+            call = stub.ServerStream(pb.Msg(text="l", count=100, delay_ms=100))
+            assert (await call.read()).text == "l-0"
+            grpc_stack.clients["c1"][0].kill()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())
