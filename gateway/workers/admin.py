@@ -33,6 +33,8 @@ def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
         "requests_originated": s.requests_originated,
         "requests_served": s.requests_served,
         "unknown_frames": s.unknown_frames,
+        "batches_out": s.batches_out,
+        "frames_out": s.frames_out,
         "draining": s.draining,
         "config_version": s.config_version,
         "unhealthy": sorted(s.peer_unhealthy),
