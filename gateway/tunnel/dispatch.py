@@ -118,8 +118,13 @@ class RuleDispatcher:
         pool = self.pools[rule.target]
         server = pool.acquire()
         timeout = rule.timeout
-        if head.timeout_ms:
-            timeout = min(timeout, head.timeout_ms / 1000)
+        origin_timeout = head.timeout_ms / 1000 if head.timeout_ms else None
+        if origin_timeout is not None:
+            timeout = min(timeout, origin_timeout)
+        # The originator enforces its own head timeout; a stricter rule here
+        # (a gateway forward rule for egress, a group rule at the client) is
+        # enforced here, or it would never apply.
+        head_timeout = rule.timeout if origin_timeout is None or rule.timeout < origin_timeout else None
         try:
             if head.scheme == "grpc":
                 ok = await call_upstream_grpc(ex, self._grpc_channel(server), apply_rule(pairs, rule),
@@ -127,7 +132,7 @@ class RuleDispatcher:
             else:
                 ok = await call_upstream(
                     ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
-                    timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000,
+                    timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000, head_timeout=head_timeout,
                 )
             pool.report(server, ok)
             if not ok:

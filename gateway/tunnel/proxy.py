@@ -122,6 +122,7 @@ async def relay_request(
             raise TunnelError("timeout", f"no response head within {timeout:g}s")
         head = ex.head.result()  # raises the TunnelError of a RESET or a lost stream
         if websocket and head.status == 101:
+            ex.websocket = True
             if record is not None:
                 record.status = 101
             return await bridge_entry(request, ex, head, MAX_MESSAGE)
@@ -187,8 +188,11 @@ async def call_upstream(
     path: str,
     timeout: float,
     idle_timeout: float = 0.0,
+    head_timeout: float | None = None,
 ) -> bool:
     """Make the exchange's request to `server` and stream the response back.
+    `head_timeout` bounds the wait for the response head here (a rule of this
+    end stricter than what the originator enforces); past it, a `timeout` RESET.
     False when the upstream failed (refused, broke, timed out): passive health."""
     if ex.head.scheme in ("ws", "wss"):
         scheme = "wss" if server.startswith("https:") else "ws"
@@ -198,16 +202,25 @@ async def call_upstream(
     url = URL(server + path, encoded=True)
     body = None if ex.body.at_eof else ex.body.iter_chunks()
     try:
-        async with session.request(
+        request = session.request(
             method,
             url,
             headers=headers,
             data=body,
             allow_redirects=False,
-            # The originator enforces the head timeout (its RESET cancels this
+            # The originator enforces its head timeout (its RESET cancels this
             # call); here only silence is bounded, so long streams may go on.
             timeout=aiohttp.ClientTimeout(total=None, sock_read=max(timeout, idle_timeout)),
-        ) as resp:
+        )
+        try:
+            async with asyncio.timeout(head_timeout):
+                resp = await request
+        except TimeoutError:
+            log.warning("upstream %s: no response head within %gs", server, head_timeout,
+                        extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
+            ex.reset("timeout", f"{server}: no response head within {head_timeout:g}s")
+            return False
+        async with resp:
             with_body = has_body_response(method, resp.status)
             ex.respond(resp.status, resp.reason or "", end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
             if with_body:

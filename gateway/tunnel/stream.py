@@ -177,9 +177,11 @@ class BodyWriter:
 class OutboundExchange:
     """A request this end originated: send its body, await the response."""
 
-    __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "_closed", "started")
+    __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "_closed", "started", "websocket")
 
     def __init__(self, stream: "TunnelStream", request_id: str, trace_id: str) -> None:
+        # A WebSocket whose close went out ends without a RESET: the far side closes in turn.
+        self.websocket = False
         self.stream = stream
         self.request_id = request_id
         self.trace_id = trace_id
@@ -234,7 +236,7 @@ class OutboundExchange:
         """Done with this request; tell the peer to stop if it is unfinished."""
         if self._closed:
             return
-        if not self.body.at_eof:
+        if not self.body.at_eof and not (self.websocket and self.sender.ended):
             self.stream.push(frames.reset(self.request_id, self.trace_id, code, message, reply=False))
             self.fail(TunnelError(code, message))
         self._forget()

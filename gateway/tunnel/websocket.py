@@ -112,7 +112,9 @@ async def _bridge(ws: Any, body: BodyReader, sender: BodyWriter, max_message: in
                 await ws.close(code=code, message=str(getattr(exc, "code", "error")).encode())
                 return code, "lost"
             far = down.result() or (1000, "")
-            await ws.close(code=far[0], message=far[1].encode())
+            # 1005/1006/1015 describe a close, they cannot be sent: the far side went away.
+            code = 1001 if far[0] in (1005, 1006, 1015) else far[0]
+            await ws.close(code=code, message=far[1].encode())
             # Tell the far side we closed too, unless the pump is gone already.
             try:
                 await asyncio.wait_for(up, 2.0)
