@@ -108,6 +108,10 @@ class Processes:
 
     def start(self, name: str, args: list[str]) -> Proc:
         log = self.tmp / f"{name}.log"
+        n = 1
+        while log.exists():  # a restarted process keeps its own log
+            n += 1
+            log = self.tmp / f"{name}.{n}.log"
         fh = log.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)

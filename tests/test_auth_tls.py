@@ -159,3 +159,19 @@ def test_mtls_rejects_a_certificate_of_the_wrong_name(procs, tmp_path, pki):
     stack.start_client("anon", wait=False, extra=tls)
     wait_until(lambda: "cannot reach gateway" in stack.clients["anon"][0].output(), 15, what="anon refused")
     assert _connected_ids(stack) == {"good"}
+
+
+def test_duplicate_client_id_newest_wins(procs, tmp_path):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    stack.start_gateway(settings={"workers": 1})
+    first = stack.start_client("c1", extra=["--connections", "1"])
+    stack.clients["old"] = stack.clients.pop("c1")
+    second = stack.start_client("c1", extra=["--connections", "1"])
+    wait_until(lambda: "took over connection" in first.output(), 10, what="old connection told to go")
+    clients = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
+    assert len(clients) == 1 and clients[0]["client_id"] == "c1"
+    assert http("GET", f"{stack.url}/hello").status == 200
+    time.sleep(1)  # no fight: the old process does not take the connection back
+    assert "took over connection" not in second.output()
+    assert len(get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]) == 1

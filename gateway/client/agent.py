@@ -62,6 +62,7 @@ class Connection:
         self.connected_since: float | None = None
         self.connects = 0
         self._goaway = asyncio.Event()
+        self.goaway_reason = ""
         self._drain_tasks: set[asyncio.Task] = set()
 
     def _on_control(self, f: frames.Frame, kind: str) -> None:
@@ -71,6 +72,7 @@ class Connection:
                 # Acknowledge: the version applied, or why not.
                 self.stream.push(frames.config(f.config.config_version, b"", error))
         elif kind == "goaway":
+            self.goaway_reason = f.goaway.reason
             self._goaway.set()
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -82,6 +84,12 @@ class Connection:
                 outcome = await self._connect_once(stop)
                 if stop.is_set():
                     break
+                if outcome == "goaway" and self.goaway_reason == "replaced_by_newer_connection":
+                    # Another process runs with our client id and took this connection over;
+                    # taking it back would only make the two fight. Stay down: fix the ids.
+                    log.error("another client with id %r took over connection %d; it stays closed here",
+                              cfg.client_id, self.index)
+                    return
                 if outcome == "goaway":
                     backoff.reset()
                     continue
