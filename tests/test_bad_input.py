@@ -282,7 +282,8 @@ def test_oversize_head_431(shared, way, shape):
     r = raw_request(port, "GET", target, headers)
     assert r.status == 431, (r.status, r.body[:200])
     body = r.json()
-    assert body["error"] == "headers_too_large" and body["request_id"] == r.header("x-request-id")
+    assert body["error"] == "headers_too_large"
+    assert body["request_id"] == r.header("x-request-id") and body["trace_id"] == r.header("x-trace-id")
     # Just under the limit is fine.
     assert raw_request(port, "GET", "/hello", [("X-Big", "b" * 3000)]).status == 200
     stack.wait_idle()
@@ -301,7 +302,8 @@ def test_body_over_the_limit_413(shared, way, framing):
         r = http("POST", f"{base}/sink", (over[i:i + 8192] for i in range(0, len(over), 8192)))
     assert r.status == 413, (r.status, r.body[:200])
     body = r.json()
-    assert body["error"] == "body_too_large" and body["request_id"] == r.header("x-request-id")
+    assert body["error"] == "body_too_large"
+    assert body["request_id"] == r.header("x-request-id") and body["trace_id"] == r.header("x-trace-id")
     # Exactly the limit passes, either way.
     at_limit = b"z" * limit
     if framing == "content-length":

@@ -150,17 +150,20 @@ def test_no_client_available_503_with_retry_after(fstack):
 
 
 def test_overloaded_503_immediately_when_the_stream_is_full(procs, tmp_path):
-    stack = _stack(procs, tmp_path, settings={"max_inflight_per_stream": 2})
-    slow = [Background("GET", f"{stack.url}/slow?ms=3000&token=s{i}") for i in range(2)]
-    _wait_inflight(stack, 2)
-    r, took = _timed(http, "GET", f"{stack.url}/slow?ms=10&token=third")
-    assert_error(r, 503, "overloaded", client_id="c1")
-    assert int(r.header("Retry-After")) >= 1
-    assert took < 1.0, f"overloaded answer took {took:.2f}s"
-    assert [b.result(15).body for b in slow] == [b"s0", b"s1"]
-    # Room again once they are done.
-    assert http("GET", f"{stack.url}/slow?ms=10&token=after").body == b"after"
-    stack.wait_idle()
+    # In-flight limit 2 per stream: the gateway's for ingress, the client's for egress.
+    stack = _stack(procs, tmp_path, settings={"max_inflight_per_stream": 2}, client_extra=["--max-inflight", "2"])
+    for way in ("ingress", "egress"):
+        base = _base(stack, way)
+        slow = [Background("GET", f"{base}/slow?ms=3000&token=s{i}") for i in range(2)]
+        wait_until(lambda: backend_stats(stack)["inflight"] == 2, 10, what="two slow requests running")
+        r, took = _timed(http, "GET", f"{base}/slow?ms=10&token=third")
+        assert_error(r, 503, "overloaded", client_id="c1")
+        assert int(r.header("Retry-After")) >= 1
+        assert took < 1.0, f"{way}: overloaded answer took {took:.2f}s"
+        assert [b.result(15).body for b in slow] == [b"s0", b"s1"]
+        # Room again once they are done.
+        assert http("GET", f"{base}/slow?ms=10&token=after").body == b"after"
+        stack.wait_idle()
 
 
 # -- 504 timeout --------------------------------------------------------------------------
