@@ -23,7 +23,8 @@ def _stack(procs, tmp_path, settings: dict | None = None, client_extra: list[str
 
     ingress routes: /short (timeout 1 s) and the catch-all for Host 127.0.0.1 go
     to g1, /nobody to g2; any other Host matches nothing. g1's clients send
-    /dead to a port nothing listens on. Egress forward rules mirror that:
+    /dead to a port nothing listens on and give /strict a 1 s timeout of
+    their own (the route's is 15 s). Egress forward rules mirror that:
     /short (1 s), /dead, and the catch-all for Host 127.0.0.1."""
     stack = Stack(procs, tmp_path)
     stack.start_backend()
@@ -32,6 +33,7 @@ def _stack(procs, tmp_path, settings: dict | None = None, client_extra: list[str
     groups = {
         "g1": {"tokens": [TOKEN], "upstreams": {"web": web, "dead": {"servers": [dead]}},
                "rules": [{"path_prefix": "/dead", "upstream": "dead", "strip_prefix": True},
+                         {"path_prefix": "/strict", "upstream": "web", "timeout": 1.0, "strip_prefix": True},
                          {"path_prefix": "/", "upstream": "web"}]},
         "g2": {"tokens": ["g2-token"], "upstreams": {"web": web}, "rules": [{"path_prefix": "/", "upstream": "web"}]},
     }
@@ -169,10 +171,14 @@ def test_overloaded_503_immediately_when_the_stream_is_full(procs, tmp_path):
 # -- 504 timeout --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("way", ["ingress", "egress"])
-def test_timeout_504_removes_the_waiter_and_resets_the_upstream_call(fstack, way):
+@pytest.mark.parametrize("way,prefix", [
+    ("ingress", "/short"),   # the gateway route's timeout
+    ("ingress", "/strict"),  # the group rule's timeout, enforced by the client
+    ("egress", "/short"),    # the gateway forward rule's timeout
+])
+def test_timeout_504_removes_the_waiter_and_resets_the_upstream_call(fstack, way, prefix):
     before = backend_stats(fstack)["cancelled"]
-    r, took = _timed(http, "GET", f"{_base(fstack, way)}/short/slow?ms=4000")
+    r, took = _timed(http, "GET", f"{_base(fstack, way)}{prefix}/slow?ms=4000")
     assert_error(r, 504, "timeout", client_id="c1")
     assert 0.9 <= took < 3.0, f"504 after {took:.2f}s for a 1 s timeout"
     # The RESET reached whoever calls the backend: the call is cancelled long before its 4 s.
