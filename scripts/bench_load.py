@@ -1,0 +1,167 @@
+"""Load generators for scripts/bench.py: wrk (preferred), hey, or a built-in
+aiohttp driver. Each runs one (url, method, body, concurrency, duration) and
+returns the same LoadResult."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["LoadResult", "LoadSpec", "pick_generator", "run_load", "INSTALL_HINT"]
+
+INSTALL_HINT = "install wrk for accurate figures: apt-get install wrk (or hey: apt-get install hey)"
+
+# wrk reports through a Lua `done` hook so nothing has to be scraped from its text.
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,"errors":%d,"non2xx":%d,' ..
+    '"p50_us":%d,"p99_us":%d,"max_us":%d}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    url: str
+    concurrency: int
+    duration: float
+    method: str = "GET"
+    body_size: int = 0
+
+
+@dataclass
+class LoadResult:
+    generator: str
+    requests: int
+    seconds: float
+    bytes: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), rps=round(self.rps, 1), mb_per_s=round(self.mb_per_s, 2))
+
+
+def pick_generator(wanted: str = "auto") -> str:
+    """wrk if installed, else hey, else the built-in Python driver."""
+    if wanted != "auto":
+        if wanted != "python" and shutil.which(wanted) is None:
+            raise SystemExit(f"bench: {wanted} is not installed; {INSTALL_HINT}")
+        return wanted
+    for tool in ("wrk", "hey"):
+        if shutil.which(tool):
+            return tool
+    return "python"
+
+
+def run_load(generator: str, spec: LoadSpec, workdir: Path) -> LoadResult:
+    if generator == "wrk":
+        return _run_wrk(spec, workdir)
+    if generator == "hey":
+        return _run_hey(spec, workdir)
+    return asyncio.run(_run_python(spec))
+
+
+def _body_file(workdir: Path, size: int) -> Path:
+    path = workdir / f"body-{size}.bin"
+    if not path.exists():
+        path.write_bytes(b"x" * size)
+    return path
+
+
+def _run_wrk(spec: LoadSpec, workdir: Path) -> LoadResult:
+    script = workdir / f"wrk-{spec.method}-{spec.body_size}.lua"
+    lines = [f'wrk.method = "{spec.method}"']
+    if spec.body_size:
+        lines += [f"wrk.body = string.rep('x', {spec.body_size})",
+                  'wrk.headers["Content-Type"] = "application/octet-stream"']
+    script.write_text("\n".join(lines) + "\n" + WRK_DONE)
+    threads = max(1, min(2, spec.concurrency))
+    cmd = ["wrk", f"-t{threads}", f"-c{spec.concurrency}", f"-d{max(1, round(spec.duration))}s",
+           "--timeout", "30s", "-s", str(script), spec.url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=spec.duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            r = json.loads(line.split(" ", 1)[1])
+            return LoadResult("wrk", r["requests"], r["duration_us"] / 1e6, r["bytes"], r["errors"] + r["non2xx"],
+                              r["p50_us"] / 1e3, r["p99_us"] / 1e3, r["max_us"] / 1e3)
+    raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def _run_hey(spec: LoadSpec, workdir: Path) -> LoadResult:
+    cmd = ["hey", "-z", f"{max(1, round(spec.duration))}s", "-c", str(spec.concurrency), "-m", spec.method,
+           "-t", "30", "-o", "csv"]
+    if spec.body_size:
+        cmd += ["-D", str(_body_file(workdir, spec.body_size)), "-T", "application/octet-stream"]
+    started = time.monotonic()
+    out = subprocess.run(cmd + [spec.url], capture_output=True, text=True, timeout=spec.duration + 60)
+    seconds = time.monotonic() - started
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    if not rows:
+        raise RuntimeError(f"hey gave no result (exit {out.returncode}): {out.stderr[-500:]}")
+    # hey's csv has one row per request: response-time (s), status-code, offset (s since start).
+    latencies = sorted(float(r["response-time"]) * 1e3 for r in rows)
+    errors = sum(1 for r in rows if not r["status-code"].startswith("2"))
+    last = max(float(r["offset"]) + float(r["response-time"]) for r in rows)
+    # hey does not report bytes; the size of one response (checked by the caller) stands in.
+    return LoadResult("hey", len(rows), min(seconds, last) or seconds, 0, errors,
+                      _percentile(latencies, 50), _percentile(latencies, 99), latencies[-1])
+
+
+async def _run_python(spec: LoadSpec) -> LoadResult:
+    import aiohttp
+
+    body = b"x" * spec.body_size if spec.body_size else None
+    latencies: list[float] = []
+    counts = {"bytes": 0, "errors": 0}
+    conn = aiohttp.TCPConnector(limit=spec.concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        started = time.monotonic()
+        stop_at = started + spec.duration
+
+        async def worker() -> None:
+            while time.monotonic() < stop_at:
+                t0 = time.monotonic()
+                try:
+                    async with session.request(spec.method, spec.url, data=body) as r:
+                        async for chunk in r.content.iter_any():
+                            counts["bytes"] += len(chunk)
+                        if r.status >= 400:
+                            counts["errors"] += 1
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    counts["errors"] += 1
+                latencies.append((time.monotonic() - t0) * 1e3)
+
+        await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+        seconds = time.monotonic() - started
+    latencies.sort()
+    return LoadResult("python", len(latencies), seconds, counts["bytes"], counts["errors"],
+                      _percentile(latencies, 50), _percentile(latencies, 99), latencies[-1] if latencies else 0.0)

@@ -1,0 +1,302 @@
+"""The processes scripts/bench.py measures: the bench backend, the gateway,
+one tunnel client (and nginx on request), on free loopback ports, plus their
+CPU time and resident memory read from /proc."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+__all__ = ["BenchStack", "ProcGroup", "RssSampler", "free_port"]
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-token"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    kids = _children()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class ProcGroup:
+    """A process and its descendants (the gateway is a supervisor, a router and workers)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, log: Path) -> None:
+        self.name, self.popen, self.log = name, popen, log
+
+    def pids(self) -> list[int]:
+        return _tree(self.popen.pid) if self.popen.poll() is None else []
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p) for p in self.pids())
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in self.pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.popen.wait(5)
+
+
+class RssSampler:
+    """Samples the resident memory of each process of some groups; keeps each group's peak."""
+
+    def __init__(self, groups: dict[str, ProcGroup], interval: float = 0.05) -> None:
+        self.groups, self.interval = groups, interval
+        self.peak: dict[str, float] = {name: 0.0 for name in groups}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, group in self.groups.items():
+                for pid in group.pids():
+                    self.peak[name] = max(self.peak[name], _rss_mb(pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _get_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class BenchStack:
+    """Starts and stops the measured processes; every one it starts is stopped by close()."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.groups: list[ProcGroup] = []
+        self.backend_port = free_port()
+        self.http_port = self.tunnel_port = self.admin_port = 0
+        self.local_port = self.client_admin_port = self.nginx_port = 0
+        self.gateway: ProcGroup | None = None
+        self.client: ProcGroup | None = None
+
+    # -- processes -------------------------------------------------------
+    def _start(self, name: str, args: list[str]) -> ProcGroup:
+        log = self.tmp / f"{name}-{len(self.groups)}.log"
+        with log.open("wb") as fh:
+            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        group = ProcGroup(name, popen, log)
+        self.groups.append(group)
+        return group
+
+    def _wait(self, what: str, group: ProcGroup, check, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not group.alive():
+                raise SystemExit(f"bench: {what} exited early; its log:\n{group.log.read_text()[-3000:]}")
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"bench: {what} not ready within {timeout:.0f}s; its log:\n{group.log.read_text()[-3000:]}")
+
+    def start_backend(self) -> ProcGroup:
+        group = self._start("backend", [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
+        self._wait("backend", group, lambda: _get_json(f"{self.backend_url}/stats"))
+        return group
+
+    def start_gateway(self, workers: int, force_cross_worker: bool = False) -> ProcGroup:
+        self.http_port, self.tunnel_port, self.admin_port = free_port(), free_port(), free_port()
+        config = self.tmp / f"gateway-{len(self.groups)}.toml"
+        config.write_text(f"""
+[gateway]
+host = "127.0.0.1"
+http_port = {self.http_port}
+grpc_port = 0
+tunnel_port = {self.tunnel_port}
+admin_port = {self.admin_port}
+workers = {workers}
+force_cross_worker = {"true" if force_cross_worker else "false"}
+max_body_bytes = {4 << 30}
+request_timeout = 60.0
+access_log = "off"
+log_level = "warning"
+
+[groups.bench]
+tokens = ["{TOKEN}"]
+
+[groups.bench.upstreams.web]
+servers = ["{self.backend_url}"]
+
+[[groups.bench.rules]]
+path_prefix = "/"
+upstream = "web"
+
+[[routes]]
+name = "bench"
+path_prefix = "/"
+group = "bench"
+timeout = 60.0
+
+[upstreams.backend]
+servers = ["{self.backend_url}"]
+
+[[forward]]
+name = "backend"
+path_prefix = "/"
+upstream = "backend"
+""")
+        group = self._start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(config)])
+        self._wait("gateway", group, lambda: _get_json(f"{self.admin_url}/healthz"))
+        self.gateway = group
+        return group
+
+    def start_client(self, connections: int) -> ProcGroup:
+        self.local_port, self.client_admin_port = free_port(), free_port()
+        group = self._start("client", [
+            sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
+            "--group", "bench", "--token", TOKEN, "--client-id", "bench-client",
+            "--connections", str(connections), "--local-port", str(self.local_port),
+            "--admin-port", str(self.client_admin_port), "--max-body-bytes", str(4 << 30),
+            "--request-timeout", "60", "--access-log", "off", "--log-level", "warning",
+        ])
+        self._wait("client", group, lambda: self.streams_per_worker() and sum(self.streams_per_worker().values()) >= connections)
+        self.client = group
+        return group
+
+    def start_nginx(self) -> ProcGroup | None:
+        """nginx as a plain reverse proxy in front of the backend, when it is installed."""
+        nginx = shutil.which("nginx")
+        if nginx is None:
+            return None
+        self.nginx_port = free_port()
+        prefix = self.tmp / "nginx"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(f"""
+worker_processes auto;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_max_body_size 0;
+    proxy_request_buffering off;
+    proxy_buffering off;
+    upstream backend {{ server 127.0.0.1:{self.backend_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{self.nginx_port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+        group = self._start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+        self._wait("nginx", group, lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.nginx_port}/hello", timeout=2))
+        return group
+
+    def stop_tunnel(self) -> None:
+        """Stop the client and the gateway (the backend keeps running for the next configuration)."""
+        for group in (self.client, self.gateway):
+            if group is not None:
+                group.stop()
+        self.client = self.gateway = None
+
+    def close(self) -> None:
+        for group in reversed(self.groups):
+            group.stop()
+
+    # -- state -------------------------------------------------------------
+    @property
+    def backend_url(self) -> str:
+        return f"http://127.0.0.1:{self.backend_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def shards(self) -> list[dict]:
+        return _get_json(f"{self.admin_url}/admin/shards")["workers"]
+
+    def streams_per_worker(self) -> dict[int, int]:
+        return {w["worker"]: sum(w["streams"].values()) for w in self.shards()}
+
+    def cross_frames(self) -> int:
+        return sum(w["cross_frames_in"] + w["cross_frames_out"] for w in self.shards())
+
+    def spread_streams(self, workers: int) -> None:
+        """Make every worker own a stream (so every request can stay local), with the rebalance script."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counts = self.streams_per_worker()
+            if len(counts) >= workers and min(counts.values()) >= 1:
+                return
+            subprocess.run([sys.executable, "scripts/rebalance.py", "--admin", self.admin_url, "--tolerance", "1"],
+                           cwd=ROOT, capture_output=True, timeout=60)
+            time.sleep(0.2)
+        raise SystemExit(f"bench: could not give every worker a stream: {self.streams_per_worker()}")

@@ -1,0 +1,58 @@
+"""The benchmark harness runs end to end (its figures are not asserted, only
+that every scenario ran and nothing failed), so it cannot rot."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_load import LoadSpec, run_load  # noqa: E402
+
+EXPECTED = {
+    (s, t) for s in ("get100_c1", "get100_c16", "get100_c64", "get1m_c16", "post1m_c16")
+    for t in ("direct", "ingress", "egress")
+} | {("hol_alone", "ingress"), ("hol_with_slow", "ingress"),
+     ("workers1", "ingress"), ("workers2_local", "ingress"), ("workers2_cross", "ingress")}
+
+
+def test_quick_bench_runs_every_scenario_without_errors(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["scenario"], r["target"]): r for r in report["results"]}
+    assert EXPECTED <= set(rows), EXPECTED - set(rows)
+    for key, row in rows.items():
+        assert row["errors"] == 0, (key, row)
+        assert row["requests"] > 0 and row["rps"] > 0, (key, row)
+        if key[1] != "direct":
+            assert row["cpu_gateway_s_per_1k"] > 0 and row["peak_rss_gateway_mb"] > 0, (key, row)
+    # Through the tunnel every figure is compared with the direct call of the same run.
+    assert rows[("get100_c64", "ingress")]["ratio_to"] == "direct"
+    assert rows[("workers2_local", "ingress")]["cross_frames"] < rows[("workers2_cross", "ingress")]["cross_frames"]
+    assert rows[("hol_with_slow", "ingress")]["slow_request"] == "ok"
+    assert {t["target"] for t in report["targets"]} >= {"get100_c64 ingress / direct >= 0.40"}
+    assert "scenario" in run.stdout and "get1m_c16" in run.stdout  # the table
+
+
+@pytest.mark.parametrize("generator", ["python", "hey", "wrk"])
+def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, generator):
+    """The fallbacks give the same kind of result as wrk (skipped when the tool is absent)."""
+    if generator != "python" and shutil.which(generator) is None:
+        pytest.skip(f"{generator} is not installed")
+    stack = empty_stack
+    stack.start_backend()
+    get = run_load(generator, LoadSpec(f"{stack.backend_url}/hello", 4, 1.0), tmp_path)
+    assert get.requests > 10 and get.errors == 0 and 0 < get.p50_ms <= get.p99_ms <= get.max_ms
+    post = run_load(generator, LoadSpec(f"{stack.backend_url}/sink", 2, 1.0, "POST", 65536), tmp_path)
+    assert post.requests > 0 and post.errors == 0
+    missing = run_load(generator, LoadSpec(f"{stack.backend_url}/status/503", 2, 1.0), tmp_path)
+    assert missing.requests > 0 and missing.errors == missing.requests
