@@ -132,6 +132,8 @@ class Bench:
         for url in urls.values():
             self.warm_up(url)
         for scenario in SCENARIOS:
+            if self.args.scenarios and scenario.name not in self.args.scenarios:
+                continue
             direct = None
             for target, url in urls.items():
                 row = self.measure(scenario, target, url)
@@ -310,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big", action="store_true", help="also move 1 GiB down and up through the tunnel")
     p.add_argument("--big-size", type=int, default=1 << 30, help=argparse.SUPPRESS)
     p.add_argument("--no-sharding", action="store_true", help="skip the workers 1/2, local/cross comparison")
+    p.add_argument("--no-hol", action="store_true", help="skip the head-of-line scenario")
+    p.add_argument("--scenarios", type=lambda v: set(v.split(",")), default=set(),
+                   help="only these main scenarios, comma-separated (e.g. get100_c64,get1m_c16)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout)")
     return p.parse_args(argv)
 
@@ -332,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers > 1:
                 stack.spread_streams(args.workers)
             bench.run_main()
-            bench.run_head_of_line()
+            if not args.no_hol:
+                bench.run_head_of_line()
             if args.big:
                 bench.run_big()
             if not args.no_sharding:

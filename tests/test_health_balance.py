@@ -18,6 +18,23 @@ def _clients(stack: Stack) -> dict[str, dict]:
     return out
 
 
+def _every_worker_sees(stack: Stack, healthy: bool, what: str, workers: int = 2) -> None:
+    """Wait until each worker's own view (the one it balances by) shows c1's
+    health as `healthy`: /admin/shards answers from whichever worker the
+    connection lands on, so ask until every worker has answered so."""
+    agreed: set[int] = set()
+
+    def check() -> bool:
+        answer = http("GET", f"http://127.0.0.1:{stack.admin_port}/admin/shards",
+                      headers={"Connection": "close"}, timeout=5).json()
+        c1 = [c for w in answer["workers"] for c in w["clients"] if c["client_id"] == "c1"]
+        if c1 and all((c["unhealthy"] == []) == healthy for c in c1):
+            agreed.add(answer["answered_by"])
+        return len(agreed) == workers
+
+    wait_until(check, 5, what=what)
+
+
 @pytest.fixture
 def two_clients(procs, tmp_path) -> Stack:
     stack = Stack(procs, tmp_path)
@@ -38,9 +55,7 @@ def test_unhealthy_upstream_at_one_client_moves_traffic_and_back(two_clients):
     http("POST", f"{stack.backend_url}/sick?name=tunnel-client%20c1")
     wait_until(lambda: _clients(stack)["c1"]["unhealthy"] == {"web"}, 5, what="c1 reports web unhealthy")
     # Every worker knows it (the shard table carries client health).
-    wait_until(lambda: all(c["unhealthy"] == ["web"] for w in
-                           get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
-                           for c in w["clients"] if c["client_id"] == "c1"), 3, what="health in shard table")
+    _every_worker_sees(stack, healthy=False, what="c1 unhealthy in every worker's shard table")
     before = _clients(stack)
     for i in range(40):
         r = http("GET", f"{stack.url}/hello", headers={"Connection": "close"})
@@ -50,9 +65,7 @@ def test_unhealthy_upstream_at_one_client_moves_traffic_and_back(two_clients):
     # Restored: c1 gets traffic again.
     http("DELETE", f"{stack.backend_url}/sick?name=tunnel-client%20c1")
     wait_until(lambda: not _clients(stack)["c1"]["unhealthy"], 5, what="c1 healthy again")
-    wait_until(lambda: all(not c["unhealthy"] for w in
-                           get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
-                           for c in w["clients"]), 3, what="health in shard table")
+    _every_worker_sees(stack, healthy=True, what="c1 healthy in every worker's shard table")
     before = _clients(stack)
     for i in range(40):
         assert http("GET", f"{stack.url}/hello", headers={"Connection": "close"}).status == 200

@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import time
-from typing import Any
 
 import orjson
 
@@ -22,6 +21,7 @@ from gateway.groupconfig import group_config_from_json
 from gateway.settings import ConfigError
 from gateway.tunnel import frames
 from gateway.tunnel.dispatch import RuleDispatcher
+from gateway.tunnel.proxy import UpstreamClients
 from gateway.tunnel.stream import InboundExchange, StreamLimits, TunnelStream
 from gateway.tunnel.transport import ClientTransport, grpc_options, open_client_call
 
@@ -215,9 +215,9 @@ class Connection:
 
 
 class Agent:
-    def __init__(self, config: ClientConfig, session: Any) -> None:
+    def __init__(self, config: ClientConfig, upstreams: UpstreamClients) -> None:
         self.config = config
-        self.session = session
+        self.upstreams = upstreams
         self.dispatcher: RuleDispatcher | None = None
         self.config_version = ""
         self.last_rejection = ""
@@ -244,7 +244,7 @@ class Agent:
             log.error("config from gateway rejected: %s", exc, extra={"config_version": version})
             return str(exc)
         old = self.dispatcher
-        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.session, self.report_health,
+        self.dispatcher = RuleDispatcher(group.rules, group.upstreams, self.upstreams, self.report_health,
                                          checker=f"tunnel-client {self.config.client_id}")
         self.dispatcher.start()
         if old is not None:

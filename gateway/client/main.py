@@ -34,14 +34,14 @@ async def serve(config: ClientConfig) -> None:
 
     from gateway.client.agent import Agent
     from gateway.client.local_entry import LocalEntry
-    from gateway.tunnel.proxy import upstream_session
+    from gateway.tunnel.proxy import UpstreamClients
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    session = upstream_session()
-    agent = Agent(config, session)
+    upstreams = UpstreamClients()
+    agent = Agent(config, upstreams)
     agent.load_cache()
     runners = []
     from prometheus_client import CollectorRegistry
@@ -69,7 +69,7 @@ async def serve(config: ClientConfig) -> None:
     finally:
         for runner in runners:
             await runner.cleanup()
-        await session.close()
+        await upstreams.close()
         access_log.close()
 
 

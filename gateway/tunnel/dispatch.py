@@ -22,7 +22,7 @@ from gateway.httpmap import apply_rule
 from gateway.rules import Rule, first_match
 from gateway.tunnel import frames
 from gateway.tunnel.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
-from gateway.tunnel.proxy import call_upstream
+from gateway.tunnel.proxy import UpstreamClients, call_upstream
 from gateway.tunnel.stream import InboundExchange
 
 __all__ = ["RuleDispatcher"]
@@ -33,12 +33,13 @@ CHECK_TIMEOUT = 5.0
 
 
 class RuleDispatcher:
-    def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], session: aiohttp.ClientSession,
+    def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], clients: UpstreamClients,
                  on_health_change: Callable[[], None] | None = None, checker: str = "tunnel-gateway") -> None:
         self.rules = tuple(rules)
         self.upstreams = dict(upstreams)
         self.pools = {name: up.pool() for name, up in upstreams.items()}
-        self.session = session
+        self.clients = clients
+        self.session = clients.session
         self.on_health_change = on_health_change
         # Health checks say who sends them, so upstream logs can tell them apart.
         self._check_headers = {"User-Agent": f"tunnel-health-check ({checker})"}
@@ -131,7 +132,7 @@ class RuleDispatcher:
                                               rule.rewrite_path(head.path))
             else:
                 ok = await call_upstream(
-                    ex, self.session, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
+                    ex, self.clients, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
                     timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000, head_timeout=head_timeout,
                 )
             pool.report(server, ok)

@@ -13,15 +13,16 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
+from multidict import CIMultiDict
 
 from gateway.httpmap import decode_raw, end_to_end, has_body_response
 from gateway.observe import AccessRecord
 from gateway.tunnel.errors import TunnelError, error_body
 from gateway.tunnel.websocket import MAX_MESSAGE, bridge_entry, bridge_upstream, is_websocket
+from gateway.tunnel.upstream_http import HttpPool, UpstreamError
 from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
 
-__all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session"]
+__all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session", "UpstreamClients"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -116,32 +117,41 @@ async def relay_request(
                     raise TunnelError("bad_request", f"request body failed: {exc}")
                 await asyncio.wait([ex.head], timeout=max(0.0, deadline - loop.time()))
         else:
-            await asyncio.wait([ex.head], timeout=timeout)
+            # A timer, not asyncio.wait: this is every bodiless request's path.
+            timer = loop.call_later(timeout, _expire, ex, timeout)
+            try:
+                await ex.head
+            except TunnelError:
+                pass
+            finally:
+                timer.cancel()
         if not ex.head.done():
-            ex.close("timeout", f"no response head within {timeout:g}s")
-            raise TunnelError("timeout", f"no response head within {timeout:g}s")
-        head = ex.head.result()  # raises the TunnelError of a RESET or a lost stream
+            _expire(ex, timeout)
+        head = ex.head.result()  # raises the TunnelError of a RESET, a lost stream or the timeout
         if websocket and head.status == 101:
             ex.websocket = True
             if record is not None:
                 record.status = 101
             return await bridge_entry(request, ex, head, MAX_MESSAGE)
-        resp = web.StreamResponse(status=head.status, reason=head.reason or None)
-        content_length = None
-        for h in head.headers:
-            low = h.name.lower()
-            if low == "content-length":
-                content_length = h.value
-            resp.headers.add(h.name, h.value)
-        resp.headers["x-request-id"] = request_id
-        resp.headers["x-trace-id"] = trace_id
-        if content_length is not None and content_length.isdigit():
-            resp.content_length = int(content_length)
         if record is not None:
             record.status = head.status
+        with_body = has_body_response(request.method, head.status)
+        whole = ex.body.take_complete() if with_body else None
+        if whole is not None:
+            # The whole body came with the head (a small response): one
+            # Response, so head and body leave in one write.
+            if record is not None:
+                record.bytes_out = len(whole)
+            return web.Response(status=head.status, reason=head.reason or None, body=whole,
+                                headers=_response_headers(head, request_id, trace_id))
+        resp = web.StreamResponse(status=head.status, reason=head.reason or None,
+                                  headers=_response_headers(head, request_id, trace_id))
+        content_length = resp.headers.get("Content-Length")
+        if content_length is not None and content_length.isdigit():
+            resp.content_length = int(content_length)
         await resp.prepare(request)
         sent = 0
-        if has_body_response(request.method, head.status):
+        if with_body:
             try:
                 while (chunk := await ex.body.read(idle_timeout)) is not None:
                     sent += len(chunk)
@@ -168,8 +178,20 @@ async def relay_request(
         ex.close()
 
 
+def _expire(ex: OutboundExchange, timeout: float) -> None:
+    if not ex.head.done():
+        ex.close("timeout", f"no response head within {timeout:g}s")
+
+
+def _response_headers(head, request_id: str, trace_id: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict([(h.name, h.value) for h in head.headers])
+    headers["x-request-id"] = request_id
+    headers["x-trace-id"] = trace_id
+    return headers
+
+
 def upstream_session(*, connect_timeout: float = 5.0, limit: int = 0) -> aiohttp.ClientSession:
-    """One pooled session that changes nothing it carries."""
+    """One pooled session that changes nothing it carries (WebSockets, health checks)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True),
         auto_decompress=False,
@@ -179,9 +201,22 @@ def upstream_session(*, connect_timeout: float = 5.0, limit: int = 0) -> aiohttp
     )
 
 
+class UpstreamClients:
+    """What the serving side calls upstreams with: the lean pool for HTTP
+    requests, aiohttp for WebSocket upgrades and health checks."""
+
+    def __init__(self, *, connect_timeout: float = 5.0) -> None:
+        self.session = upstream_session(connect_timeout=connect_timeout)
+        self.http = HttpPool(connect_timeout=connect_timeout)
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.session.close()
+
+
 async def call_upstream(
     ex: InboundExchange,
-    session: aiohttp.ClientSession,
+    clients: UpstreamClients,
     server: str,
     *,
     headers: list[tuple[str, str]],
@@ -197,43 +232,40 @@ async def call_upstream(
     if ex.head.scheme in ("ws", "wss"):
         scheme = "wss" if server.startswith("https:") else "ws"
         url = scheme + server[server.index(":"):] + path
-        return await bridge_upstream(ex, session, url, headers, timeout, MAX_MESSAGE)
+        return await bridge_upstream(ex, clients.session, url, headers, timeout, MAX_MESSAGE)
     method = ex.head.method
-    url = URL(server + path, encoded=True)
     body = None if ex.body.at_eof else ex.body.iter_chunks()
+    # The originator enforces its head timeout (its RESET cancels this call);
+    # here only silence is bounded, so long streams may go on.
+    request = clients.http.request(server, method, path, headers, body, read_timeout=max(timeout, idle_timeout))
     try:
-        request = session.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            # The originator enforces its head timeout (its RESET cancels this
-            # call); here only silence is bounded, so long streams may go on.
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=max(timeout, idle_timeout)),
-        )
+        if head_timeout is None:
+            resp = await request
+        else:
+            try:
+                async with asyncio.timeout(head_timeout):
+                    resp = await request
+            except TimeoutError:
+                log.warning("upstream %s: no response head within %gs", server, head_timeout,
+                            extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
+                ex.reset("timeout", f"{server}: no response head within {head_timeout:g}s")
+                return False
         try:
-            async with asyncio.timeout(head_timeout):
-                resp = await request
-        except TimeoutError:
-            log.warning("upstream %s: no response head within %gs", server, head_timeout,
-                        extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
-            ex.reset("timeout", f"{server}: no response head within {head_timeout:g}s")
-            return False
-        async with resp:
             with_body = has_body_response(method, resp.status)
-            ex.respond(resp.status, resp.reason or "", end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
+            ex.respond(resp.status, resp.reason, end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
             if with_body:
-                async for chunk in resp.content.iter_any():
+                while (chunk := await resp.read()) is not None:
                     await ex.sender.write(chunk)
                 ex.sender.end()
+        finally:
+            resp.release()
         return True
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+    except (UpstreamError, ValueError) as exc:
         log.warning(
             "upstream %s failed: %s", server, exc or type(exc).__name__,
             extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
         )
-        ex.reset("upstream_unavailable", f"{server}: {type(exc).__name__}: {exc}")
+        ex.reset("upstream_unavailable", f"{server}: {exc}")
         return False
 
 

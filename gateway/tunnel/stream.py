@@ -90,6 +90,15 @@ class BodyReader:
             self._error = error
         self._event.set()
 
+    def take_complete(self) -> bytes | None:
+        """The whole body when all of it has already arrived, else None (read it in chunks)."""
+        if not self._eof or self._error is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
     async def read(self, idle: float | None = None) -> bytes | None:
         """The next chunk, or None at the end of the body; TunnelError("timeout")
         when nothing arrives for `idle` seconds."""
@@ -484,7 +493,11 @@ class TunnelStream:
         if kind == "ping":
             self.peer_inflight = f.ping.inflight
             if f.ping.health_report:
-                self.peer_unhealthy = frozenset(f.ping.unhealthy_upstreams)
+                unhealthy = frozenset(f.ping.unhealthy_upstreams)
+                if unhealthy != self.peer_unhealthy:
+                    self.peer_unhealthy = unhealthy
+                    if self._on_control is not None:
+                        self._on_control(f, "health")
             if not f.ping.ack:
                 self.push(frames.ping(f.ping.nonce, ack=True, inflight=self.inflight))
         elif kind == "goaway":

@@ -51,6 +51,9 @@ class TunnelEndpoint:
                 stream.config_version = f.config.config_version
                 log.info("client applied config", extra={"client_id": stream.peer_id, "group": stream.group,
                                                          "config_version": f.config.config_version})
+        elif kind == "health":
+            # Other workers balance by this client's health too: tell them now.
+            self.worker.streams_changed()
         elif kind != "goaway":
             stream.unknown_frames += 1
 

@@ -229,7 +229,7 @@ class Worker:
         old_versions = {g: spec.client.version for g, spec in old.groups.items()}
         self.metrics.set_config_versions(self.config_versions(), old_versions)
         self.egress.close()
-        self.egress = RuleDispatcher(new.forward, new.upstreams, self.session)
+        self.egress = RuleDispatcher(new.forward, new.upstreams, self.upstreams)
         self.egress.start()
         pushed = 0
         for s in list(self.registry):
@@ -262,7 +262,7 @@ class Worker:
         from aiohttp import web
 
         from gateway.tunnel.dispatch import RuleDispatcher
-        from gateway.tunnel.proxy import upstream_session
+        from gateway.tunnel.proxy import UpstreamClients
         from gateway.tunnel.transport import grpc_options, tunnel_handler
         from gateway.workers.admin import admin_app
         from gateway.workers.http_entry import HttpEntry
@@ -281,8 +281,8 @@ class Worker:
 
         self.ids = RequestIds(gateway_prefix(self.instance, self.index))
         self.registry = StreamRegistry()
-        self.session = upstream_session()
-        self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, self.session)
+        self.upstreams = UpstreamClients()
+        self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, self.upstreams)
         self.egress.start()
         self.metrics = Metrics()
         self.metrics.set_config_versions(self.config_versions())
@@ -395,7 +395,7 @@ class Worker:
             await self.link.stop()
         for task in list(self._tasks):
             task.cancel()
-        await self.session.close()
+        await self.upstreams.close()
         self.access_log.close()
         log.info("stopped")
 
