@@ -293,7 +293,8 @@ def print_table(rows: list[Row]) -> None:
 
     for row in rows:
         r = row.result
-        print(f"{row.scenario:<16} {row.target:<8} {r.rps:>9.0f} {r.mb_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+        rps = f"{r.rps:>9.2f}" if r.rps < 10 else f"{r.rps:>9.0f}"
+        print(f"{row.scenario:<16} {row.target:<8} {rps} {r.mb_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
               f"{r.errors:>6} {fmt(row.ratio, '>6.2f'):>6} {fmt(row.cpu_gateway_per_1k, '>11.3f'):>11} "
               f"{fmt(row.cpu_client_per_1k, '>11.3f'):>11} {fmt(row.rss_gateway_mb, '>9.1f'):>9} "
               f"{fmt(row.rss_client_mb, '>9.1f'):>9}")
@@ -315,6 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hol", action="store_true", help="skip the head-of-line scenario")
     p.add_argument("--scenarios", type=lambda v: set(v.split(",")), default=set(),
                    help="only these main scenarios, comma-separated (e.g. get100_c64,get1m_c16)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [gateway] setting for every gateway of the run, as TOML (e.g. chunk_size=131072)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout)")
     return p.parse_args(argv)
 
@@ -325,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tunnel-bench-") as tmpdir:
         tmp = Path(tmpdir)
         stack = BenchStack(tmp)
+        stack.settings = args.settings
         try:
             bench = Bench(args, stack, tmp)
             if bench.generator == "python":
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'met    ' if v['met'] else 'NOT MET'}  {v['target']}: {v['value']}")
     report = {
         "meta": {"generator": bench.generator, "duration": bench.duration, "workers": args.workers,
-                 "connections": args.connections, "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "connections": args.connections, "settings": args.settings, "cpus": os.cpu_count(), "python": platform.python_version(),
                  "machine": platform.machine(), "seconds": round(time.monotonic() - started, 1),
                  "note": "the load generator, the backend, the gateway and the client share the same cores"},
         "results": [r.as_dict() for r in bench.rows],

@@ -138,6 +138,7 @@ class BenchStack:
         self.local_port = self.client_admin_port = self.nginx_port = 0
         self.gateway: ProcGroup | None = None
         self.client: ProcGroup | None = None
+        self.settings: list[str] = []
 
     # -- processes -------------------------------------------------------
     def _start(self, name: str, args: list[str]) -> ProcGroup:
@@ -168,8 +169,10 @@ class BenchStack:
         return group
 
     def start_gateway(self, workers: int, force_cross_worker: bool = False) -> ProcGroup:
+        """The gateway with `workers` workers; `self.settings` (raw TOML lines) go into its [gateway] table."""
         self.http_port, self.tunnel_port, self.admin_port = free_port(), free_port(), free_port()
         config = self.tmp / f"gateway-{len(self.groups)}.toml"
+        extra = "\n".join(self.settings)
         config.write_text(f"""
 [gateway]
 host = "127.0.0.1"
@@ -183,6 +186,7 @@ max_body_bytes = {4 << 30}
 request_timeout = 60.0
 access_log = "off"
 log_level = "warning"
+{extra}
 
 [groups.bench]
 tokens = ["{TOKEN}"]
