@@ -204,7 +204,7 @@ class Bench:
         for name, method in (("big_get", "GET"), ("big_post", "POST")):
             procs = {"gateway": self.stack.gateway, "client": self.stack.client}
             with RssSampler(procs) as rss:
-                result, detail = _big_transfer(url, method, size)
+                result, detail = big_transfer(url, method, size)
             row = Row(name, "ingress", result, rss_gateway_mb=round(rss.peak["gateway"], 1),
                       rss_client_mb=round(rss.peak["client"], 1), extra={"size": size, "check": detail})
             self.rows.append(row)
@@ -243,7 +243,7 @@ def _get(url: str) -> Any:
         return json.loads(r.read())
 
 
-def _big_transfer(url: str, method: str, size: int) -> tuple[LoadResult, str]:
+def big_transfer(url: str, method: str, size: int) -> tuple[LoadResult, str]:
     """Stream `size` bytes down (GET /bytes/N) or up (POST /sink), checking size and hash."""
     import http.client
 

@@ -4,6 +4,7 @@ left behind (pending tables empty on the gateway and the client afterwards)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import struct
@@ -184,6 +185,47 @@ def test_timeout_504_removes_the_waiter_and_resets_the_upstream_call(fstack, way
     # The RESET reached whoever calls the backend: the call is cancelled long before its 4 s.
     wait_until(lambda: backend_stats(fstack)["cancelled"] == before + 1, 2.0, what="upstream call cancelled")
     assert backend_stats(fstack)["inflight"] == 0
+    fstack.wait_idle()
+
+
+async def _paced_upload(url: str, pieces: int, pause: float, stall_after: int | None = None) -> tuple[int, bytes, float]:
+    """POST `pieces` of 64 KiB, one every `pause` s (or stop sending after
+    `stall_after` of them); the status, body and seconds it took."""
+    async def body():
+        for i in range(pieces):
+            if stall_after is not None and i == stall_after:
+                await asyncio.sleep(30)
+            yield b"u" * 65536
+            await asyncio.sleep(pause)
+
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as s:
+        try:
+            async with s.post(url, data=body()) as r:
+                return r.status, await r.read(), time.monotonic() - t0
+        except aiohttp.ClientError:
+            return -1, b"", time.monotonic() - t0
+
+
+@pytest.mark.parametrize("way", ["ingress", "egress"])
+def test_upload_longer_than_the_timeout_completes_while_it_progresses(fstack, way):
+    """The response-head timeout (1 s on /short) counts from the end of the upload."""
+    status, body, took = asyncio.run(_paced_upload(f"{_base(fstack, way)}/short/sink", 6, 0.4))
+    assert status == 200, body[:300]
+    assert took > 2.0
+    assert json.loads(body)["size"] == 6 * 65536
+    fstack.wait_idle()
+
+
+@pytest.mark.parametrize("way", ["ingress", "egress"])
+def test_stalled_upload_ends_with_504_after_the_timeout(fstack, way):
+    status, body, took = asyncio.run(_paced_upload(f"{_base(fstack, way)}/short/sink", 6, 0.1, stall_after=2))
+    # The 504 may race the caller's own write; either way the request ends a
+    # timeout after the stall, not when the caller gives up.
+    if status != -1:
+        assert_error(Response(status, [("Content-Type", "application/json"), ("x-request-id", json.loads(body)["request_id"]),
+                                       ("x-trace-id", json.loads(body)["trace_id"])], body), 504, "timeout")
+    assert took < 5.0, took
     fstack.wait_idle()
 
 

@@ -19,7 +19,7 @@ from gateway.httpmap import decode_raw, end_to_end, has_body_response
 from gateway.observe import AccessRecord
 from gateway.tunnel.errors import TunnelError, error_body
 from gateway.tunnel.websocket import MAX_MESSAGE, bridge_entry, bridge_upstream, is_websocket
-from gateway.tunnel.upstream_http import HttpPool, UpstreamError
+from gateway.tunnel.upstream_http import HttpPool, UpstreamError, UpstreamTimeout
 from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
 
 __all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session", "UpstreamClients"]
@@ -62,6 +62,25 @@ async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, 
     ex.sender.end()
 
 
+async def wait_head(head: asyncio.Future, pump: asyncio.Task[None] | None, sender: BodyWriter,
+                    timeout: float | None) -> None:
+    """Wait for a response head while the request body goes up. The head's
+    `timeout` counts from the end of the upload, so a big upload is not taken
+    for a slow upstream; while it lasts, a whole `timeout` without one byte of
+    progress ends the wait. Returns early when the upload fails."""
+    sent = -1
+    while pump is not None and not pump.done() and not head.done():
+        if sender.bytes_sent == sent:
+            return  # the upload stalled for a whole timeout
+        sent = sender.bytes_sent
+        await asyncio.wait([head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if head.done():
+        return
+    if pump is not None and (not pump.done() or pump.cancelled() or pump.exception() is not None):
+        return  # stalled, or the upload failed: the caller decides
+    await asyncio.wait([head], timeout=timeout)
+
+
 async def relay_request(
     request: web.Request,
     stream: TunnelStream,
@@ -98,14 +117,13 @@ async def relay_request(
         idle_timeout_ms=int(idle_timeout * 1000) if idle_timeout else 0,
     )
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     pump: asyncio.Task[None] | None = None
     try:
         if has_body and not websocket:
             pump = loop.create_task(
                 _pump_body(request, ex, max_body, stream.limits.chunk_size)
             )
-            await asyncio.wait([ex.head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await wait_head(ex.head, pump, ex.sender, timeout)
             if not ex.head.done() and pump.done():
                 exc = pump.exception()
                 if isinstance(exc, BodyTooLarge):
@@ -115,7 +133,6 @@ async def relay_request(
                     # The caller's upload broke; nothing to answer.
                     ex.close("cancelled", "caller's request body failed")
                     raise TunnelError("bad_request", f"request body failed: {exc}")
-                await asyncio.wait([ex.head], timeout=max(0.0, deadline - loop.time()))
         else:
             # A timer, not asyncio.wait: this is every bodiless request's path.
             timer = loop.call_later(timeout, _expire, ex, timeout)
@@ -237,19 +254,14 @@ async def call_upstream(
     body = None if ex.body.at_eof else ex.body.iter_chunks()
     # The originator enforces its head timeout (its RESET cancels this call);
     # here only silence is bounded, so long streams may go on.
-    request = clients.http.request(server, method, path, headers, body, read_timeout=max(timeout, idle_timeout))
     try:
-        if head_timeout is None:
-            resp = await request
-        else:
-            try:
-                async with asyncio.timeout(head_timeout):
-                    resp = await request
-            except TimeoutError:
-                log.warning("upstream %s: no response head within %gs", server, head_timeout,
-                            extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
-                ex.reset("timeout", f"{server}: no response head within {head_timeout:g}s")
-                return False
+        try:
+            resp = await clients.http.request(server, method, path, headers, body,
+                                              read_timeout=max(timeout, idle_timeout), head_timeout=head_timeout)
+        except UpstreamTimeout as exc:
+            log.warning("upstream %s: %s", server, exc, extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
+            ex.reset("timeout", str(exc))
+            return False
         try:
             with_body = has_body_response(method, resp.status)
             ex.respond(resp.status, resp.reason, end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
@@ -297,7 +309,7 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
         # The origin enforces the timeout (its RESET cancels this task); this
         # bound only keeps an orphan from waiting forever.
         limit = head.timeout_ms / 1000 + 5 if head.timeout_ms else None
-        await asyncio.wait([out.head], timeout=limit)
+        await wait_head(out.head, pump, out.sender, limit)
         if not out.head.done():
             raise TunnelError("timeout", "no response head")
         rhead = out.head.result()

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["HttpPool", "UpstreamError", "UpstreamResponse"]
+__all__ = ["HttpPool", "UpstreamError", "UpstreamResponse", "UpstreamTimeout"]
 
 # Reading from the upstream pauses while this much body waits for the tunnel.
 HIGH_WATER = 256 * 1024
@@ -30,6 +30,10 @@ MAX_IDLE_PER_SERVER = 256
 
 class UpstreamError(Exception):
     """The upstream could not be reached, went silent, or broke the exchange."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No response head within the head timeout after the request was sent."""
 
 
 class _Server:
@@ -344,8 +348,10 @@ class HttpPool:
         return conn
 
     async def request(self, url: str, method: str, path: str, headers: Sequence[tuple[str, str]],
-                      body: AsyncIterator[bytes] | None, *, read_timeout: float) -> UpstreamResponse:
-        """Send a request to the server at `url` (scheme://host[:port]) and return its response head."""
+                      body: AsyncIterator[bytes] | None, *, read_timeout: float,
+                      head_timeout: float | None = None) -> UpstreamResponse:
+        """Send a request to the server at `url` (scheme://host[:port]) and return its response head.
+        `read_timeout` bounds silence; `head_timeout` the wait for the head once the body is sent."""
         server = self._server(url)
         chunked = body is not None and not any(n.lower() == "content-length" for n, _ in headers)
         head = _encode_head(method, path, headers, server, chunked)
@@ -367,12 +373,13 @@ class HttpPool:
                     upload = conn.loop.create_task(_upload(conn, body, chunked))
                     upload.add_done_callback(_upload_done(conn))
                 conn.watch(read_timeout)
-                status = await conn.head
-            except UpstreamError:
+                status = await _await_head(conn, upload, head_timeout)
+            except UpstreamError as exc:
                 if upload is not None:
                     upload.cancel()
                 conn.close()
-                if reused and attempt == 0 and body is None and conn.activity == 0:
+                stale = reused and conn.activity == 0 and not isinstance(exc, UpstreamTimeout)
+                if stale and attempt == 0 and body is None:
                     continue
                 raise
             except BaseException:
@@ -388,6 +395,24 @@ class HttpPool:
             conn.close()
         self._all.clear()
         self._idle.clear()
+
+
+async def _await_head(conn: _Connection, upload: asyncio.Task[None] | None, head_timeout: float | None) -> int:
+    if head_timeout is None:
+        return await conn.head
+    # The head's timeout starts when the upload ends, so a big upload is not a
+    # slow upstream; while it goes on, a whole timeout without progress ends it.
+    seen = -1
+    while upload is not None and not upload.done() and not conn.head.done():
+        if conn.activity == seen:
+            raise UpstreamTimeout(f"{conn.server.key}: request body stalled for {head_timeout:g}s")
+        seen = conn.activity
+        await asyncio.wait([conn.head, upload], timeout=head_timeout, return_when=asyncio.FIRST_COMPLETED)
+    if not conn.head.done():
+        await asyncio.wait([conn.head], timeout=head_timeout)
+    if not conn.head.done():
+        raise UpstreamTimeout(f"{conn.server.key}: no response head within {head_timeout:g}s")
+    return conn.head.result()
 
 
 def _upload_done(conn: _Connection):
