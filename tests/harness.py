@@ -106,14 +106,14 @@ class Processes:
         self.tmp = tmp
         self.procs: list[Proc] = []
 
-    def start(self, name: str, args: list[str]) -> Proc:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.tmp / f"{name}.log"
         n = 1
         while log.exists():  # a restarted process keeps its own log
             n += 1
             log = self.tmp / f"{name}.{n}.log"
         fh = log.open("wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
         fh.close()
         proc = Proc(name, p, log)
