@@ -55,6 +55,17 @@ async def _read_all(resp) -> bytes:
     return b"".join(out)
 
 
+def answer(raw: bytes, *, until_hangup: bool = False) -> Script:
+    """Read one request head, answer with exactly `raw`; then close, or wait for the client to hang up."""
+    async def script(reader, writer) -> None:
+        await _read_head(reader)
+        writer.write(raw)
+        await writer.drain()
+        if until_hangup:
+            await reader.read()
+    return script
+
+
 def keep_alive_answers(n: int, payload: bytes = b"hello") -> Script:
     async def script(reader, writer) -> None:
         for _ in range(n):
@@ -112,10 +123,7 @@ def test_chunked_upload_and_chunked_response():
 
 
 def test_body_delimited_by_the_end_of_the_connection():
-    async def script(reader, writer):
-        await _read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
-        await writer.drain()
+    script = answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
 
     async def body(pool, url):
         return await _read_all(await pool.request(url, "GET", "/", [], None, read_timeout=5))
@@ -124,10 +132,7 @@ def test_body_delimited_by_the_end_of_the_connection():
 
 
 def test_interim_100_continue_is_skipped():
-    async def script(reader, writer):
-        await _read_head(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+    script = answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
 
     async def body(pool, url):
         resp = await pool.request(url, "GET", "/", [], None, read_timeout=5)
@@ -137,11 +142,8 @@ def test_interim_100_continue_is_skipped():
 
 
 def test_head_response_has_no_body_even_with_a_length():
-    async def script(reader, writer):
-        await _read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        await writer.drain()
-        await reader.read()  # the client closes: a HEAD's connection is not reused
+    # The client closes at the end: a HEAD's connection is not reused.
+    script = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", until_hangup=True)
 
     async def body(pool, url):
         resp = await pool.request(url, "HEAD", "/", [], None, read_timeout=5)
@@ -150,17 +152,13 @@ def test_head_response_has_no_body_even_with_a_length():
     assert run(script, body)[0] == (200, b"")
 
 
-@pytest.mark.parametrize("answer", [
+@pytest.mark.parametrize("raw", [
     b"NOT HTTP AT ALL\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n",
 ])
-def test_malformed_response_is_a_clear_error(answer):
-    async def script(reader, writer):
-        await _read_head(reader)
-        writer.write(answer)
-        await writer.drain()
-        await reader.read()
+def test_malformed_response_is_a_clear_error(raw):
+    script = answer(raw, until_hangup=True)
 
     async def body(pool, url):
         with pytest.raises(UpstreamError, match="invalid response"):
@@ -171,10 +169,7 @@ def test_malformed_response_is_a_clear_error(answer):
 
 
 def test_upstream_closing_mid_body_is_an_error_not_a_short_body():
-    async def script(reader, writer):
-        await _read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
+    script = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
 
     async def body(pool, url):
         resp = await pool.request(url, "GET", "/", [], None, read_timeout=5)
