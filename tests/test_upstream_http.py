@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from gateway.tunnel.upstream_http import HttpPool, UpstreamError
+from gateway.tunnel.upstream_http import HttpPool, UpstreamError, UpstreamTimeout
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -254,3 +254,25 @@ def test_abandoned_response_closes_the_connection_so_the_upstream_sees_it():
 
     assert run(script, body) == (True, 1)
     assert hung_up == [True]
+
+
+def test_head_timeout_is_a_timeout_and_is_not_retried():
+    async def script(reader, writer):
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await _read_head(reader)
+        await asyncio.sleep(10)  # the second request gets no answer
+
+    async def body(pool, url):
+        loop = asyncio.get_running_loop()
+        # The first request leaves a kept-alive connection: a retry of the
+        # second on a fresh one would be possible if timeouts were retried.
+        assert await _read_all(await pool.request(url, "GET", "/", [], None, read_timeout=5)) == b"ok"
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match="no response head within 0.3s"):
+            await pool.request(url, "GET", "/", [], None, read_timeout=5, head_timeout=0.3)
+        return loop.time() - started
+
+    elapsed, connections = run(script, body)
+    assert 0.25 < elapsed < 3 and connections == 1

@@ -27,6 +27,10 @@ log = logging.getLogger("gateway.tunnel")
 RequestHandler = Callable[["InboundExchange"], Awaitable[None]]
 
 
+# In-flight requests above which the writer waits a second loop turn to batch.
+BUSY = 8
+
+
 class StreamLimits:
     """Sizes and bounds of one stream; both ends use the same defaults."""
 
@@ -402,6 +406,10 @@ class TunnelStream:
                 await self._wake.wait()
                 # One loop turn, no timer: whatever else this turn produces joins the batch.
                 await asyncio.sleep(0)
+                if len(self.pending) + len(self.serving) > BUSY:
+                    # Busy: one more turn lets the answers that are already
+                    # on their way share the message (fewer, larger gRPC writes).
+                    await asyncio.sleep(0)
                 continue
             parts = []
             size = 0

@@ -180,6 +180,10 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def expire_head(self, timeout: float) -> None:
+        if not self.head.done():
+            self.fail(UpstreamTimeout(f"{self.server.key}: no response head within {timeout:g}s"))
+
     def watch(self, timeout: float) -> None:
         """Fail after `timeout` seconds without a byte from the upstream (while we read)."""
         self.timer = self.loop.call_later(timeout, self._check_silence, timeout, self.activity)
@@ -400,6 +404,13 @@ class HttpPool:
 async def _await_head(conn: _Connection, upload: asyncio.Task[None] | None, head_timeout: float | None) -> int:
     if head_timeout is None:
         return await conn.head
+    if upload is None:
+        # Every bodiless request comes here: a timer, not asyncio.wait.
+        timer = conn.loop.call_later(head_timeout, conn.expire_head, head_timeout)
+        try:
+            return await conn.head
+        finally:
+            timer.cancel()
     # The head's timeout starts when the upload ends, so a big upload is not a
     # slow upstream; while it goes on, a whole timeout without progress ends it.
     seen = -1
