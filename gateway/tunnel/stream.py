@@ -164,9 +164,10 @@ class BodyWriter:
         self._event.set()
 
     async def write(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
+        total = len(chunk)
+        offset = 0
         size = self._stream.limits.chunk_size
-        while view:
+        while offset < total:
             while self._credit <= 0:
                 if self._error is not None:
                     raise self._error
@@ -174,9 +175,10 @@ class BodyWriter:
                 await self._event.wait()
             if self._error is not None:
                 raise self._error
-            n = min(len(view), self._credit, size)
-            piece = bytes(view[:n])
-            view = view[n:]
+            n = min(total - offset, self._credit, size)
+            # A chunk that fits whole goes as it is; only a split one is copied.
+            piece = chunk if n == total and type(chunk) is bytes else bytes(memoryview(chunk)[offset:offset + n])
+            offset += n
             self._credit -= n
             self.bytes_sent += n
             await self._stream.push_data(frames.data(self._rid, self._trace, piece, end_stream=False, reply=self._reply))
