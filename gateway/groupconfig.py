@@ -46,7 +46,8 @@ def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
         if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
             raise ConfigError(file, f"{k}.servers", "must be a non-empty list of URLs")
         for s in servers:
-            if not (s.startswith("http://") or s.startswith("https://")) or s.rstrip("/").count("/") > 2:
+            scheme, sep, host = s.rstrip("/").partition("://")
+            if scheme not in ("http", "https") or not sep or not host or "/" in host:
                 raise ConfigError(file, f"{k}.servers", f"{s!r} must be a base URL like http://host:port")
         balance = table.get("balance", "round_robin")
         if balance not in UPSTREAM_POLICIES:

@@ -13,8 +13,10 @@ from typing import Mapping
 
 __all__ = ["RequestIds", "new_instance_id", "trace_id_from", "origin_worker"]
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACE_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+# W3C trace-context: version 00 is exactly these 55 characters; a later version
+# may append fields after a '-', and version ff is invalid.
+_TRACEPARENT = re.compile(r"(?!ff)([0-9a-f]{2})-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?", re.DOTALL)
+_TRACE_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")
 
 
 def new_instance_id() -> str:
@@ -47,10 +49,10 @@ def trace_id_from(headers: Mapping[str, str]) -> str:
     """The trace id of `traceparent` or `x-trace-id`, else a new one."""
     tp = headers.get("traceparent")
     if tp:
-        m = _TRACEPARENT.match(tp.strip().lower())
-        if m and m.group(1) != "0" * 32:
-            return m.group(1)
+        m = _TRACEPARENT.fullmatch(tp.strip().lower())
+        if m and m.group(2) != "0" * 32 and (m.group(1) != "00" or m.group(3) is None):
+            return m.group(2)
     given = headers.get("x-trace-id")
-    if given and _TRACE_ID.match(given):
+    if given and _TRACE_ID.fullmatch(given):
         return given
     return os.urandom(16).hex()

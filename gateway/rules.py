@@ -147,7 +147,7 @@ def parse_rules(
         if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[1:]):
             raise ConfigError(where, f"{k}.host", "wildcards are only allowed as a leading '*.'")
         timeout = item.get("timeout", default_timeout)
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError(where, f"{k}.timeout", "must be a positive number of seconds")
         strip = item.get("strip_prefix", False)
         if not isinstance(strip, bool):

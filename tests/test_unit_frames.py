@@ -243,8 +243,6 @@ def test_malformed_traceparent_is_rejected(value):
     assert trace_id_from({"traceparent": value, "x-trace-id": "fallback-1"}) == "fallback-1"
 
 
-@pytest.mark.xfail(strict=True, reason="W3C trace-context: a version-00 traceparent is exactly 55 characters and "
-                                       "version ff is invalid; the regex has no end anchor and accepts any version")
 @pytest.mark.parametrize("value", [f"{TRACEPARENT}zz", f"{TRACEPARENT}-extra", f"ff-{TRACE}-00f067aa0ba902b7-01"])
 def test_traceparent_out_of_spec_is_rejected(value):
     assert trace_id_from({"traceparent": value}) != TRACE
@@ -261,7 +259,6 @@ def test_bad_x_trace_id_is_replaced(value):
     assert_fresh(trace_id_from({"x-trace-id": value}), value)
 
 
-@pytest.mark.xfail(strict=True, reason="_TRACE_ID.match with '$' accepts a trailing newline (use fullmatch or \\Z)")
 def test_x_trace_id_with_trailing_newline_is_replaced():
     assert trace_id_from({"x-trace-id": "abc\n"}) != "abc\n"
 
@@ -271,3 +268,9 @@ def test_trace_id_generated_when_absent():
     assert_fresh(a)
     assert_fresh(b)
     assert a != b
+
+
+@pytest.mark.parametrize("value", [f"01-{TRACE}-00f067aa0ba902b7-01", f"cc-{TRACE}-00f067aa0ba902b7-01-future-field"])
+def test_traceparent_of_a_later_version_is_taken(value):
+    # W3C trace-context: a parser reads the four known fields of a higher version and ignores what follows a '-'.
+    assert trace_id_from({"traceparent": value}) == TRACE
