@@ -140,9 +140,40 @@ def test_consistent_hash_spreads_over_the_winners_streams():
     cands = [local("c1"), local("c1"), local("c2")]
     key = next(k for k in KEYS if rendezvous(k, ["c1", "c2"]) == "c1")
     b = Balancer()
-    picked = [b.pick("g", "consistent_hash", cands, key=key) for _ in range(4)]
+    picked = []
+    for _ in range(4):
+        c = b.pick("g", "consistent_hash", cands, key=key)
+        c.inflight += 1  # what the request does to its stream
+        picked.append(c)
     assert all(c.client_id == "c1" for c in picked)
-    assert {id(c) for c in picked} == {id(cands[0]), id(cands[1])}
+    assert [id(c) for c in picked] == [id(cands[0]), id(cands[1])] * 2
+
+
+class Queued:
+    """A stand-in stream: has_queued says whether frames wait for its writer."""
+
+    def __init__(self, has_queued: bool) -> None:
+        self.has_queued = has_queued
+
+
+def test_a_clients_stream_with_queued_frames_takes_the_request():
+    # Several connections of one client: the request joins the gRPC message
+    # already being filled instead of starting another.
+    idle, filling = Candidate("c1", 0, 0, stream=Queued(False)), Candidate("c1", 0, 9, stream=Queued(True))
+    for policy in STREAM_POLICIES:
+        assert Balancer().pick("g", policy, [idle, filling], key="k") is filling
+    filling.stream.has_queued = False
+    assert Balancer().pick("g", "round_robin", [idle, filling]) is idle  # else the least busy
+
+
+def test_policies_choose_clients_not_connections():
+    # c1 has three connections, c2 one: round robin still alternates the clients,
+    # and least_inflight weighs a client by all its streams.
+    cands = [local("c1"), local("c1"), local("c1"), local("c2")]
+    b = Balancer()
+    assert [b.pick("g", "round_robin", cands).client_id for _ in range(4)] == ["c1", "c2", "c1", "c2"]
+    cands = [local("c1", 2), local("c1", 2), local("c2", 3)]
+    assert Balancer().pick("g", "least_inflight", cands).client_id == "c2"
 
 
 def test_consistent_hash_without_key_is_round_robin():

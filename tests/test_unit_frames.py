@@ -274,3 +274,106 @@ def test_trace_id_generated_when_absent():
 def test_traceparent_of_a_later_version_is_taken(value):
     # W3C trace-context: a parser reads the four known fields of a higher version and ignores what follows a '-'.
     assert trace_id_from({"traceparent": value}) == TRACE
+
+
+# -- the DATA fast path: encode_data / decode_frames ------------------------------------
+
+def as_tuple(f):
+    """A decoded frame in a comparable form, whichever way it was decoded."""
+    if isinstance(f, frames.DataFrame):
+        return ("data", f.request_id, f.trace_id, f.reply, bytes(f.data), f.end_stream)
+    if f.WhichOneof("kind") == "data":
+        return ("data", f.request_id, f.trace_id, f.reply, f.data.data, f.data.end_stream)
+    return ("pb", f.SerializeToString())
+
+
+DATA_CASES = [
+    ("ab12-3-1", "t" * 32, b"\x00\x01binary\xff", False, True),
+    ("ab12-3-1", "t" * 32, b"\x00\x01binary\xff", True, False),
+    ("ab12-3-1", "", b"", True, True),           # the end of a body: no payload
+    ("ab12-3-1", "t", b"", False, False),        # an empty Data message still says "data"
+    ("", "", b"", False, False),
+    ("r" * 300, "caf\u00e9", b"y" * 70000, True, True),  # long id, non-ASCII trace, 3-byte lengths
+    ("r", "t", b"z" * 127, False, False),
+    ("r", "t", b"z" * 128, True, False),
+]
+
+
+@pytest.mark.parametrize("rid,trace,chunk,end,reply", DATA_CASES)
+def test_encode_data_is_what_protobuf_writes(rid, trace, chunk, end, reply):
+    parts = frames.encode_data(rid, trace, chunk, end_stream=end, reply=reply)
+    assert parts[1] is chunk  # the payload is not copied
+    assert b"".join(parts) == frames.encode_frame(frames.data(rid, trace, chunk, end_stream=end, reply=reply))
+    (back,) = frames.decode_frames(b"".join(parts))
+    assert isinstance(back, frames.DataFrame)
+    assert as_tuple(back) == ("data", rid, trace, reply, chunk, end)
+
+
+def test_encode_data_takes_a_view():
+    buf = bytes(range(256)) * 10
+    view = memoryview(buf)[100:1100]
+    assert b"".join(frames.encode_data("r", "t", view, end_stream=False, reply=False)) == \
+        frames.encode_frame(frames.data("r", "t", buf[100:1100], end_stream=False, reply=False))
+
+
+def test_decode_frames_matches_decode_batch_on_every_kind():
+    built = [BUILT[n]() for n in sorted(BUILT)] + [frames.data(*c[:3], end_stream=c[3], reply=c[4]) for c in DATA_CASES]
+    raw = frames.join_batch(frames.encode_frame(f) for f in built)
+    fast = frames.decode_frames(raw)
+    assert [as_tuple(f) for f in fast] == [as_tuple(f) for f in frames.decode_batch(raw)]
+    assert sum(isinstance(f, frames.DataFrame) for f in fast) == 1 + len(DATA_CASES)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return frames._varint(number << 3 | 2) + frames._varint(len(payload)) + payload
+
+
+@pytest.mark.parametrize("body", [
+    # Valid protobuf that no encoder of ours writes: fields out of order, repeated, unknown.
+    _field(11, b"\x10\x01" + _field(1, b"late")) + _field(1, b"rid-1"),
+    _field(1, b"rid-1") + _field(11, _field(1, b"abc")) + b"\x18\x01",
+    _field(1, b"rid-1") + _field(11, _field(1, b"abc")) + _field(99, b"unknown"),
+    _field(1, b"rid-1") + _field(11, _field(1, b"ab")) + _field(11, b"\x10\x01"),   # two Data: merged
+    _field(1, b"ignored") + _field(1, b"rid-1") + _field(11, _field(1, b"abc")),   # last id wins
+    _field(1, b"rid-1") + b"\x18\x02" + _field(11, b"\x10\x05" + _field(1, b"x")),
+])
+def test_decode_frames_other_layouts_follow_protobuf(body):
+    raw = b"\x0a" + frames._varint(len(body)) + body
+    (fast,) = frames.decode_frames(raw)
+    (slow,) = frames.decode_batch(raw)
+    assert as_tuple(fast) == as_tuple(slow)
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xff\xff\xff",
+    b"garbage!",
+    b"\x0a",
+    b"\x0a\x05ab",
+    b"\x0a\x80",
+    b"\x0b",
+    b"\x0a\x02\xff\xff",
+    b"\x0a\x04\x0a\x02\xff\xfe",                        # request_id is not UTF-8
+    b"\x0a\x06\x0a\x01r\x5a\x05\x0a",                   # Data longer than its frame
+    b"\x0a\x07\x0a\x01r\x5a\x02\x0a\x05",               # payload longer than its Data
+    b"\x0a\x05\x12\x01\xff\x5a\x00",                    # trace_id is not UTF-8
+    b"\x0a\x04\x18\x80\x80\x80",                        # reply's varint runs off the frame
+])
+def test_decode_frames_garbage_raises_protocol_error(raw):
+    with pytest.raises(frames.ProtocolError):
+        frames.decode_frames(raw)
+
+
+def test_decode_frames_every_truncation_raises():
+    built = [BUILT[n]() for n in ("request_head", "data", "welcome")] + [frames.data("r", "t", b"q" * 300, end_stream=True, reply=False)]
+    encoded = [frames.encode_frame(f) for f in built]
+    raw = frames.join_batch(encoded)
+    boundaries, at = {0}, 0
+    for e in encoded:
+        at += len(e)
+        boundaries.add(at)
+    for cut in range(1, len(raw)):
+        if cut in boundaries:
+            assert len(frames.decode_frames(raw[:cut])) == sorted(boundaries).index(cut)
+        else:
+            with pytest.raises(frames.ProtocolError):
+                frames.decode_frames(raw[:cut])

@@ -4,6 +4,14 @@ A batch on the wire is a serialized `Batch` message. Since `Batch` holds only
 `repeated Frame frames = 1`, a batch is the concatenation of each frame encoded
 as field 1 (tag 0x0a, varint length, bytes). The writer therefore keeps frames
 serialized and joins them, without building a `Batch` object per send.
+
+DATA frames carry the bodies, so they skip protobuf objects on both sides:
+`encode_data` writes their few fields by hand and leaves the payload as it is
+(the writer's join is its only copy), and `decode_frames` reads a DATA frame
+laid out the way every protobuf encoder writes it into a `DataFrame`, slicing
+the payload once. Anything else, and any DATA frame in another valid layout,
+goes through protobuf, so what protobuf accepts or refuses stays the rule.
+Protobuf's own copies cost about 0.7 ms a MiB to encode and 0.3 ms to decode.
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ __all__ = [
     "Frame",
     "Header",
     "ProtocolError",
+    "DataFrame",
     "decode_batch",
+    "decode_frames",
+    "encode_data",
     "encode_frame",
     "join_batch",
     "request_head",
@@ -65,6 +76,122 @@ def decode_batch(raw: bytes) -> Sequence[pb.Frame]:
         return pb.Batch.FromString(raw).frames
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ProtocolError(f"malformed batch: {exc}") from None
+
+
+class DataFrame:
+    """A decoded DATA frame: what `decode_frames` gives instead of a `pb.Frame` for kind `data`."""
+
+    __slots__ = ("request_id", "trace_id", "reply", "data", "end_stream")
+
+    def __init__(self, request_id: str, trace_id: str, reply: bool, data: bytes, end_stream: bool) -> None:
+        self.request_id = request_id
+        self.trace_id = trace_id
+        self.reply = reply
+        self.data = data
+        self.end_stream = end_stream
+
+    def __repr__(self) -> str:
+        return (f"DataFrame({self.request_id!r}, {self.trace_id!r}, reply={self.reply}, "
+                f"{len(self.data)} bytes, end_stream={self.end_stream})")
+
+
+def _length_prefix(n: int) -> bytes:
+    return bytes((n,)) if n < 0x80 else _varint(n)
+
+
+def encode_data(request_id: str, trace_id: str, chunk: bytes | memoryview, *, end_stream: bool,
+                reply: bool) -> tuple[bytes, bytes | memoryview, bytes]:
+    """A DATA frame as an element of `Batch.frames`, in three parts: the fields before the
+    payload, the payload untouched, the fields after it. Joined, they equal `encode_frame(data(...))`."""
+    n = len(chunk)
+    rid = request_id.encode()
+    trace = trace_id.encode()
+    payload_tag = b"\x0a" + _length_prefix(n) if n else b""   # Data.data = 1
+    tail = b"\x10\x01" if end_stream else b""                  # Data.end_stream = 2, after the payload
+    data_len = len(payload_tag) + n + len(tail)
+    fields = b"".join((
+        b"\x0a" + _length_prefix(len(rid)) + rid if rid else b"",              # Frame.request_id = 1
+        b"\x12" + _length_prefix(len(trace)) + trace if trace else b"",        # Frame.trace_id = 2
+        b"\x18\x01" if reply else b"",                                         # Frame.reply = 3
+        b"\x5a", _length_prefix(data_len), payload_tag,                        # Frame.data = 11
+    ))
+    return b"\x0a" + _length_prefix(len(fields) + n + len(tail)) + fields, chunk, tail
+
+
+def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end:
+        b = raw[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            break
+    raise ProtocolError("malformed batch: bad varint")
+
+
+def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
+    """The DATA frame in raw[pos:end] when it is laid out as protobuf writes it, else None."""
+    rid = trace = ""
+    reply = False
+    if pos < end and raw[pos] == 0x0A:
+        n, pos = _read_varint(raw, pos + 1, end)
+        rid = raw[pos:pos + n].decode()
+        pos += n
+    if pos < end and raw[pos] == 0x12:
+        n, pos = _read_varint(raw, pos + 1, end)
+        trace = raw[pos:pos + n].decode()
+        pos += n
+    if pos < end and raw[pos] == 0x18:
+        v, pos = _read_varint(raw, pos + 1, end)
+        reply = v != 0
+    if pos >= end or raw[pos] != 0x5A:
+        return None
+    n, pos = _read_varint(raw, pos + 1, end)
+    if pos + n != end:
+        return None
+    payload = b""
+    end_stream = False
+    if pos < end and raw[pos] == 0x0A:
+        n, pos = _read_varint(raw, pos + 1, end)
+        if pos + n > end:
+            return None
+        payload = raw[pos:pos + n]
+        pos += n
+    if pos < end and raw[pos] == 0x10:
+        v, pos = _read_varint(raw, pos + 1, end)
+        end_stream = v != 0
+    return DataFrame(rid, trace, reply, payload, end_stream) if pos == end else None
+
+
+def _as_data(f: pb.Frame) -> pb.Frame | DataFrame:
+    if f.WhichOneof("kind") == "data":
+        return DataFrame(f.request_id, f.trace_id, f.reply, f.data.data, f.data.end_stream)
+    return f
+
+
+def decode_frames(raw: bytes) -> list[pb.Frame | DataFrame]:
+    """The frames of a batch, DATA frames as `DataFrame`; raises ProtocolError."""
+    out: list[pb.Frame | DataFrame] = []
+    pos, size = 0, len(raw)
+    try:
+        while pos < size:
+            if raw[pos] != 0x0A:  # not Batch.frames: let protobuf judge the whole batch
+                return [_as_data(f) for f in decode_batch(raw)]
+            n, pos = _read_varint(raw, pos + 1, size)
+            end = pos + n
+            if end > size:
+                raise ProtocolError("malformed batch: frame runs past the end")
+            frame = _fast_data(raw, pos, end)
+            if frame is None:
+                frame = _as_data(pb.Frame.FromString(raw[pos:end]))
+            out.append(frame)
+            pos = end
+    except (DecodeError, RuntimeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"malformed batch: {exc}") from None
+    return out
 
 
 def _pairs(headers: Iterable[tuple[str, str]]) -> list[pb.Header]:

@@ -267,7 +267,8 @@ async def call_upstream(
             ex.respond(resp.status, resp.reason, end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
             if with_body:
                 while (chunk := await resp.read()) is not None:
-                    await ex.sender.write(chunk)
+                    # The last chunk carries the end of the body: one frame fewer.
+                    await ex.sender.write(chunk, end=resp.at_end)
                 ex.sender.end()
         finally:
             resp.release()

@@ -163,7 +163,10 @@ class BodyWriter:
             self._error = error
         self._event.set()
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes, end: bool = False) -> None:
+        """Send `chunk` within the credit granted; `end`: it is the last one (saves a frame)."""
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)  # queued until sent: the caller may reuse its buffer
         total = len(chunk)
         offset = 0
         size = self._stream.limits.chunk_size
@@ -176,17 +179,22 @@ class BodyWriter:
             if self._error is not None:
                 raise self._error
             n = min(total - offset, self._credit, size)
-            # A chunk that fits whole goes as it is; only a split one is copied.
-            piece = chunk if n == total and type(chunk) is bytes else bytes(memoryview(chunk)[offset:offset + n])
+            # A chunk that fits whole goes as it is; a split one as views of it.
+            piece = chunk if n == total else memoryview(chunk)[offset:offset + n]
             offset += n
             self._credit -= n
             self.bytes_sent += n
-            await self._stream.push_data(frames.data(self._rid, self._trace, piece, end_stream=False, reply=self._reply))
+            last = end and offset == total
+            if last:
+                self.ended = True
+            await self._stream.push_data(frames.encode_data(self._rid, self._trace, piece, end_stream=last, reply=self._reply))
+        if end and not self.ended:
+            self.end()
 
     def end(self) -> None:
         if not self.ended:
             self.ended = True
-            self._stream.push(frames.data(self._rid, self._trace, b"", end_stream=True, reply=self._reply))
+            self._stream.push_encoded(frames.encode_data(self._rid, self._trace, b"", end_stream=True, reply=self._reply))
 
 
 class OutboundExchange:
@@ -210,12 +218,11 @@ class OutboundExchange:
     def client_id(self) -> str:
         return self.stream.peer_id
 
-    def on_frame(self, f: frames.Frame, kind: str) -> None:
+    def on_frame(self, f: frames.Frame | frames.DataFrame, kind: str) -> None:
         if kind == "data":
-            d = f.data
             if not self.head.done():
                 self._protocol_violation("DATA before response HEADERS")
-            elif not self.body.feed(d.data, d.end_stream):
+            elif not self.body.feed(f.data, f.end_stream):
                 self._protocol_violation("flow control window exceeded")
         elif kind == "window":
             self.sender.grant(f.window.increment)
@@ -274,10 +281,9 @@ class InboundExchange:
         self._closed = False
         self.started = time.monotonic()
 
-    def on_frame(self, f: frames.Frame, kind: str) -> None:
+    def on_frame(self, f: frames.Frame | frames.DataFrame, kind: str) -> None:
         if kind == "data":
-            d = f.data
-            if not self.body.feed(d.data, d.end_stream):
+            if not self.body.feed(f.data, f.end_stream):
                 self.reset("protocol_error", "flow control window exceeded")
         elif kind == "window":
             self.sender.grant(f.window.increment)
@@ -377,27 +383,35 @@ class TunnelStream:
         return len(self.pending) + len(self.serving)
 
     @property
+    def has_queued(self) -> bool:
+        """Frames wait for the writer: a request sent now shares their gRPC message."""
+        return bool(self._out)
+
+    @property
     def queue_full(self) -> bool:
         return self._out_bytes >= self.limits.max_queue_bytes
 
     def push(self, frame: frames.Frame) -> None:
         """Queue a frame without waiting (heads, control, credit, resets)."""
+        self.push_encoded(frames.encode_frame(frame))
+
+    def push_encoded(self, raw: bytes | tuple[bytes | memoryview, ...]) -> None:
+        """Queue an encoded frame, whole or in parts (`frames.encode_data`)."""
         if self.closed:
             return
-        raw = frames.encode_frame(frame)
         self._out.append(raw)
-        self._out_bytes += len(raw)
+        self._out_bytes += len(raw) if type(raw) is bytes else sum(map(len, raw))
         if self._out_bytes >= self.limits.max_queue_bytes:
             self._space.clear()
         self._wake.set()
 
-    async def push_data(self, frame: frames.Frame) -> None:
-        """Queue a body frame, waiting while the outbound queue is full."""
+    async def push_data(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        """Queue a body frame (`frames.encode_data`), waiting while the outbound queue is full."""
         while self._out_bytes >= self.limits.max_queue_bytes and not self.closed:
             await self._space.wait()
         if self.closed:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} closed: {self.close_reason}")
-        self.push(frame)
+        self.push_encoded(parts)
 
     async def _writer(self) -> None:
         out = self._out
@@ -417,8 +431,12 @@ class TunnelStream:
             size = 0
             while out and size < limit:
                 raw = out.popleft()
-                parts.append(raw)
-                size += len(raw)
+                if type(raw) is bytes:
+                    parts.append(raw)
+                    size += len(raw)
+                else:  # a DATA frame in parts
+                    parts += raw
+                    size += sum(map(len, raw))
             self._out_bytes -= size
             if self._out_bytes < self.limits.max_queue_bytes:
                 self._space.set()
@@ -445,8 +463,8 @@ class TunnelStream:
 
     # -- receiving -----------------------------------------------------------
 
-    def _dispatch(self, f: frames.Frame) -> None:
-        kind = f.WhichOneof("kind")
+    def _dispatch(self, f: frames.Frame | frames.DataFrame) -> None:
+        kind = "data" if type(f) is frames.DataFrame else f.WhichOneof("kind")
         rid = f.request_id
         if not rid:
             self._control(f, kind)
@@ -524,7 +542,7 @@ class TunnelStream:
     def feed(self, raw: bytes) -> None:
         """Dispatch one received batch; raises frames.ProtocolError."""
         self._last_seen = time.monotonic()
-        for f in frames.decode_batch(raw):
+        for f in frames.decode_frames(raw):
             self._dispatch(f)
         if self.draining:
             self._close_if_idle()

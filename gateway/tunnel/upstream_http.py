@@ -233,6 +233,12 @@ class UpstreamResponse:
             conn.transport.resume_reading()
         return chunk
 
+    @property
+    def at_end(self) -> bool:
+        """The whole body has been read: the next `read()` returns None."""
+        conn = self._conn
+        return conn.complete and not conn.chunks and conn.error is None
+
     def release(self) -> None:
         """Back to the pool when the exchange ended cleanly; otherwise the connection is closed,
         which is how the upstream learns that a request was abandoned."""

@@ -14,7 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from gateway.balance import pick_least
+from gateway.balance import pick_least, prefer_queued
 
 __all__ = ["Candidate", "Balancer", "rendezvous"]
 
@@ -61,6 +61,19 @@ class Balancer:
             candidates = [c for c in candidates if c.client_id == winner]
         preferred = [c for c in candidates if (c.stream is None) == prefer_remote]
         pool = preferred or candidates
+        # The policy chooses a client; then one of that client's streams.
         if policy == "least_inflight":
-            return pick_least(pool, lambda c: c.inflight)
-        return pool[self._next(group, len(pool))]
+            load: dict[str, int] = {}
+            for c in pool:
+                load[c.client_id] = load.get(c.client_id, 0) + c.inflight
+            client_id = pick_least(list(load), load.__getitem__)
+        else:
+            clients = list(dict.fromkeys(c.client_id for c in pool))
+            client_id = clients[self._next(group, len(clients))]
+        mine = [c for c in pool if c.client_id == client_id]
+        if len(mine) == 1:
+            return mine[0]
+        # Several connections of the client: the one already holding frames
+        # for its next gRPC message, else each in turn.
+        return prefer_queued(mine, lambda c: c.stream) or mine[self._next(f"{group}\0{client_id}", len(mine))]
+
