@@ -34,6 +34,7 @@ async def serve(config: ClientConfig) -> None:
 
     from gateway.client.agent import Agent
     from gateway.client.local_entry import LocalEntry
+    from gateway.tunnel.entry import entry_runner
     from gateway.tunnel.proxy import UpstreamClients
 
     loop = asyncio.get_running_loop()
@@ -54,11 +55,7 @@ async def serve(config: ClientConfig) -> None:
     access_log = AccessLog(config.access_log)
     if config.local_port:
         entry = LocalEntry(agent, access_log=access_log, metrics=metrics)
-        app = web.Application(client_max_size=config.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", entry.handle)
-        limit = max(8190, config.max_header_bytes * 2)
-        runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                               max_line_size=limit, max_field_size=limit)
+        runner = entry_runner(entry.handle, config.max_header_bytes)
         await runner.setup()
         await web.TCPSite(runner, config.local_host, config.local_port).start()
         runners.append(runner)

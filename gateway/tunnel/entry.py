@@ -16,9 +16,19 @@ from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.proxy import error_response, relay_request
 from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["HttpEntryBase"]
+__all__ = ["HttpEntryBase", "entry_runner"]
 
 log = logging.getLogger("gateway.access")
+
+
+def entry_runner(handler, max_header_bytes: int) -> web.BaseRunner:
+    """The runner of an entry: aiohttp's low-level server calling `handler` for
+    every request (no application, router or middlewares: every path is ours)."""
+    # aiohttp's own limits sit above ours so oversize heads reach the
+    # handler and get our 431 with a JSON body.
+    limit = max(8190, max_header_bytes * 2)
+    server = web.Server(handler, handler_cancellation=True, access_log=None, max_line_size=limit, max_field_size=limit)
+    return web.ServerRunner(server, handle_signals=False)
 
 
 class HttpEntryBase:

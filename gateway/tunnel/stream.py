@@ -429,7 +429,9 @@ class TunnelStream:
                 continue
             parts = []
             size = 0
+            n_frames = 0
             while out and size < limit:
+                n_frames += 1
                 raw = out.popleft()
                 if type(raw) is bytes:
                     parts.append(raw)
@@ -441,7 +443,7 @@ class TunnelStream:
             if self._out_bytes < self.limits.max_queue_bytes:
                 self._space.set()
             self.batches_out += 1
-            self.frames_out += len(parts)
+            self.frames_out += n_frames
             await self.transport.write(b"".join(parts))
 
     # -- originating requests ------------------------------------------------

@@ -265,6 +265,7 @@ class Worker:
         from gateway.tunnel.proxy import UpstreamClients
         from gateway.tunnel.transport import grpc_options, tunnel_handler
         from gateway.workers.admin import admin_app
+        from gateway.tunnel.entry import entry_runner
         from gateway.workers.http_entry import HttpEntry
         from gateway.workers.registry import StreamRegistry
         from gateway.workers.tunnel_endpoint import TunnelEndpoint
@@ -340,15 +341,7 @@ class Worker:
         if grpc_server is not None:
             await grpc_server.start()
 
-        app = web.Application(client_max_size=cfg.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.http_entry.handle)
-        # aiohttp's own limits sit above ours so oversize heads reach the
-        # handler and get our 431 with a JSON body.
-        parser_limit = max(8190, cfg.max_header_bytes * 2)
-        runner = web.AppRunner(
-            app, handle_signals=False, handler_cancellation=True, access_log=None,
-            max_line_size=parser_limit, max_field_size=parser_limit,
-        )
+        runner = entry_runner(self.http_entry.handle, cfg.max_header_bytes)
         await runner.setup()
         ssl_context = None
         if cfg.http_tls:
