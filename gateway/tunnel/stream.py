@@ -367,7 +367,7 @@ class TunnelStream:
         self.frames_out = 0
         self._on_request = on_request
         self._on_control = on_control
-        self._out: collections.deque[bytes] = collections.deque()
+        self._out: collections.deque[bytes | tuple[bytes | memoryview, ...]] = collections.deque()
         self._out_bytes = 0
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
