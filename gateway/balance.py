@@ -99,12 +99,12 @@ def pick_least(items: Sequence[T], load) -> T:
 
 
 def prefer_queued(items: list[T], stream_of: Callable[[T], Any]) -> T | None:
-    """The first item whose stream holds frames waiting for its writer, if any.
+    """The first item whose stream is filling a gRPC message with room left, if any.
     Sending a request there lets requests that arrive in the same loop turn
     share one gRPC message instead of alternating between connections (at
     concurrency 64: 10 frames a message instead of 3, and about a fifth less
     CPU a request on both ends)."""
     for item in items:
-        if getattr(stream_of(item), "has_queued", False):
+        if getattr(stream_of(item), "filling_batch", False):
             return item
     return None

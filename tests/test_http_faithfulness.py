@@ -5,7 +5,10 @@ Route matching (host exact and *.suffix, path prefix, methods, header
 equality, first match wins) is checked through the real gateway."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import socket
 from http.client import HTTPConnection
 
 import pytest
@@ -232,6 +235,53 @@ def test_ids_on_every_response_and_traceparent_echoed(stack, way):
     # The backend got the caller's traceparent unchanged.
     echo = _echo(stack, way, headers=[("traceparent", f"00-{trace}-00f067aa0ba902b7-01")])
     assert _sent(echo, "traceparent") == [f"00-{trace}-00f067aa0ba902b7-01"]
+
+
+def _read_until(sock: socket.socket, marker: bytes, limit: int = 65536) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed before {marker!r}; got {data!r}"
+        data += chunk
+        assert len(data) < limit
+    return data
+
+
+@BOTH
+def test_expect_100_continue_is_answered_before_the_body(stack, way):
+    # The caller sends the head, waits for the interim 100, and only then the body (what curl -T does).
+    port = _port(stack, way)
+    body = b"x" * 200_000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /sink HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        interim = _read_until(sock, b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        rest = interim.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(body)
+        head = rest + _read_until(sock, b"\r\n\r\n") if b"\r\n\r\n" not in rest else rest
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        payload = head.split(b"\r\n\r\n", 1)[1]
+        while len(payload) < length:
+            payload += sock.recv(65536)
+    assert json.loads(payload) == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+
+
+@BOTH
+def test_unknown_expectation_is_417_and_http10_ignores_it(stack, way):
+    r = raw_request(_port(stack, way), "POST", "/sink", [("Expect", "something-else")], b"abc")
+    assert r.status == 417 and r.json()["error"] == "expectation_failed"
+    port = _port(stack, way)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /sink HTTP/1.0\r\nHost: x\r\nContent-Length: 3\r\nExpect: something-else\r\n\r\nabc".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), answer[:200]
+    # The entry deals with Expect: the backend never sees it.
+    echo = _echo(stack, way, "POST", "/echo", [("Expect", "100-continue")], b"abc")
+    assert _sent(echo, "expect") == []
 
 
 def test_nothing_left_pending(stack):

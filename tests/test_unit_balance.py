@@ -3,6 +3,7 @@ upstream server pools (gateway/balance.py) and of limits (gateway/limits.py).
 Pure logic: no sockets, no processes; time is a fake clock."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 import types
@@ -150,10 +151,10 @@ def test_consistent_hash_spreads_over_the_winners_streams():
 
 
 class Queued:
-    """A stand-in stream: has_queued says whether frames wait for its writer."""
+    """A stand-in stream: filling_batch says whether a request sent now shares its next gRPC message."""
 
-    def __init__(self, has_queued: bool) -> None:
-        self.has_queued = has_queued
+    def __init__(self, filling_batch: bool) -> None:
+        self.filling_batch = filling_batch
 
 
 def test_a_clients_stream_with_queued_frames_takes_the_request():
@@ -162,8 +163,9 @@ def test_a_clients_stream_with_queued_frames_takes_the_request():
     idle, filling = Candidate("c1", 0, 0, stream=Queued(False)), Candidate("c1", 0, 9, stream=Queued(True))
     for policy in STREAM_POLICIES:
         assert Balancer().pick("g", policy, [idle, filling], key="k") is filling
-    filling.stream.has_queued = False
-    assert Balancer().pick("g", "round_robin", [idle, filling]) is idle  # else the least busy
+    filling.stream.filling_batch = False
+    assert Balancer().pick("g", "round_robin", [idle, filling]) is idle  # else each in turn
+    assert Balancer().pick("g", "least_inflight", [filling, idle]) is idle  # or the least busy
 
 
 def test_policies_choose_clients_not_connections():
@@ -427,3 +429,26 @@ def test_parse_limits_errors(table, key):
     with pytest.raises(ConfigError) as info:
         parse_limits(table, "gw.toml", "groups.g")
     assert (info.value.file, info.value.key) == ("gw.toml", key)
+
+
+def test_a_stream_fills_a_batch_only_while_its_message_has_room():
+    from gateway.tunnel.stream import StreamLimits, TunnelStream
+
+    async def check():
+        stream = TunnelStream(object(), limits=StreamLimits(max_inflight=2, max_batch_bytes=1000),
+                              on_request=None, peer_id="c1")
+        assert not stream.filling_batch              # nothing queued: nothing to share
+        stream.push_encoded(b"x" * 100)
+        assert stream.filling_batch
+        stream.push_encoded((b"h", b"y" * 2000, b""))  # a body chunk fills the message and more
+        assert not stream.filling_batch              # a request would wait behind it: go elsewhere
+        stream._out.clear()
+        stream._out_bytes = 0
+        stream.push_encoded(b"x")
+        stream.pending.update(a=None, b=None)        # at its in-flight limit
+        assert not stream.filling_batch
+        stream.pending.clear()
+        stream.draining = True
+        assert not stream.filling_batch
+
+    asyncio.run(check())

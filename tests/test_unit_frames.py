@@ -377,3 +377,26 @@ def test_decode_frames_every_truncation_raises():
         else:
             with pytest.raises(frames.ProtocolError):
                 frames.decode_frames(raw[:cut])
+
+
+@pytest.mark.parametrize("raw", [
+    # A frame's length prefix in 10 bytes (value 5) before a valid DATA frame: protobuf refuses it.
+    b"\x0a\x85\x80\x80\x80\x80\x80\x80\x80\x80\x00" + b"\x0a\x01r\x5a\x00",
+    # Inside a DATA frame: the request id's length in 6 bytes.
+    b"\x0a\x0a" + b"\x0a\x81\x80\x80\x80\x80\x00r\x5a\x00",
+])
+def test_decode_frames_refuses_overlong_lengths_like_protobuf(raw):
+    with pytest.raises(frames.ProtocolError):
+        frames.decode_batch(raw)
+    with pytest.raises(frames.ProtocolError):
+        frames.decode_frames(raw)
+
+
+def test_decode_frames_reads_a_ten_byte_bool_as_protobuf_does():
+    # 2**64 as a varint: protobuf keeps 64 bits, so the value is 0 and the flag false.
+    big_zero = b"\x80" * 9 + b"\x02"
+    body = b"\x0a\x01r" + b"\x18" + big_zero + b"\x5a" + bytes([2 + 1 + 10]) + b"\x0a\x00" + b"\x10" + big_zero
+    raw = b"\x0a" + frames._varint(len(body)) + body
+    (fast,) = frames.decode_frames(raw)
+    (slow,) = frames.decode_batch(raw)
+    assert as_tuple(fast) == as_tuple(slow) == ("data", "r", "", False, b"", False)

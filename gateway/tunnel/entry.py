@@ -84,6 +84,10 @@ class HttpEntryBase:
     def check_head(self, request: web.Request, rec: AccessRecord, max_header: int) -> web.Response | None:
         if header_bytes(request.raw_headers) + len(request.raw_path) > max_header:
             return self.fail(rec, "headers_too_large", f"request head over {max_header} bytes")
+        expect = request.headers.get("Expect")
+        # RFC 9110 10.1.1: 100-continue is the only expectation; HTTP/1.0 ignores them.
+        if expect is not None and request.version >= (1, 1) and expect.lower() != "100-continue":
+            return self.fail(rec, "expectation_failed", f"unknown Expect: {expect}")
         return None
 
     def check_body(self, request: web.Request, rec: AccessRecord, max_body: int) -> web.Response | None:
@@ -95,8 +99,9 @@ class HttpEntryBase:
 
     @staticmethod
     def forward_headers(request: web.Request) -> list[tuple[str, str]]:
-        return forwarded(end_to_end(decode_raw(request.raw_headers)), remote=request.remote or "",
-                         proto=request.scheme, host=request.host)
+        # The entry answers Expect itself (100 Continue, or 417 in check_head), so it goes no further.
+        headers = [(n, v) for n, v in end_to_end(decode_raw(request.raw_headers)) if n.lower() != "expect"]
+        return forwarded(headers, remote=request.remote or "", proto=request.scheme, host=request.host)
 
     async def relay(self, request: web.Request, rec: AccessRecord, stream: TunnelStream, *,
                     headers: list[tuple[str, str]], path: str, authority: str, timeout: float, max_body: int,

@@ -22,6 +22,7 @@ STATUS: dict[str, int] = {
     "cancelled": 502,
     "tunnel_unavailable": 503,
     "rate_limited": 429,
+    "expectation_failed": 417,
 }
 
 MESSAGES: dict[str, str] = {

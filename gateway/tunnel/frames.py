@@ -118,18 +118,26 @@ def encode_data(request_id: str, trace_id: str, chunk: bytes | memoryview, *, en
     return b"\x0a" + _length_prefix(len(fields) + n + len(tail)) + fields, chunk, tail
 
 
-def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(raw: bytes, pos: int, end: int, max_bytes: int = 10) -> tuple[int, int]:
+    """A varint at raw[pos:end], as protobuf reads it: at most 10 bytes, kept to 64 bits."""
     result = shift = 0
-    while pos < end:
+    limit = min(end, pos + max_bytes)
+    while pos < limit:
         b = raw[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
-            return result, pos
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos
         shift += 7
-        if shift > 63:
-            break
     raise ProtocolError("malformed batch: bad varint")
+
+
+def _read_length(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A length prefix: protobuf takes at most 5 bytes and a size below 2**31."""
+    n, pos = _read_varint(raw, pos, end, 5)
+    if n >= 1 << 31:
+        raise ProtocolError("malformed batch: length out of range")
+    return n, pos
 
 
 def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
@@ -137,11 +145,11 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
     rid = trace = ""
     reply = False
     if pos < end and raw[pos] == 0x0A:
-        n, pos = _read_varint(raw, pos + 1, end)
+        n, pos = _read_length(raw, pos + 1, end)
         rid = raw[pos:pos + n].decode()
         pos += n
     if pos < end and raw[pos] == 0x12:
-        n, pos = _read_varint(raw, pos + 1, end)
+        n, pos = _read_length(raw, pos + 1, end)
         trace = raw[pos:pos + n].decode()
         pos += n
     if pos < end and raw[pos] == 0x18:
@@ -149,13 +157,13 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
         reply = v != 0
     if pos >= end or raw[pos] != 0x5A:
         return None
-    n, pos = _read_varint(raw, pos + 1, end)
+    n, pos = _read_length(raw, pos + 1, end)
     if pos + n != end:
         return None
     payload = b""
     end_stream = False
     if pos < end and raw[pos] == 0x0A:
-        n, pos = _read_varint(raw, pos + 1, end)
+        n, pos = _read_length(raw, pos + 1, end)
         if pos + n > end:
             return None
         payload = raw[pos:pos + n]
@@ -180,7 +188,7 @@ def decode_frames(raw: bytes) -> list[pb.Frame | DataFrame]:
         while pos < size:
             if raw[pos] != 0x0A:  # not Batch.frames: let protobuf judge the whole batch
                 return [_as_data(f) for f in decode_batch(raw)]
-            n, pos = _read_varint(raw, pos + 1, size)
+            n, pos = _read_length(raw, pos + 1, size)
             end = pos + n
             if end > size:
                 raise ProtocolError("malformed batch: frame runs past the end")

@@ -120,6 +120,7 @@ async def relay_request(
     pump: asyncio.Task[None] | None = None
     try:
         if has_body and not websocket:
+            await send_continue(request)
             pump = loop.create_task(
                 _pump_body(request, ex, max_body, stream.limits.chunk_size)
             )
@@ -193,6 +194,14 @@ async def relay_request(
         if record is not None:
             record.bytes_in = ex.sender.bytes_sent
         ex.close()
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` now that the request is accepted and its body is wanted."""
+    expect = request.headers.get("Expect")
+    if expect is not None and request.version >= (1, 1) and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
 
 
 def _expire(ex: OutboundExchange, timeout: float) -> None:

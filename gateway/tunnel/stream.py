@@ -383,9 +383,12 @@ class TunnelStream:
         return len(self.pending) + len(self.serving)
 
     @property
-    def has_queued(self) -> bool:
-        """Frames wait for the writer: a request sent now shares their gRPC message."""
-        return bool(self._out)
+    def filling_batch(self) -> bool:
+        """Frames wait for the writer and their gRPC message has room: a
+        request sent now shares it. Not when the stream is at a limit, or holds
+        more than a message already (a body queued behind a slow peer)."""
+        return (bool(self._out) and self._out_bytes < self.limits.max_batch_bytes
+                and len(self.pending) < self.limits.max_inflight and not self.draining and not self.closed)
 
     @property
     def queue_full(self) -> bool:

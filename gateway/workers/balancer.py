@@ -73,7 +73,12 @@ class Balancer:
         mine = [c for c in pool if c.client_id == client_id]
         if len(mine) == 1:
             return mine[0]
-        # Several connections of the client: the one already holding frames
-        # for its next gRPC message, else each in turn.
-        return prefer_queued(mine, lambda c: c.stream) or mine[self._next(f"{group}\0{client_id}", len(mine))]
+        # Several connections of the client: the one already filling its next
+        # gRPC message, else the least busy (least_inflight) or each in turn.
+        chosen = prefer_queued(mine, lambda c: c.stream)
+        if chosen is not None:
+            return chosen
+        if policy == "least_inflight":
+            return pick_least(mine, lambda c: c.inflight)
+        return mine[self._next(f"{group}\0{client_id}", len(mine))]
 
