@@ -6,7 +6,7 @@ import random
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["ServerPool", "UPSTREAM_POLICIES", "STREAM_POLICIES", "pick_least", "prefer_queued"]
+__all__ = ["ServerPool", "UPSTREAM_POLICIES", "STREAM_POLICIES", "pick_least", "prefer_filling"]
 
 UPSTREAM_POLICIES = ("round_robin", "random", "least_conn")
 STREAM_POLICIES = ("round_robin", "least_inflight", "consistent_hash")
@@ -98,7 +98,7 @@ def pick_least(items: Sequence[T], load) -> T:
     return best
 
 
-def prefer_queued(items: list[T], stream_of: Callable[[T], Any]) -> T | None:
+def prefer_filling(items: list[T], stream_of: Callable[[T], Any]) -> T | None:
     """The first item whose stream is filling a gRPC message with room left, if any.
     Sending a request there lets requests that arrive in the same loop turn
     share one gRPC message instead of alternating between connections (at

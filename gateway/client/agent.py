@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from gateway import __version__
-from gateway.balance import prefer_queued
+from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.groupconfig import group_config_from_json
 from gateway.settings import ConfigError
@@ -291,13 +291,13 @@ class Agent:
                 stream.send_ping()
 
     def pick_stream(self) -> TunnelStream | None:
-        """A usable stream for an egress request: the one already holding frames
-        for its next gRPC message, else round robin over connections."""
+        """A usable stream for an egress request: the one already filling its
+        next gRPC message while it has room, else round robin over connections."""
         usable = [c.stream for c in self.connections if c.stream is not None and not c.stream.draining
                   and not c.stream.closed]
         if not usable:
             return None
-        return prefer_queued(usable, lambda s: s) or usable[next(self._rr) % len(usable)]
+        return prefer_filling(usable, lambda s: s) or usable[next(self._rr) % len(usable)]
 
     def streams(self) -> list[TunnelStream]:
         """Every live stream, draining ones included."""

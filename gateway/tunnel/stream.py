@@ -185,9 +185,9 @@ class BodyWriter:
             self._credit -= n
             self.bytes_sent += n
             last = end and offset == total
+            await self._stream.push_data(frames.encode_data(self._rid, self._trace, piece, end_stream=last, reply=self._reply))
             if last:
                 self.ended = True
-            await self._stream.push_data(frames.encode_data(self._rid, self._trace, piece, end_stream=last, reply=self._reply))
         if end and not self.ended:
             self.end()
 

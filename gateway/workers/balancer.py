@@ -14,7 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from gateway.balance import pick_least, prefer_queued
+from gateway.balance import pick_least, prefer_filling
 
 __all__ = ["Candidate", "Balancer", "rendezvous"]
 
@@ -75,7 +75,7 @@ class Balancer:
             return mine[0]
         # Several connections of the client: the one already filling its next
         # gRPC message, else the least busy (least_inflight) or each in turn.
-        chosen = prefer_queued(mine, lambda c: c.stream)
+        chosen = prefer_filling(mine, lambda c: c.stream)
         if chosen is not None:
             return chosen
         if policy == "least_inflight":
