@@ -13,7 +13,7 @@ from gateway.httpmap import decode_raw, end_to_end, forwarded, header_bytes
 from gateway.ids import RequestIds, trace_id_from
 from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
 from gateway.tunnel.errors import TunnelError
-from gateway.tunnel.proxy import error_response, relay_request
+from gateway.tunnel.proxy import error_response, expectation, relay_request
 from gateway.tunnel.stream import TunnelStream
 
 __all__ = ["HttpEntryBase", "entry_runner"]
@@ -84,10 +84,9 @@ class HttpEntryBase:
     def check_head(self, request: web.Request, rec: AccessRecord, max_header: int) -> web.Response | None:
         if header_bytes(request.raw_headers) + len(request.raw_path) > max_header:
             return self.fail(rec, "headers_too_large", f"request head over {max_header} bytes")
-        expect = request.headers.get("Expect")
-        # RFC 9110 10.1.1: 100-continue is the only expectation; HTTP/1.0 ignores them.
-        if expect is not None and request.version >= (1, 1) and expect.lower() != "100-continue":
-            return self.fail(rec, "expectation_failed", f"unknown Expect: {expect}")
+        expect = expectation(request)
+        if expect is not None and expect != "100-continue":  # the only expectation HTTP defines
+            return self.fail(rec, "expectation_failed", f"unknown Expect: {request.headers['Expect']}")
         return None
 
     def check_body(self, request: web.Request, rec: AccessRecord, max_body: int) -> web.Response | None:

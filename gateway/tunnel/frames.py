@@ -53,6 +53,8 @@ class ProtocolError(Exception):
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:  # most lengths and every flag: one byte
+        return bytes((n,))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -95,10 +97,6 @@ class DataFrame:
                 f"{len(self.data)} bytes, end_stream={self.end_stream})")
 
 
-def _length_prefix(n: int) -> bytes:
-    return bytes((n,)) if n < 0x80 else _varint(n)
-
-
 def encode_data(request_id: str, trace_id: str, chunk: bytes | memoryview, *, end_stream: bool,
                 reply: bool) -> tuple[bytes, bytes | memoryview, bytes]:
     """A DATA frame as an element of `Batch.frames`, in three parts: the fields before the
@@ -106,16 +104,16 @@ def encode_data(request_id: str, trace_id: str, chunk: bytes | memoryview, *, en
     n = len(chunk)
     rid = request_id.encode()
     trace = trace_id.encode()
-    payload_tag = b"\x0a" + _length_prefix(n) if n else b""   # Data.data = 1
+    payload_tag = b"\x0a" + _varint(n) if n else b""   # Data.data = 1
     tail = b"\x10\x01" if end_stream else b""                  # Data.end_stream = 2, after the payload
     data_len = len(payload_tag) + n + len(tail)
     fields = b"".join((
-        b"\x0a" + _length_prefix(len(rid)) + rid if rid else b"",              # Frame.request_id = 1
-        b"\x12" + _length_prefix(len(trace)) + trace if trace else b"",        # Frame.trace_id = 2
+        b"\x0a" + _varint(len(rid)) + rid if rid else b"",              # Frame.request_id = 1
+        b"\x12" + _varint(len(trace)) + trace if trace else b"",        # Frame.trace_id = 2
         b"\x18\x01" if reply else b"",                                         # Frame.reply = 3
-        b"\x5a", _length_prefix(data_len), payload_tag,                        # Frame.data = 11
+        b"\x5a", _varint(data_len), payload_tag,                        # Frame.data = 11
     ))
-    return b"\x0a" + _length_prefix(len(fields) + n + len(tail)) + fields, chunk, tail
+    return b"\x0a" + _varint(len(fields) + n + len(tail)) + fields, chunk, tail
 
 
 def _read_varint(raw: bytes, pos: int, end: int, max_bytes: int = 10) -> tuple[int, int]:
@@ -142,15 +140,15 @@ def _read_length(raw: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
     """The DATA frame in raw[pos:end] when it is laid out as protobuf writes it, else None."""
-    rid = trace = ""
+    rid = trace = (0, 0)  # spans, decoded only once the frame is known to be DATA
     reply = False
     if pos < end and raw[pos] == 0x0A:
         n, pos = _read_length(raw, pos + 1, end)
-        rid = raw[pos:pos + n].decode()
+        rid = (pos, pos + n)
         pos += n
     if pos < end and raw[pos] == 0x12:
         n, pos = _read_length(raw, pos + 1, end)
-        trace = raw[pos:pos + n].decode()
+        trace = (pos, pos + n)
         pos += n
     if pos < end and raw[pos] == 0x18:
         v, pos = _read_varint(raw, pos + 1, end)
@@ -171,7 +169,9 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
     if pos < end and raw[pos] == 0x10:
         v, pos = _read_varint(raw, pos + 1, end)
         end_stream = v != 0
-    return DataFrame(rid, trace, reply, payload, end_stream) if pos == end else None
+    if pos != end:
+        return None
+    return DataFrame(raw[rid[0]:rid[1]].decode(), raw[trace[0]:trace[1]].decode(), reply, payload, end_stream)
 
 
 def _as_data(f: pb.Frame) -> pb.Frame | DataFrame:

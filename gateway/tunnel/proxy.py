@@ -196,10 +196,15 @@ async def relay_request(
         ex.close()
 
 
+def expectation(request: web.BaseRequest) -> str | None:
+    """The request's Expect, lower-cased; None when absent or HTTP/1.0 (RFC 9110 10.1.1: ignored there)."""
+    expect = request.headers.get("Expect")
+    return expect.lower() if expect is not None and request.version >= (1, 1) else None
+
+
 async def send_continue(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` now that the request is accepted and its body is wanted."""
-    expect = request.headers.get("Expect")
-    if expect is not None and request.version >= (1, 1) and expect.lower() == "100-continue":
+    if expectation(request) == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the response proper has not started
 

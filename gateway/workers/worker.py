@@ -262,10 +262,10 @@ class Worker:
         from aiohttp import web
 
         from gateway.tunnel.dispatch import RuleDispatcher
+        from gateway.tunnel.entry import entry_runner
         from gateway.tunnel.proxy import UpstreamClients
         from gateway.tunnel.transport import grpc_options, tunnel_handler
         from gateway.workers.admin import admin_app
-        from gateway.tunnel.entry import entry_runner
         from gateway.workers.http_entry import HttpEntry
         from gateway.workers.registry import StreamRegistry
         from gateway.workers.tunnel_endpoint import TunnelEndpoint
