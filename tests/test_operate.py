@@ -148,3 +148,18 @@ def test_port_in_use_exits_3(procs, tmp_path):
         assert out.returncode == 3, out.stderr[-2000:]
     finally:
         blocker.close()
+
+
+def test_grpc_io_engine_by_setting_on_both_ends(procs, tmp_path):
+    """iomgr polling by default; EventEngine when asked; requests pass either way."""
+    for n, (settings, extra, engine) in enumerate((({}, [], "iomgr"),
+                                                   ({"grpc_event_engine": True}, ["--grpc-event-engine"], "event_engine"))):
+        (tmp_path / str(n)).mkdir()
+        stack = Stack(procs, tmp_path / str(n))
+        stack.start_backend()
+        stack.start_gateway(settings={"workers": 1, **settings})
+        stack.start_client("c1", extra=extra)
+        assert stack.status()["grpc_io"] == engine
+        assert stack.client_status("c1")["grpc_io"] == engine
+        for path in ("/hello", "/hello?again"):
+            assert http("GET", f"{stack.url}{path}").status == 200

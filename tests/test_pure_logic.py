@@ -8,6 +8,7 @@ import time
 import pytest
 
 from gateway.balance import ServerPool
+from gateway.grpc_io import choose_grpc_io, grpc_io_in_use
 from gateway.httpmap import end_to_end, forwarded, has_body_response
 from gateway.ids import RequestIds, gateway_prefix, origin_worker, trace_id_from
 from gateway.limits import LimitGate, Limits
@@ -219,3 +220,27 @@ def test_rate_is_shared_out_among_workers():
     gate = LimitGate(Limits(rate=10.0, burst=10.0), share=2)
     admitted = sum(gate.admit() is None for _ in range(10))
     assert admitted == 5
+
+
+# -- gRPC I/O engine -------------------------------------------------------------------
+
+def test_grpc_io_defaults_to_iomgr_and_keeps_other_experiments():
+    env = {"GRPC_EXPERIMENTS": "tcp_rcv_lowat"}
+    value = choose_grpc_io(False, env)
+    assert value == "tcp_rcv_lowat,-event_engine_client,-event_engine_listener"
+    assert env["GRPC_EXPERIMENTS"] == value
+    assert grpc_io_in_use(env) == "iomgr"
+    assert choose_grpc_io(False, env) == value  # applying twice changes nothing
+
+
+def test_grpc_io_event_engine_leaves_the_environment_alone():
+    env: dict[str, str] = {}
+    assert choose_grpc_io(True, env) == ""
+    assert env == {}
+    assert grpc_io_in_use(env) == "event_engine"
+
+
+def test_grpc_io_an_experiment_the_user_names_is_theirs():
+    env = {"GRPC_EXPERIMENTS": "event_engine_client"}
+    assert choose_grpc_io(False, env) == "event_engine_client,-event_engine_listener"
+    assert grpc_io_in_use(env) == "event_engine"  # the user kept EventEngine for clients

@@ -11,6 +11,7 @@ import orjson
 
 from gateway import __version__
 from gateway.client.config import CLIENT_SETTINGS, ENV_PREFIX, ClientConfig, load_client_config
+from gateway.grpc_io import choose_grpc_io, grpc_io_in_use
 from gateway.logs import setup_logging
 from gateway.settings import ConfigError, add_arguments
 
@@ -88,6 +89,7 @@ async def _start_admin(agent, config: ClientConfig, registry):
             "pending": sum(len(s.pending) for s in streams),
             "serving": sum(len(s.serving) for s in streams),
             "unknown_frames": sum(s.unknown_frames for s in streams),
+            "grpc_io": grpc_io_in_use(),
         }
 
     async def healthz(_r: web.Request) -> web.Response:
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setproctitle(f"tunnel-client: {config.client_id}")
     setup_logging(config.log_level, config.log_format, prefix={"client_id": config.client_id})
+    choose_grpc_io(config.grpc_event_engine)
     uvloop.run(serve(config))
     return 0
 

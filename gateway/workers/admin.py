@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from gateway.grpc_io import grpc_io_in_use
+
 if TYPE_CHECKING:
     from gateway.tunnel.stream import TunnelStream
     from gateway.workers.worker import Worker
@@ -65,6 +67,7 @@ def status(worker: "Worker") -> dict[str, Any]:
         "pending": sum(w["pending"] for w in workers),
         "serving": sum(w["serving"] for w in workers),
         "requests": sum(w["requests"] for w in workers),
+        "grpc_io": grpc_io_in_use(),  # this worker's; every worker has the same config
     }
 
 

@@ -18,6 +18,7 @@ import time
 from typing import Any, Coroutine
 
 from gateway.config import GatewayConfig, load_gateway_config
+from gateway.grpc_io import choose_grpc_io
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
 from gateway.settings import ConfigError
@@ -59,6 +60,7 @@ class Worker:
 
         setproctitle(f"tunnel-gateway: worker {self.index}")
         setup_logging(self.config.log_level, self.config.log_format, prefix={"worker": self.index})
+        choose_grpc_io(self.config.grpc_event_engine)  # before serve() imports grpc
 
     def run(self) -> None:
         import uvloop
