@@ -27,10 +27,6 @@ log = logging.getLogger("gateway.tunnel")
 RequestHandler = Callable[["InboundExchange"], Awaitable[None]]
 
 
-# In-flight requests above which the writer waits a second loop turn to batch.
-BUSY = 8
-
-
 class StreamLimits:
     """Sizes and bounds of one stream; both ends use the same defaults."""
 
@@ -423,12 +419,10 @@ class TunnelStream:
             if not out:
                 self._wake.clear()
                 await self._wake.wait()
-                # One loop turn, no timer: whatever else this turn produces joins the batch.
+                # One loop turn, no timer: whatever else this turn produces joins
+                # the batch. (A second turn when busy made fewer, larger writes
+                # but kept the peer waiting: 5 % fewer requests/s at c64.)
                 await asyncio.sleep(0)
-                if len(self.pending) + len(self.serving) > BUSY:
-                    # Busy: one more turn lets the answers that are already
-                    # on their way share the message (fewer, larger gRPC writes).
-                    await asyncio.sleep(0)
                 continue
             parts = []
             size = 0
