@@ -103,9 +103,10 @@ class RawTunnel:
             out += batch
         return out
 
-    async def hello(self, client_id: str, group: str = "raw", token: str = RAW_TOKEN) -> frames.pb.Welcome:
+    async def hello(self, client_id: str, group: str = "raw", token: str = RAW_TOKEN,
+                    capabilities: tuple[str, ...] = ("http",)) -> frames.pb.Welcome:
         await self.send_frames(frames.hello(client_id=client_id, group=group, token=token, version="test",
-                                            capabilities=["http"], connection_index=0))
+                                            capabilities=capabilities, connection_index=0))
         first = await self.read()
         assert first and first[0].WhichOneof("kind") == "welcome", first
         return first[0].welcome
@@ -313,3 +314,54 @@ def test_body_over_the_limit_413(shared, way, framing):
     assert ok.status == 200 and ok.json()["size"] == limit
     # The cut upload left nothing behind on either side.
     stack.wait_idle()
+
+
+# -- a client of another version -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [False, True], ids=["without-header_fields", "with-header_fields"])
+def test_heads_use_header_fields_only_with_a_client_that_announced_it(procs, tmp_path, fields):
+    """A client that predates `header_fields` gets and may send heads the old way, both directions."""
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    doc = stack.gateway_doc(settings={"workers": 1})
+    doc["groups"]["raw"] = {"tokens": [RAW_TOKEN], "upstreams": {"web": {"servers": [stack.backend_url]}},
+                            "rules": [{"path_prefix": "/", "upstream": "web"}]}
+    doc["routes"] = [{"path_prefix": "/to-raw", "group": "raw"}, *doc["routes"]]
+    stack.start_gateway(doc)
+    capabilities = ("http", frames.HEADER_FIELDS) if fields else ("http",)
+
+    def form(head) -> bool:
+        assert bool(head.header_fields) != bool(head.headers), head
+        return bool(head.header_fields)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t = RawTunnel(stack.tunnel_port)
+        try:
+            welcome = await t.hello("raw", capabilities=capabilities)
+            assert welcome.accepted and frames.HEADER_FIELDS in welcome.capabilities
+            await loop.run_in_executor(None, lambda: wait_until(lambda: _raw_streams(stack, "raw"), 5, what="raw stream"))
+            # Ingress: the gateway's request head, then our answer in the form we announced.
+            caller = loop.run_in_executor(None, lambda: http("GET", f"{stack.url}/to-raw", headers={"X-Probe": "1"}))
+            (req,) = await t.read()
+            assert req.WhichOneof("kind") == "headers" and form(req.headers) == fields
+            assert ("X-Probe", "1") in frames.header_list(req.headers)
+            await t.send_frames(frames.response_head(req.request_id, req.trace_id, status=203, reason="",
+                                                     headers=[("X-From-Raw", "yes")], end_stream=True, fields=fields))
+            answer = await caller
+            # Egress: our request head; the gateway's answer in the form we announced.
+            await t.send_frames(frames.request_head(
+                "raw-e1", "trace-raw-e1", method="GET", path="/hello", scheme="http", authority="127.0.0.1",
+                headers=[("Host", "127.0.0.1"), ("X-Probe", "2")], end_stream=True, timeout_ms=5000, fields=fields))
+            batch = await t.read()
+            head = batch[0]
+            assert head.WhichOneof("kind") == "headers" and head.request_id == "raw-e1"
+            return answer, head.headers
+        finally:
+            await t.close()
+
+    answer, egress_head = asyncio.run(main())
+    assert answer.status == 203 and ("X-From-Raw", "yes") in answer.headers
+    assert egress_head.status == 200 and form(egress_head) == fields
+    assert any(n.lower() == "content-type" for n, _ in frames.header_list(egress_head))

@@ -90,9 +90,31 @@ def test_ping_health_report_flag():
 def test_headers_keep_order_and_repeats():
     pairs = [("Set-Cookie", "a=1"), ("X-B", "2"), ("set-cookie", "b=2"), ("X-A", ""), ("Set-Cookie", "c=3"),
              ("X-Unicode", "caf\u00e9")]
-    frame = frames.response_head("r", "t", status=200, reason="OK", headers=pairs, end_stream=False)
-    (back,) = frames.decode_batch(frames.encode_frame(frame))
-    assert frames.headers_to_pairs(back.headers.headers) == pairs
+    for fields in (False, True):
+        frame = frames.response_head("r", "t", status=200, reason="OK", headers=pairs, end_stream=False, fields=fields)
+        (back,) = frames.decode_frames(frames.encode_frame(frame))
+        assert frames.header_list(back.headers) == pairs
+        assert bool(back.headers.header_fields) == fields and bool(back.headers.headers) != fields
+
+
+def test_request_head_header_fields_carry_the_same_head():
+    kw = dict(method="POST", path="/a?b", scheme="http", authority="h:1", end_stream=False, timeout_ms=5,
+              headers=[("A", "1"), ("a", "2"), ("Empty", "")])
+    old = frames.request_head("r", "t", **kw)
+    new = frames.request_head("r", "t", fields=True, **kw)
+    (o,), (n,) = frames.decode_frames(frames.encode_frame(old)), frames.decode_frames(frames.encode_frame(new))
+    assert frames.header_list(o.headers) == frames.header_list(n.headers) == kw["headers"]
+    o.headers.ClearField("headers")
+    n.headers.ClearField("header_fields")
+    assert o == n  # everything else identical
+
+
+def test_header_fields_of_odd_length_are_a_protocol_error():
+    frame = frames.request_head("r", "t", method="GET", path="/", scheme="http", authority="h", end_stream=True,
+                                timeout_ms=1, headers=[("A", "1")], fields=True)
+    frame.headers.header_fields.append("dangling-name")
+    with pytest.raises(frames.ProtocolError, match="name without a value"):
+        frames.decode_frames(frames.encode_frame(frame))
 
 
 def test_empty_frame_and_empty_batch():

@@ -114,7 +114,7 @@ class Connection:
         cfg = self.agent.config
         hello = frames.hello(
             client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
-            capabilities=["http"], connection_index=self.index,
+            capabilities=["http", frames.HEADER_FIELDS], connection_index=self.index,
         )
         await transport.write(frames.encode_frame(hello))
         raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)
@@ -173,6 +173,7 @@ class Connection:
                 label=f"{cfg.client_id}/{self.index}", on_control=self._on_control,
             )
             stream.health_source = self.agent.unhealthy_upstreams
+            stream.header_fields = frames.HEADER_FIELDS in welcome.capabilities
             self._goaway.clear()
             self.stream = stream
             self.connects += 1

@@ -108,7 +108,7 @@ class RuleDispatcher:
 
     async def handle(self, ex: InboundExchange) -> None:
         head = ex.head
-        pairs = frames.headers_to_pairs(head.headers)
+        pairs = frames.header_list(head)
         lookup = CIMultiDict(pairs)
         path_only = head.path.split("?", 1)[0]
         host = lookup.get("host") or head.authority

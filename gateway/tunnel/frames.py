@@ -15,7 +15,8 @@ Protobuf's own copies cost about 0.7 ms a MiB to encode and 0.3 ms to decode.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from itertools import chain
+from typing import Any, Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -41,8 +42,12 @@ __all__ = [
     "hello",
     "welcome",
     "config",
-    "headers_to_pairs",
+    "header_list",
+    "HEADER_FIELDS",
 ]
+
+# Capability (HELLO, WELCOME): the peer reads `Headers.header_fields`.
+HEADER_FIELDS = "header_fields"
 
 Frame = pb.Frame
 Header = pb.Header
@@ -175,8 +180,11 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
 
 
 def _as_data(f: pb.Frame) -> pb.Frame | DataFrame:
-    if f.WhichOneof("kind") == "data":
+    kind = f.WhichOneof("kind")
+    if kind == "data":
         return DataFrame(f.request_id, f.trace_id, f.reply, f.data.data, f.data.end_stream)
+    if kind == "headers" and len(f.headers.header_fields) % 2:
+        raise ProtocolError("malformed batch: header_fields ends with a name without a value")
     return f
 
 
@@ -206,8 +214,17 @@ def _pairs(headers: Iterable[tuple[str, str]]) -> list[pb.Header]:
     return [pb.Header(name=n, value=v) for n, v in headers]
 
 
-def headers_to_pairs(headers: Iterable[pb.Header]) -> list[tuple[str, str]]:
-    return [(h.name, h.value) for h in headers]
+def header_list(head: pb.Headers) -> list[tuple[str, str]]:
+    """The (name, value) pairs of a head, from `header_fields` or `headers`, whichever the sender used."""
+    fields = head.header_fields
+    if fields:
+        return list(zip(fields[::2], fields[1::2]))  # even length: checked by decode_frames
+    return [(h.name, h.value) for h in head.headers]
+
+
+def _header_kw(headers: Iterable[tuple[str, str]], fields: bool) -> dict[str, Any]:
+    # A list of strings costs protobuf a third of what a list of Header messages does.
+    return {"header_fields": list(chain.from_iterable(headers))} if fields else {"headers": _pairs(headers)}
 
 
 def request_head(
@@ -224,7 +241,9 @@ def request_head(
     group: str = "",
     target_client: str = "",
     idle_timeout_ms: int = 0,
+    fields: bool = False,
 ) -> pb.Frame:
+    """A request head; `fields`: the header list as `header_fields` (the peer has HEADER_FIELDS)."""
     return pb.Frame(
         request_id=request_id,
         trace_id=trace_id,
@@ -233,12 +252,12 @@ def request_head(
             path=path,
             scheme=scheme,
             authority=authority,
-            headers=_pairs(headers),
             end_stream=end_stream,
             timeout_ms=timeout_ms,
             group=group,
             target_client=target_client,
             idle_timeout_ms=idle_timeout_ms,
+            **_header_kw(headers, fields),
         ),
     )
 
@@ -251,14 +270,14 @@ def response_head(
     reason: str,
     headers: Iterable[tuple[str, str]],
     end_stream: bool,
+    fields: bool = False,
 ) -> pb.Frame:
+    """A response head; `fields` as in `request_head`."""
     return pb.Frame(
         request_id=request_id,
         trace_id=trace_id,
         reply=True,
-        headers=pb.Headers(
-            status=status, reason=reason, headers=_pairs(headers), end_stream=end_stream
-        ),
+        headers=pb.Headers(status=status, reason=reason, end_stream=end_stream, **_header_kw(headers, fields)),
     )
 
 
@@ -324,6 +343,7 @@ def welcome(
     worker: str = "",
     window: int = 0,
     chunk_size: int = 0,
+    capabilities: Sequence[str] = (),
 ) -> pb.Frame:
     return pb.Frame(
         welcome=pb.Welcome(
@@ -336,6 +356,7 @@ def welcome(
             worker=worker,
             window=window,
             chunk_size=chunk_size,
+            capabilities=list(capabilities),
         )
     )
 

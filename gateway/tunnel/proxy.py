@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.httpmap import decode_raw, end_to_end, has_body_response
 from gateway.observe import AccessRecord
+from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError, error_body
 from gateway.tunnel.websocket import MAX_MESSAGE, bridge_entry, bridge_upstream, is_websocket
 from gateway.tunnel.upstream_http import HttpPool, UpstreamError, UpstreamTimeout
@@ -215,7 +216,7 @@ def _expire(ex: OutboundExchange, timeout: float) -> None:
 
 
 def _response_headers(head, request_id: str, trace_id: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict([(h.name, h.value) for h in head.headers])
+    headers: CIMultiDict[str] = CIMultiDict(frames.header_list(head))
     headers["x-request-id"] = request_id
     headers["x-trace-id"] = trace_id
     return headers
@@ -313,7 +314,7 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
         path=head.path,
         scheme=head.scheme,
         authority=head.authority,
-        headers=[(h.name, h.value) for h in head.headers],
+        headers=frames.header_list(head),
         end_stream=head.end_stream,
         timeout_ms=head.timeout_ms,
         idle_timeout_ms=head.idle_timeout_ms,
@@ -328,7 +329,7 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
         if not out.head.done():
             raise TunnelError("timeout", "no response head")
         rhead = out.head.result()
-        inbound.respond(rhead.status, rhead.reason, [(h.name, h.value) for h in rhead.headers],
+        inbound.respond(rhead.status, rhead.reason, frames.header_list(rhead),
                         end_stream=rhead.end_stream)
         if not rhead.end_stream:
             await _copy_body(out.body, inbound.sender)

@@ -294,7 +294,8 @@ class InboundExchange:
     def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], *, end_stream: bool) -> None:
         self.responded = True
         self.stream.push(
-            frames.response_head(self.request_id, self.trace_id, status=status, reason=reason, headers=headers, end_stream=end_stream)
+            frames.response_head(self.request_id, self.trace_id, status=status, reason=reason, headers=headers,
+                                 end_stream=end_stream, fields=self.stream.header_fields)
         )
         if end_stream:
             self.sender.ended = True
@@ -355,6 +356,7 @@ class TunnelStream:
         self.peer_inflight = 0
         self.config_version = ""  # the group config the peer applied
         self.peer_unhealthy: frozenset[str] = frozenset()  # upstreams the peer reports down
+        self.header_fields = False  # the peer reads Headers.header_fields (capability HEADER_FIELDS)
         self.health_source: Callable[[], list[str]] | None = None  # ours, sent with each PING
         self.requests_originated = 0
         self.requests_served = 0
@@ -455,7 +457,7 @@ class TunnelStream:
         ex = OutboundExchange(self, request_id, trace_id)
         self.pending[request_id] = ex
         self.requests_originated += 1
-        self.push(frames.request_head(request_id, trace_id, end_stream=end_stream, **head))
+        self.push(frames.request_head(request_id, trace_id, end_stream=end_stream, fields=self.header_fields, **head))
         if end_stream:
             ex.sender.ended = True
         return ex

@@ -49,7 +49,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Headers(_message.Message):
-    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group", "target_client", "idle_timeout_ms")
+    __slots__ = ("method", "path", "scheme", "authority", "status", "reason", "headers", "end_stream", "timeout_ms", "group", "target_client", "idle_timeout_ms", "header_fields")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Headers(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLIENT_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELDS_FIELD_NUMBER: _ClassVar[int]
     method: str
     path: str
     scheme: str
@@ -74,7 +75,8 @@ class Headers(_message.Message):
     group: str
     target_client: str
     idle_timeout_ms: int
-    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ..., target_client: _Optional[str] = ..., idle_timeout_ms: _Optional[int] = ...) -> None: ...
+    header_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., group: _Optional[str] = ..., target_client: _Optional[str] = ..., idle_timeout_ms: _Optional[int] = ..., header_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Data(_message.Message):
     __slots__ = ("data", "end_stream")
@@ -135,7 +137,7 @@ class Hello(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., group: _Optional[str] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., connection_index: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size")
+    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,7 @@ class Welcome(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     code: str
     message: str
@@ -154,7 +157,8 @@ class Welcome(_message.Message):
     worker: str
     window: int
     chunk_size: int
-    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Config(_message.Message):
     __slots__ = ("config_version", "config_json", "error")

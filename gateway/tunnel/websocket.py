@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
+from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.lpm import Decoder, encode
 from gateway.tunnel.stream import BodyReader, BodyWriter
@@ -136,7 +137,7 @@ async def _bridge(ws: Any, body: BodyReader, sender: BodyWriter, max_message: in
 
 async def bridge_entry(request: web.Request, ex: Any, head: Any, max_message: int) -> web.WebSocketResponse:
     """The entry's side: answer the caller's upgrade, then pump messages."""
-    protocols = [h.value for h in head.headers if h.name.lower() == "sec-websocket-protocol"]
+    protocols = [v for n, v in frames.header_list(head) if n.lower() == "sec-websocket-protocol"]
     ws = web.WebSocketResponse(protocols=protocols, autoping=False, max_msg_size=max_message)
     ws.headers["x-request-id"] = ex.request_id
     ws.headers["x-trace-id"] = ex.trace_id

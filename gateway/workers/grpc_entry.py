@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from gateway.ids import trace_id_from
 from gateway.observe import AccessRecord
 from gateway.rules import first_match
+from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.grpc_bridge import (
     MESSAGE, TRAILERS, decode_trailers, grpc_timeout, metadata_to_pairs, pairs_to_metadata, read_records,
@@ -110,7 +111,7 @@ class GrpcEntry(grpc.GenericRpcHandler):
                 ex.close("timeout", "no response head in time")
                 return self._fail(rec, TunnelError("timeout", f"no response within {head_timeout:g}s"))
             head = ex.head.result()
-            await context.send_initial_metadata(pairs_to_metadata((h.name, h.value) for h in head.headers))
+            await context.send_initial_metadata(pairs_to_metadata(frames.header_list(head)))
             async for kind, payload in read_records(ex.body, rule.idle_timeout or cfg.stream_idle_timeout):
                 if kind == MESSAGE:
                     await context.write(payload)

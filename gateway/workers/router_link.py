@@ -114,6 +114,7 @@ class RouterLink:
         )
         ch = TunnelStream(LinkTransport(self, peer), limits=limits, on_request=self.worker.serve_remote,
                           peer_id=peer.decode(), label=f"worker {peer.decode()}")
+        ch.header_fields = True  # workers of one gateway run the same code
         self.channels[peer] = ch
         task = asyncio.get_running_loop().create_task(ch.run())
         task.add_done_callback(lambda _t, p=peer, c=ch: self._channel_done(p, c))

@@ -113,6 +113,7 @@ class TunnelEndpoint:
             group=hello.group, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
         )
         stream.remote = peer  # type: ignore[attr-defined]
+        stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
         stream.config_version = group.client.version
         await transport.write(
             frames.encode_frame(
@@ -124,6 +125,7 @@ class TunnelEndpoint:
                     worker=str(worker.index),
                     window=cfg.stream_window,
                     chunk_size=cfg.chunk_size,
+                    capabilities=[frames.HEADER_FIELDS],
                 )
             )
         )
