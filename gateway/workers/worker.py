@@ -21,7 +21,10 @@ from gateway.config import GatewayConfig, load_gateway_config
 from gateway.grpc_io import choose_grpc_io
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
+from gateway.router.envelope import worker_identity
+from gateway.rules import first_match
 from gateway.settings import ConfigError
+from gateway.workers.balancer import Balancer, Candidate
 
 __all__ = ["Worker", "worker_main", "EXIT_BOOT_ERROR"]
 
@@ -101,8 +104,6 @@ class Worker:
 
     def candidates(self, group: str, local_only: bool = False) -> list:
         """Streams of `group` this worker could send a request to: its own, then other workers'."""
-        from gateway.workers.balancer import Candidate
-
         out = [Candidate(s.peer_id, self.index, s.inflight, s.peer_unhealthy, s) for s in self.registry.usable(group)]
         link = self.link
         if not local_only and link is not None and link.router_ok:
@@ -118,9 +119,6 @@ class Worker:
     def choose_stream(self, spec, *, authority: str, path: str, method: str, headers, key: str | None):
         """(stream, client id) for a request to group `spec`: by its policy, its
         clients' health, preferring streams this worker owns; None if there is none."""
-        from gateway.router.envelope import worker_identity
-        from gateway.rules import first_match
-
         candidates = self.candidates(spec.name)
         upstream = None
         if any(c.unhealthy for c in candidates):
@@ -290,7 +288,6 @@ class Worker:
         self.metrics = Metrics()
         self.metrics.set_config_versions(self.config_versions())
         self.access_log = AccessLog(cfg.access_log)
-        from gateway.workers.balancer import Balancer
 
         self.balancer = Balancer()
         self.http_entry = HttpEntry(self, access_log=self.access_log, metrics=self.metrics)
