@@ -43,6 +43,7 @@ class Metrics:
         self.rejections = Counter("tunnel_client_rejections_total", "Tunnel connections refused", ["reason"], **kw)
         self._cross_seen = (0, 0)
         self._children: dict[tuple, tuple] = {}
+        self._byte_counters: dict[tuple[str, str], Counter] = {}
         self._stream_labels: set[tuple[str, str]] = set()
 
     def observe(self, rec: AccessRecord) -> None:
@@ -57,11 +58,17 @@ class Metrics:
         children[0].inc()
         children[1].observe(rec.duration)
         if rec.bytes_in:
-            self.body_bytes.labels(rec.direction, "in").inc(rec.bytes_in)
+            self._bytes_child(rec.direction, "in").inc(rec.bytes_in)
         if rec.bytes_out:
-            self.body_bytes.labels(rec.direction, "out").inc(rec.bytes_out)
+            self._bytes_child(rec.direction, "out").inc(rec.bytes_out)
         if rec.error:
             self.errors.labels(str(rec.status), rec.error).inc()
+
+    def _bytes_child(self, direction: str, flow: str):
+        child = self._byte_counters.get((direction, flow))
+        if child is None:
+            child = self._byte_counters[(direction, flow)] = self.body_bytes.labels(direction, flow)
+        return child
 
     def sample(self, worker: str, inflight: int, streams: dict[str, int], cross_in: int, cross_out: int) -> None:
         """Gauges and counters read from live state, once a second."""

@@ -63,7 +63,8 @@ class BodyReader:
         self._reply = reply
         self._window = window
         self._chunks: collections.deque[bytes] = collections.deque()
-        self._event = asyncio.Event()
+        # Made by the first read that has to wait: most bodies never do.
+        self._event: asyncio.Event | None = None
         self._eof = False
         self._error: TunnelError | None = None
         self._credit_owed = 0
@@ -82,13 +83,15 @@ class BodyReader:
             self._chunks.append(chunk)
         if end:
             self._eof = True
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
         return True
 
     def fail(self, error: TunnelError) -> None:
         if self._error is None and not self._eof:
             self._error = error
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
 
     def take_complete(self) -> bytes | None:
         """The whole body when all of it has already arrived, else None (read it in chunks)."""
@@ -107,7 +110,10 @@ class BodyReader:
                 raise self._error
             if self._eof:
                 return None
-            self._event.clear()
+            if self._event is None:
+                self._event = asyncio.Event()
+            else:
+                self._event.clear()
             if idle is None:
                 await self._event.wait()
             else:
@@ -145,19 +151,21 @@ class BodyWriter:
         self._trace = trace
         self._reply = reply
         self._credit = window
-        self._event = asyncio.Event()
+        self._event: asyncio.Event | None = None  # made when the credit first runs out
         self._error: TunnelError | None = None
         self.ended = False
         self.bytes_sent = 0
 
     def grant(self, increment: int) -> None:
         self._credit += increment
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
 
     def fail(self, error: TunnelError) -> None:
         if self._error is None:
             self._error = error
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
 
     async def write(self, chunk: bytes, end: bool = False) -> None:
         """Send `chunk` within the credit granted; `end`: it is the last one (saves a frame)."""
@@ -170,7 +178,10 @@ class BodyWriter:
             while self._credit <= 0:
                 if self._error is not None:
                     raise self._error
-                self._event.clear()
+                if self._event is None:
+                    self._event = asyncio.Event()
+                else:
+                    self._event.clear()
                 await self._event.wait()
             if self._error is not None:
                 raise self._error
