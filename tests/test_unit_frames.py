@@ -422,3 +422,17 @@ def test_decode_frames_reads_a_ten_byte_bool_as_protobuf_does():
     (fast,) = frames.decode_frames(raw)
     (slow,) = frames.decode_batch(raw)
     assert as_tuple(fast) == as_tuple(slow) == ("data", "r", "", False, b"", False)
+
+
+@pytest.mark.parametrize("rid,trace", [("r-1", "t" * 32), ("", ""), ("é" * 70, "x" * 200)])
+@pytest.mark.parametrize("fields", [False, True])
+def test_encode_head_equals_protobuf_of_the_whole_frame(rid, trace, fields):
+    req = frames.request_headers(method="GET", path="/p?q", scheme="http", authority="h", end_stream=True,
+                                 timeout_ms=30000, headers=[("A", "1"), ("B", "x" * 300)], group="g",
+                                 idle_timeout_ms=5, fields=fields)
+    resp = frames.response_headers(status=200, reason="OK", headers=[("C", "3")], end_stream=False, fields=fields)
+    for head, reply in ((req, False), (resp, True), (frames.pb.Headers(), False)):
+        whole = frames.pb.Frame(request_id=rid, trace_id=trace, reply=reply, headers=head)
+        assert frames.encode_head(rid, trace, head, reply=reply) == frames.encode_frame(whole)
+        (back,) = frames.decode_frames(frames.encode_head(rid, trace, head, reply=reply))
+        assert back == whole

@@ -43,6 +43,9 @@ __all__ = [
     "welcome",
     "config",
     "header_list",
+    "request_headers",
+    "response_headers",
+    "encode_head",
     "HEADER_FIELDS",
 ]
 
@@ -107,18 +110,22 @@ def encode_data(request_id: str, trace_id: str, chunk: bytes | memoryview, *, en
     """A DATA frame as an element of `Batch.frames`, in three parts: the fields before the
     payload, the payload untouched, the fields after it. Joined, they equal `encode_frame(data(...))`."""
     n = len(chunk)
-    rid = request_id.encode()
-    trace = trace_id.encode()
     payload_tag = b"\x0a" + _varint(n) if n else b""   # Data.data = 1
     tail = b"\x10\x01" if end_stream else b""                  # Data.end_stream = 2, after the payload
     data_len = len(payload_tag) + n + len(tail)
-    fields = b"".join((
+    fields = b"".join((_ids_prefix(request_id, trace_id, reply), b"\x5a", _varint(data_len), payload_tag))  # Frame.data = 11
+    return b"\x0a" + _varint(len(fields) + n + len(tail)) + fields, chunk, tail
+
+
+def _ids_prefix(request_id: str, trace_id: str, reply: bool) -> bytes:
+    """A frame's first fields, as protobuf writes them."""
+    rid = request_id.encode()
+    trace = trace_id.encode()
+    return b"".join((
         b"\x0a" + _varint(len(rid)) + rid if rid else b"",              # Frame.request_id = 1
         b"\x12" + _varint(len(trace)) + trace if trace else b"",        # Frame.trace_id = 2
-        b"\x18\x01" if reply else b"",                                         # Frame.reply = 3
-        b"\x5a", _varint(data_len), payload_tag,                        # Frame.data = 11
+        b"\x18\x01" if reply else b"",                                 # Frame.reply = 3
     ))
-    return b"\x0a" + _varint(len(fields) + n + len(tail)) + fields, chunk, tail
 
 
 def _read_varint(raw: bytes, pos: int, end: int, max_bytes: int = 10) -> tuple[int, int]:
@@ -227,9 +234,7 @@ def _header_kw(headers: Iterable[tuple[str, str]], fields: bool) -> dict[str, An
     return {"header_fields": list(chain.from_iterable(headers))} if fields else {"headers": _pairs(headers)}
 
 
-def request_head(
-    request_id: str,
-    trace_id: str,
+def request_headers(
     *,
     method: str,
     path: str,
@@ -242,43 +247,45 @@ def request_head(
     target_client: str = "",
     idle_timeout_ms: int = 0,
     fields: bool = False,
-) -> pb.Frame:
+) -> pb.Headers:
     """A request head; `fields`: the header list as `header_fields` (the peer has HEADER_FIELDS)."""
-    return pb.Frame(
-        request_id=request_id,
-        trace_id=trace_id,
-        headers=pb.Headers(
-            method=method,
-            path=path,
-            scheme=scheme,
-            authority=authority,
-            end_stream=end_stream,
-            timeout_ms=timeout_ms,
-            group=group,
-            target_client=target_client,
-            idle_timeout_ms=idle_timeout_ms,
-            **_header_kw(headers, fields),
-        ),
+    return pb.Headers(
+        method=method,
+        path=path,
+        scheme=scheme,
+        authority=authority,
+        end_stream=end_stream,
+        timeout_ms=timeout_ms,
+        group=group,
+        target_client=target_client,
+        idle_timeout_ms=idle_timeout_ms,
+        **_header_kw(headers, fields),
     )
 
 
-def response_head(
-    request_id: str,
-    trace_id: str,
-    *,
-    status: int,
-    reason: str,
-    headers: Iterable[tuple[str, str]],
-    end_stream: bool,
-    fields: bool = False,
-) -> pb.Frame:
-    """A response head; `fields` as in `request_head`."""
-    return pb.Frame(
-        request_id=request_id,
-        trace_id=trace_id,
-        reply=True,
-        headers=pb.Headers(status=status, reason=reason, end_stream=end_stream, **_header_kw(headers, fields)),
-    )
+def request_head(request_id: str, trace_id: str, **head: Any) -> pb.Frame:
+    """A request HEADERS frame (the fields of `request_headers`)."""
+    return pb.Frame(request_id=request_id, trace_id=trace_id, headers=request_headers(**head))
+
+
+def response_headers(
+    *, status: int, reason: str, headers: Iterable[tuple[str, str]], end_stream: bool, fields: bool = False
+) -> pb.Headers:
+    """A response head; `fields` as in `request_headers`."""
+    return pb.Headers(status=status, reason=reason, end_stream=end_stream, **_header_kw(headers, fields))
+
+
+def response_head(request_id: str, trace_id: str, **head: Any) -> pb.Frame:
+    """A response HEADERS frame (the fields of `response_headers`)."""
+    return pb.Frame(request_id=request_id, trace_id=trace_id, reply=True, headers=response_headers(**head))
+
+
+def encode_head(request_id: str, trace_id: str, head: pb.Headers, *, reply: bool) -> bytes:
+    """A HEADERS frame as an element of `Batch.frames`, without building the Frame
+    around `head` (a microsecond a head): equals `encode_frame` of that Frame."""
+    body = head.SerializeToString()
+    fields = _ids_prefix(request_id, trace_id, reply) + b"\x52" + _varint(len(body))  # Frame.headers = 10
+    return b"\x0a" + _varint(len(fields) + len(body)) + fields + body
 
 
 def data(request_id: str, trace_id: str, chunk: bytes, *, end_stream: bool, reply: bool) -> pb.Frame:

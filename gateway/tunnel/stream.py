@@ -304,10 +304,9 @@ class InboundExchange:
 
     def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], *, end_stream: bool) -> None:
         self.responded = True
-        self.stream.push(
-            frames.response_head(self.request_id, self.trace_id, status=status, reason=reason, headers=headers,
-                                 end_stream=end_stream, fields=self.stream.header_fields)
-        )
+        head = frames.response_headers(status=status, reason=reason, headers=headers, end_stream=end_stream,
+                                       fields=self.stream.header_fields)
+        self.stream.push_encoded(frames.encode_head(self.request_id, self.trace_id, head, reply=True))
         if end_stream:
             self.sender.ended = True
 
@@ -468,7 +467,9 @@ class TunnelStream:
         ex = OutboundExchange(self, request_id, trace_id)
         self.pending[request_id] = ex
         self.requests_originated += 1
-        self.push(frames.request_head(request_id, trace_id, end_stream=end_stream, fields=self.header_fields, **head))
+        self.push_encoded(frames.encode_head(
+            request_id, trace_id, frames.request_headers(end_stream=end_stream, fields=self.header_fields, **head),
+            reply=False))
         if end_stream:
             ex.sender.ended = True
         return ex
