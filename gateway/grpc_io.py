@@ -5,7 +5,7 @@ and hands each completed read to the thread that waits on the completion queue
 (grpc.aio's poller thread), which wakes the asyncio loop: two thread hops a
 message. Its older polling engine (iomgr) reads on the waiting thread itself:
 one hop fewer. A tunnel carries many small messages, so on a busy machine that
-hop is worth about 0.01 ms of CPU a request on each side and 5-10 % of the rate
+hop is worth about 0.01 ms of CPU a request on each side and 5-20 % of the rate
 (docs/performance.md). Both engines pass the same tests; EventEngine stays one
 setting away (`grpc_event_engine = true`) should a later grpcio drop iomgr.
 """

@@ -64,7 +64,7 @@ class Metrics:
         if rec.error:
             self.errors.labels(str(rec.status), rec.error).inc()
 
-    def _bytes_child(self, direction: str, flow: str):
+    def _bytes_child(self, direction: str, flow: str) -> Counter:
         child = self._byte_counters.get((direction, flow))
         if child is None:
             child = self._byte_counters[(direction, flow)] = self.body_bytes.labels(direction, flow)

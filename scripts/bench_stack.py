@@ -22,10 +22,20 @@ TOKEN = "bench-token"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, never the same one twice in this process:
+    the kernel may hand a just-released port out again, and two of our listeners
+    sharing one (SO_REUSEPORT) would split its connections between them."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _children() -> dict[int, list[int]]:

@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +18,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_stack import free_port  # noqa: E402  (one picker of ports for tests and benchmarks)
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:

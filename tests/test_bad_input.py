@@ -340,7 +340,7 @@ def test_heads_use_header_fields_only_with_a_client_that_announced_it(procs, tmp
         t = RawTunnel(stack.tunnel_port)
         try:
             welcome = await t.hello("raw", capabilities=capabilities)
-            assert welcome.accepted and frames.HEADER_FIELDS in welcome.capabilities
+            assert welcome.accepted and (frames.HEADER_FIELDS in welcome.capabilities) == fields
             await loop.run_in_executor(None, lambda: wait_until(lambda: _raw_streams(stack, "raw"), 5, what="raw stream"))
             # Ingress: the gateway's request head, then our answer in the form we announced.
             caller = loop.run_in_executor(None, lambda: http("GET", f"{stack.url}/to-raw", headers={"X-Probe": "1"}))

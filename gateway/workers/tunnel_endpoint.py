@@ -125,7 +125,7 @@ class TunnelEndpoint:
                     worker=str(worker.index),
                     window=cfg.stream_window,
                     chunk_size=cfg.chunk_size,
-                    capabilities=[frames.HEADER_FIELDS],
+                    capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],
                 )
             )
         )
