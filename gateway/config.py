@@ -54,7 +54,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
     Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
     Setting("grpc_event_engine", False, boolean,
-            "gRPC I/O on its EventEngine threads instead of its polling engine (slower here: docs/performance.md)"),
+            "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
     Setting("tls_cert", "", string, "certificate (PEM) for TLS on the tunnel port (and the HTTP entry with http_tls)"),
     Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
     Setting("tls_client_ca", "", string, "CA (PEM) that signs client certificates: requires mTLS on the tunnel"),

@@ -29,14 +29,15 @@ def sharded(procs, tmp_path) -> Stack:
     return stack
 
 
-async def _fetch_all(urls: list[str], *, new_connections: bool = True) -> list[tuple[int, str, float]]:
+async def _fetch_all(urls: list[str], *, new_connections: bool = True,
+                     headers: dict[str, str] | None = None) -> list[tuple[int, str, float]]:
     """GET every url concurrently; each on its own connection so the kernel spreads them over workers."""
     conn = aiohttp.TCPConnector(force_close=new_connections, limit=200)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
         async def one(url: str):
             t0 = time.monotonic()
             try:
-                async with s.get(url) as r:
+                async with s.get(url, headers=headers) as r:
                     return r.status, await r.text(), time.monotonic()
             except aiohttp.ClientError as exc:
                 return -1, type(exc).__name__, time.monotonic()
@@ -78,6 +79,11 @@ def test_requests_on_worker_without_streams_cross_the_router(sharded):
                 and after[0]["cross_frames_in"] > before[0]["cross_frames_in"])
 
     wait_until(crossed, 3, what="cross-worker frames counted in /admin/shards")
+    # Heads cross in the form both workers announced, and arrive whole.
+    assert all("header_fields" in w["capabilities"] for w in shards(sharded))
+    echoed = asyncio.run(_fetch_all([f"{sharded.url}/echo/h{i}" for i in range(40)], headers={"X-Probe": "p"}))
+    for status, body, _ in echoed:
+        assert status == 200 and ["X-Probe", "p"] in json.loads(body)["headers"], body
     sharded.wait_idle()
 
 

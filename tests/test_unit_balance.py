@@ -452,3 +452,18 @@ def test_a_stream_fills_a_batch_only_while_its_message_has_room():
         assert not stream.filling_batch
 
     asyncio.run(check())
+
+
+def test_a_head_that_cannot_be_encoded_leaves_nothing_registered():
+    from gateway.tunnel.stream import StreamLimits, TunnelStream
+
+    async def check():
+        stream = TunnelStream(object(), limits=StreamLimits(), on_request=None, peer_id="c1")
+        for fields in (False, True):
+            stream.header_fields = fields
+            with pytest.raises(TypeError):
+                stream.open_request("r1", "t1", method="GET", path="/", scheme="http", authority="h",
+                                    headers=[("X-Bad", 5)], end_stream=True, timeout_ms=1000)
+            assert stream.pending == {} and not stream._out and stream.requests_originated == 0
+
+    asyncio.run(check())

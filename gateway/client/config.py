@@ -38,7 +38,7 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
             "egress: after a response head, the longest silence between body chunks"),
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("grpc_event_engine", False, boolean,
-            "gRPC I/O on its EventEngine threads instead of its polling engine (slower here: docs/performance.md)"),
+            "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),
     Setting("connect_timeout", 10.0, positive_float, "seconds to wait for the gateway's WELCOME"),

@@ -458,18 +458,20 @@ class TunnelStream:
     # -- originating requests ------------------------------------------------
 
     def open_request(self, request_id: str, trace_id: str, *, end_stream: bool, **head: Any) -> OutboundExchange:
-        """Send a request head (the fields of `frames.request_head`); raises
+        """Send a request head (the fields of `frames.request_headers`); raises
         TunnelError when the stream cannot take another request."""
         if self.closed or self.draining:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} is closing")
         if len(self.pending) >= self.limits.max_inflight or self.queue_full:
             raise TunnelError("overloaded", f"tunnel to {self.peer_id} is at its in-flight limit")
+        # Encoded first: a head protobuf refuses leaves nothing registered.
+        raw = frames.encode_head(
+            request_id, trace_id, frames.request_headers(end_stream=end_stream, fields=self.header_fields, **head),
+            reply=False)
         ex = OutboundExchange(self, request_id, trace_id)
         self.pending[request_id] = ex
         self.requests_originated += 1
-        self.push_encoded(frames.encode_head(
-            request_id, trace_id, frames.request_headers(end_stream=end_stream, fields=self.header_fields, **head),
-            reply=False))
+        self.push_encoded(raw)
         if end_stream:
             ex.sender.ended = True
         return ex

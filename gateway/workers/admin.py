@@ -67,7 +67,7 @@ def status(worker: "Worker") -> dict[str, Any]:
         "pending": sum(w["pending"] for w in workers),
         "serving": sum(w["serving"] for w in workers),
         "requests": sum(w["requests"] for w in workers),
-        "grpc_io": grpc_io_in_use(),  # this worker's; every worker has the same config
+        "grpc_io": grpc_io_in_use(),  # the engine this worker started with
     }
 
 

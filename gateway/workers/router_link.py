@@ -114,7 +114,8 @@ class RouterLink:
         )
         ch = TunnelStream(LinkTransport(self, peer), limits=limits, on_request=self.worker.serve_remote,
                           peer_id=peer.decode(), label=f"worker {peer.decode()}")
-        ch.header_fields = True  # workers of one gateway run the same code
+        # A worker restarted on newer code (an upgrade in place) may meet older ones.
+        ch.header_fields = frames.HEADER_FIELDS in self.table.get(peer.decode(), {}).get("capabilities", ())
         self.channels[peer] = ch
         task = asyncio.get_running_loop().create_task(ch.run())
         task.add_done_callback(lambda _t, p=peer, c=ch: self._channel_done(p, c))

@@ -147,6 +147,7 @@ class Worker:
     # -- state for the router and the admin port ------------------------------
 
     def shard_info(self) -> dict[str, Any]:
+        from gateway.tunnel.frames import HEADER_FIELDS
         from gateway.workers.admin import stream_info
 
         streams: dict[str, int] = self.registry.groups()
@@ -173,6 +174,8 @@ class Worker:
             "last_minute": self.http_entry.window.last_minute(),
             # Streams by group this worker can reach, its own and through the router.
             "sees": self.visible_streams(),
+            # What frames this worker's code reads (channels to it use them; older code lacks the key).
+            "capabilities": [HEADER_FIELDS],
         }
 
     def visible_streams(self) -> dict[str, int]:
