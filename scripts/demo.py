@@ -42,6 +42,10 @@ def main() -> int:
         procs.append(p)
         return p
 
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (docker stop, kill) stops everything, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         start("scripts/demo_backend.py", "--port", "8080")
         wait_http("http://127.0.0.1:8080/stats", "backend", procs)
