@@ -50,7 +50,8 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it (read from /proc)."""
     kids = _children()
     out, todo = [], [root]
     while todo:
@@ -85,7 +86,7 @@ class ProcGroup:
         self.name, self.popen, self.log = name, popen, log
 
     def pids(self) -> list[int]:
-        return _tree(self.popen.pid) if self.popen.poll() is None else []
+        return process_tree(self.popen.pid) if self.popen.poll() is None else []
 
     def cpu_seconds(self) -> float:
         return sum(_cpu_seconds(p) for p in self.pids())

@@ -7,11 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.harness import ROOT, http, wait_until
+from bench_stack import process_tree  # noqa: E402,I001  (scripts/ is on the path through tests.harness)
 
 DEMO_PORTS = (8080, 8001, 50001, 9090, 7001, 7002)  # conf/gateway.toml, conf/client.toml, the backend
 
@@ -21,21 +21,12 @@ def _busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _descendants(pid: int) -> set[int]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_demo_serves_both_directions_and_sigterm_stops_everything():
@@ -48,7 +39,7 @@ def test_demo_serves_both_directions_and_sigterm_stops_everything():
         wait_until(lambda: http("GET", "http://127.0.0.1:8001/hello", timeout=2).status == 200, 60,
                    what="ingress through the demo")
         assert http("GET", "http://127.0.0.1:7001/hello", timeout=5).status == 200
-        started = _descendants(demo.pid)
+        started = set(process_tree(demo.pid)) - {demo.pid}
         assert len(started) >= 3  # backend, gateway (and its workers), client
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(30) == 0
@@ -63,10 +54,3 @@ def test_demo_serves_both_directions_and_sigterm_stops_everything():
             except ProcessLookupError:
                 pass
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
