@@ -70,7 +70,8 @@ class ServerPool:
             self._check_down.add(server)
 
     def acquire(self) -> str:
-        servers = self.healthy_servers() or self.servers
+        # One server is the answer whatever its health (the usual upstream).
+        servers = self.servers if len(self.servers) == 1 else self.healthy_servers() or self.servers
         if self.policy == "random":
             server = random.choice(servers)
         elif self.policy == "least_conn":

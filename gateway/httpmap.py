@@ -5,33 +5,34 @@ from typing import Iterable, Sequence
 
 from gateway.rules import Rule
 
-__all__ = ["HOP_BY_HOP", "end_to_end", "forwarded", "apply_rule", "header_bytes", "has_body_response", "decode_raw"]
+__all__ = ["HOP_BY_HOP", "end_to_end", "forwarded", "apply_rule", "header_bytes", "has_body_response"]
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer", "proxy-connection",
      "proxy-authenticate", "proxy-authorization"}
 )
 
+_HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP)
+
 Pairs = list[tuple[str, str]]
 
 
-def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> Pairs:
-    """aiohttp's raw headers as str pairs, order and repeats kept."""
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
-
-
-def end_to_end(headers: Sequence[tuple[str, str]]) -> Pairs:
-    """Drop hop-by-hop headers: the fixed set, Proxy-*, and those Connection names."""
-    named: set[str] = set()
-    for n, v in headers:
-        if n.lower() == "connection":
-            named.update(t.strip().lower() for t in v.split(",") if t.strip())
+def end_to_end(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()) -> Pairs:
+    """aiohttp's raw headers as str pairs (latin-1; order, case and repeats
+    kept) without the hop-by-hop ones: the fixed set, Proxy-*, and those
+    Connection names; nor the lower-case names in `drop`."""
     out = []
-    for n, v in headers:
+    named: set[str] = set()
+    for n, v in raw:
         low = n.lower()
-        if low in HOP_BY_HOP or low in named or low.startswith("proxy-"):
+        if low in _HOP_BY_HOP_RAW or low.startswith(b"proxy-") or low in drop:
+            if low == b"connection":
+                named.update(t.strip().lower() for t in v.decode("latin-1").split(",") if t.strip())
             continue
-        out.append((n, v))
+        out.append((n.decode("latin-1"), v.decode("latin-1")))
+    named.difference_update(HOP_BY_HOP)  # already gone; usually all Connection names
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
     return out
 
 
@@ -60,7 +61,10 @@ def forwarded(headers: Pairs, *, remote: str, proto: str, host: str) -> Pairs:
 
 
 def apply_rule(headers: Pairs, rule: Rule) -> Pairs:
-    """Header edits of a rule: remove, then add (replacing), then set_host."""
+    """Header edits of a rule: remove, then add (replacing), then set_host.
+    A rule without edits returns `headers` itself."""
+    if not (rule.remove_headers or rule.add_headers or rule.set_host):
+        return headers
     drop = set(rule.remove_headers) | {n for n, _ in rule.add_headers}
     if rule.set_host:
         drop.add("host")

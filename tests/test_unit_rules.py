@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from gateway.httpmap import HOP_BY_HOP, apply_rule, decode_raw, end_to_end, forwarded, has_body_response, header_bytes
+from gateway.httpmap import HOP_BY_HOP, apply_rule, end_to_end, forwarded, has_body_response, header_bytes
 from gateway.rules import Rule, first_match, host_matches, parse_rules, path_matches, strip_port
 from gateway.settings import ConfigError
 
@@ -237,14 +237,19 @@ def test_parse_rules_errors_name_file_and_key(item, key):
 # -- hop-by-hop headers --------------------------------------------------------------
 
 
+def _raw(pairs):
+    """Headers as aiohttp hands them over (`raw_headers`)."""
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+
+
 @pytest.mark.parametrize("name", sorted(HOP_BY_HOP) + ["Keep-Alive", "TRANSFER-ENCODING", "Upgrade", "TE"])
 def test_end_to_end_drops_fixed_hop_by_hop(name):
-    assert end_to_end([("Accept", "*/*"), (name, "x"), ("X-A", "1")]) == [("Accept", "*/*"), ("X-A", "1")]
+    assert end_to_end(_raw([("Accept", "*/*"), (name, "x"), ("X-A", "1")])) == [("Accept", "*/*"), ("X-A", "1")]
 
 
 @pytest.mark.parametrize("name", ["Proxy-Foo", "proxy-authorization", "PROXY-X-Whatever"])
 def test_end_to_end_drops_proxy_star(name):
-    assert end_to_end([(name, "v"), ("Host", "h")]) == [("Host", "h")]
+    assert end_to_end(_raw([(name, "v"), ("Host", "h")])) == [("Host", "h")]
 
 
 def test_end_to_end_drops_headers_named_in_connection():
@@ -257,16 +262,16 @@ def test_end_to_end_drops_headers_named_in_connection():
         ("X-Third", "3"),
         ("X-Kept", "4"),
     ]
-    assert end_to_end(headers) == [("Host", "h"), ("X-Kept", "4")]
+    assert end_to_end(_raw(headers)) == [("Host", "h"), ("X-Kept", "4")]
 
 
 def test_end_to_end_keeps_order_repeats_and_case():
     headers = [("Set-Cookie", "a=1"), ("X-A", "1"), ("set-cookie", "b=2"), ("Content-Type", "text/plain")]
-    assert end_to_end(headers) == headers
+    assert end_to_end(_raw(headers)) == headers
 
 
 def test_end_to_end_empty_connection_tokens_drop_nothing_else():
-    assert end_to_end([("Connection", " , ,"), ("X-A", "1")]) == [("X-A", "1")]
+    assert end_to_end(_raw([("Connection", " , ,"), ("X-A", "1")])) == [("X-A", "1")]
 
 
 # -- forwarded headers ---------------------------------------------------------------
@@ -319,10 +324,15 @@ def test_apply_rule_set_host_replaces_host():
     assert out == [("X-A", "1"), ("Host", "internal.svc:8080")]
 
 
-def test_apply_rule_without_edits_copies():
+def test_apply_rule_without_edits_hands_back_the_headers():
     headers = [("Host", "h"), ("X-A", "1"), ("X-A", "2")]
-    out = apply_rule(headers, Rule("r", "g"))
-    assert out == headers and out is not headers
+    assert apply_rule(headers, Rule("r", "g")) is headers  # no copy on every request
+
+
+def test_apply_rule_with_edits_leaves_its_input_alone():
+    headers = [("Host", "h"), ("X-A", "1")]
+    out = apply_rule(headers, Rule("r", "g", remove_headers=frozenset({"x-a"}), add_headers=(("X-B", "2"),)))
+    assert out == [("Host", "h"), ("X-B", "2")] and headers == [("Host", "h"), ("X-A", "1")]
 
 
 # -- responses and sizes -------------------------------------------------------------
@@ -353,6 +363,11 @@ def test_header_bytes_counts_name_value_and_separators():
     assert header_bytes([]) == 0
 
 
-def test_decode_raw_keeps_order_repeats_and_latin1():
+def test_end_to_end_decodes_latin1_keeping_order_and_repeats():
     raw = [(b"Set-Cookie", b"a"), (b"X", b"caf\xe9"), (b"Set-Cookie", b"b")]
-    assert decode_raw(raw) == [("Set-Cookie", "a"), ("X", "café"), ("Set-Cookie", "b")]
+    assert end_to_end(raw) == [("Set-Cookie", "a"), ("X", "café"), ("Set-Cookie", "b")]
+
+
+def test_end_to_end_drops_the_names_given():
+    raw = _raw([("Expect", "100-continue"), ("X-A", "1"), ("EXPECT", "x")])
+    assert end_to_end(raw, frozenset({b"expect"})) == [("X-A", "1")]

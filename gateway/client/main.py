@@ -89,6 +89,9 @@ async def _start_admin(agent, config: ClientConfig, registry):
             "pending": sum(len(s.pending) for s in streams),
             "serving": sum(len(s.serving) for s in streams),
             "unknown_frames": sum(s.unknown_frames for s in streams),
+            # frames_out / batches_out: how many frames share a gRPC message
+            "batches_out": sum(s.batches_out for s in streams),
+            "frames_out": sum(s.frames_out for s in streams),
             "grpc_io": grpc_io_in_use(),
         }
 

@@ -31,11 +31,15 @@ log = logging.getLogger("gateway.health")
 
 CHECK_TIMEOUT = 5.0
 
+_NONE: Mapping[str, str] = {}
+
 
 class RuleDispatcher:
     def __init__(self, rules: Sequence[Rule], upstreams: Mapping[str, Upstream], clients: UpstreamClients,
                  on_health_change: Callable[[], None] | None = None, checker: str = "tunnel-gateway") -> None:
         self.rules = tuple(rules)
+        # Only rules that look at headers need them as a mapping.
+        self._match_headers = any(r.headers for r in self.rules)
         self.upstreams = dict(upstreams)
         self.pools = {name: up.pool() for name, up in upstreams.items()}
         self.clients = clients
@@ -109,9 +113,9 @@ class RuleDispatcher:
     async def handle(self, ex: InboundExchange) -> None:
         head = ex.head
         pairs = frames.header_list(head)
-        lookup = CIMultiDict(pairs)
         path_only = head.path.split("?", 1)[0]
-        host = lookup.get("host") or head.authority
+        host = next((v for n, v in pairs if n.lower() == "host"), "") or head.authority
+        lookup = CIMultiDict(pairs) if self._match_headers else _NONE
         rule = first_match(self.rules, host, path_only, head.method, lookup)
         if rule is None:
             ex.reset("no_matching_rule", f"no rule matches {head.method} {host}{path_only}")

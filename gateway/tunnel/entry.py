@@ -9,7 +9,7 @@ import time
 
 from aiohttp import web
 
-from gateway.httpmap import decode_raw, end_to_end, forwarded, header_bytes
+from gateway.httpmap import end_to_end, forwarded, header_bytes
 from gateway.ids import RequestIds, trace_id_from
 from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
 from gateway.tunnel.errors import TunnelError
@@ -19,6 +19,8 @@ from gateway.tunnel.stream import TunnelStream
 __all__ = ["HttpEntryBase", "entry_runner"]
 
 log = logging.getLogger("gateway.access")
+
+_ANSWERED_HERE = frozenset({b"expect"})
 
 
 def entry_runner(handler, max_header_bytes: int) -> web.BaseRunner:
@@ -99,8 +101,8 @@ class HttpEntryBase:
     @staticmethod
     def forward_headers(request: web.Request) -> list[tuple[str, str]]:
         # The entry answers Expect itself (100 Continue, or 417 in check_head), so it goes no further.
-        headers = [(n, v) for n, v in end_to_end(decode_raw(request.raw_headers)) if n.lower() != "expect"]
-        return forwarded(headers, remote=request.remote or "", proto=request.scheme, host=request.host)
+        return forwarded(end_to_end(request.raw_headers, _ANSWERED_HERE),
+                         remote=request.remote or "", proto=request.scheme, host=request.host)
 
     async def relay(self, request: web.Request, rec: AccessRecord, stream: TunnelStream, *,
                     headers: list[tuple[str, str]], path: str, authority: str, timeout: float, max_body: int,

@@ -151,21 +151,30 @@ def _read_length(raw: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
-    """The DATA frame in raw[pos:end] when it is laid out as protobuf writes it, else None."""
-    rid = trace = (0, 0)  # spans, decoded only once the frame is known to be DATA
-    reply = False
-    if pos < end and raw[pos] == 0x0A:
-        n, pos = _read_length(raw, pos + 1, end)
-        rid = (pos, pos + n)
-        pos += n
-    if pos < end and raw[pos] == 0x12:
-        n, pos = _read_length(raw, pos + 1, end)
-        trace = (pos, pos + n)
-        pos += n
-    if pos < end and raw[pos] == 0x18:
-        v, pos = _read_varint(raw, pos + 1, end)
-        reply = v != 0
-    if pos >= end or raw[pos] != 0x5A:
+    """The DATA frame in raw[pos:end] when it is laid out as our encoders
+    write it, else None (protobuf then reads the frame).
+
+    This runs on every frame, heads included, so the fields before the kind
+    are read inline, taking only one-byte lengths and flags. A read that
+    strays past `end` leaves pos past it too (or raises IndexError): either
+    way the frame goes to protobuf."""
+    rid0 = rid1 = tr0 = tr1 = 0  # spans, decoded only once the frame is known to be DATA
+    reply = 0
+    try:
+        if raw[pos] == 0x0A:
+            n = raw[pos + 1]
+            rid0 = pos + 2
+            pos = rid1 = rid0 + n
+        if raw[pos] == 0x12:
+            n = raw[pos + 1]
+            tr0 = pos + 2
+            pos = tr1 = tr0 + n
+        if raw[pos] == 0x18:
+            reply = raw[pos + 1]
+            pos += 2
+    except IndexError:
+        return None
+    if pos >= end or raw[pos] != 0x5A or (rid1 - rid0) | (tr1 - tr0) | reply >= 0x80:
         return None
     n, pos = _read_length(raw, pos + 1, end)
     if pos + n != end:
@@ -183,7 +192,7 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
         end_stream = v != 0
     if pos != end:
         return None
-    return DataFrame(raw[rid[0]:rid[1]].decode(), raw[trace[0]:trace[1]].decode(), reply, payload, end_stream)
+    return DataFrame(raw[rid0:rid1].decode(), raw[tr0:tr1].decode(), reply != 0, payload, end_stream)
 
 
 def _as_data(f: pb.Frame) -> pb.Frame | DataFrame:
@@ -203,7 +212,11 @@ def decode_frames(raw: bytes) -> list[pb.Frame | DataFrame]:
         while pos < size:
             if raw[pos] != 0x0A:  # not Batch.frames: let protobuf judge the whole batch
                 return [_as_data(f) for f in decode_batch(raw)]
-            n, pos = _read_length(raw, pos + 1, size)
+            n = raw[pos + 1] if pos + 1 < size else 0x80
+            if n < 0x80:  # a frame under 128 bytes
+                pos += 2
+            else:
+                n, pos = _read_length(raw, pos + 1, size)
             end = pos + n
             if end > size:
                 raise ProtocolError("malformed batch: frame runs past the end")

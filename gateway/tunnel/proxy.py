@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.httpmap import decode_raw, end_to_end, has_body_response
+from gateway.httpmap import end_to_end, has_body_response
 from gateway.observe import AccessRecord
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError, error_body
@@ -161,10 +161,12 @@ async def relay_request(
             # Response, so head and body leave in one write.
             if record is not None:
                 record.bytes_out = len(whole)
-            return web.Response(status=head.status, reason=head.reason or None, body=whole,
-                                headers=_response_headers(head, request_id, trace_id))
-        resp = web.StreamResponse(status=head.status, reason=head.reason or None,
-                                  headers=_response_headers(head, request_id, trace_id))
+            resp = web.Response(status=head.status, reason=head.reason or None, body=whole,
+                                headers=frames.header_list(head))
+            _stamp_ids(resp.headers, request_id, trace_id)
+            return resp
+        resp = web.StreamResponse(status=head.status, reason=head.reason or None, headers=frames.header_list(head))
+        _stamp_ids(resp.headers, request_id, trace_id)
         content_length = resp.headers.get("Content-Length")
         if content_length is not None and content_length.isdigit():
             resp.content_length = int(content_length)
@@ -215,11 +217,10 @@ def _expire(ex: OutboundExchange, timeout: float) -> None:
         ex.close("timeout", f"no response head within {timeout:g}s")
 
 
-def _response_headers(head, request_id: str, trace_id: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(frames.header_list(head))
+def _stamp_ids(headers: CIMultiDict[str], request_id: str, trace_id: str) -> None:
+    # On the response's own headers: a copy made only to add two would be a second one.
     headers["x-request-id"] = request_id
     headers["x-trace-id"] = trace_id
-    return headers
 
 
 def upstream_session(*, connect_timeout: float = 5.0, limit: int = 0) -> aiohttp.ClientSession:
@@ -279,7 +280,7 @@ async def call_upstream(
             return False
         try:
             with_body = has_body_response(method, resp.status)
-            ex.respond(resp.status, resp.reason, end_to_end(decode_raw(resp.raw_headers)), end_stream=not with_body)
+            ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers), end_stream=not with_body)
             if with_body:
                 while (chunk := await resp.read()) is not None:
                     # The last chunk carries the end of the body: one frame fewer.
