@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 
 import aiohttp
 import pytest
 
-from tests.harness import Stack, http
+from tests.harness import Stack, http, to_toml, wait_until
 
 
-@pytest.fixture
-def limited(procs, tmp_path) -> Stack:
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
+def _limited_doc(stack: Stack) -> dict:
     # One worker: in-flight limits are per worker (rates are split among workers).
     doc = stack.gateway_doc(settings={"max_header_bytes": 4096, "max_body_bytes": 1 << 20, "workers": 1})
     doc["groups"]["g1"]["max_body_bytes"] = 64 * 1024
@@ -23,7 +21,14 @@ def limited(procs, tmp_path) -> Stack:
         {"name": "small", "path_prefix": "/small", "group": "g1", "strip_prefix": True, "max_body_bytes": 1024},
         {"name": "all", "path_prefix": "/", "group": "g1"},
     ]
-    stack.start_gateway(doc)
+    return doc
+
+
+@pytest.fixture
+def limited(procs, tmp_path) -> Stack:
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    stack.start_gateway(_limited_doc(stack))
     stack.start_client("c1")
     return stack
 
@@ -61,6 +66,25 @@ def test_body_limits_per_rule_and_group(limited):
     assert r.status == 413
     _healthy(limited)
     limited.wait_idle()
+
+
+def test_reload_gives_a_route_its_new_limits(limited):
+    # The entry works out a route's limits once per config: a reload must bring the new ones.
+    assert http("POST", f"{limited.url}/small/sink", b"x" * 2048).status == 413
+    for _ in range(3):
+        http("GET", f"{limited.url}/rated/hello")
+    assert http("GET", f"{limited.url}/rated/hello").status == 429
+    doc = _limited_doc(limited)
+    doc["routes"][0].update(rate=1000.0, burst=1000.0)
+    doc["routes"][2]["max_body_bytes"] = 4096
+    doc["groups"]["g1"]["max_body_bytes"] = 16 * 1024
+    limited.gateway_config.write_text(to_toml(doc))
+    limited.gateway.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: http("POST", f"{limited.url}/small/sink", b"x" * 2048).status == 200, 10,
+               what="the route's new body limit")
+    assert all(http("GET", f"{limited.url}/rated/hello").status == 200 for _ in range(5))
+    assert http("POST", f"{limited.url}/sink", b"x" * (20 * 1024)).status == 413  # the group's, lowered
+    _healthy(limited)
 
 
 def test_rate_limit_answers_429_with_retry_after(limited):
