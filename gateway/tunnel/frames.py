@@ -60,9 +60,12 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid batch of frames."""
 
 
+_ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _varint(n: int) -> bytes:
     if n < 0x80:  # most lengths and every flag: one byte
-        return bytes((n,))
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
