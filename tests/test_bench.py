@@ -56,3 +56,22 @@ def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, ge
     assert post.requests > 0 and post.errors == 0
     missing = run_load(generator, LoadSpec(f"{stack.backend_url}/status/503", 2, 1.0), tmp_path)
     assert missing.requests > 0 and missing.errors == missing.requests
+
+
+def test_side_by_side_comparison_of_two_versions(tmp_path):
+    """scripts/bench_ab.py runs a git revision and the working tree at once and reports CPU a request
+    of both and their ratio; the revision's worktree is gone afterwards."""
+    out = tmp_path / "ab.json"
+    run = subprocess.run([sys.executable, "scripts/bench_ab.py", "HEAD", "--rounds", "2", "--seconds", "1",
+                          "--generator", "python", "--rate", "300", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 2 and report["generator"] == "python"
+    for a, b in report["rounds"]:
+        assert a["requests"] > 0 and b["requests"] > 0
+        assert a["gateway_us"] > 0 and b["gateway_us"] > 0 and a["client_us"] > 0 and b["client_us"] > 0
+    assert report["ratio"]["gateway_us"]["median"] > 0
+    assert "B/A" in run.stdout
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "bench_ab-" not in worktrees

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Compare the CPU a request costs in two versions of the gateway and client,
+measured side by side: both stacks run at once under the same fixed-rate
+load, so they share whatever the machine is doing at that moment.
+
+Run one after the other, two runs of the same code on a shared machine can
+differ by 10-30 %; run side by side, the ratio of a round is steady to a few
+per cent. Use it to see whether a change made a request cheaper.
+
+    scripts/bench_ab.py HEAD~1                # HEAD~1 against the working tree
+    scripts/bench_ab.py main my-branch --rounds 8 --json ab.json
+
+A version is a git revision (checked out in a temporary worktree, removed at
+the end) or a directory holding a checkout. Load: hey at a fixed rate when it
+is installed (apt-get install hey), else a paced built-in driver.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = 10
+
+
+def checkout(version: str, tmp: Path) -> Path:
+    """A directory holding `version`: itself when it is one, else a git worktree of that revision."""
+    if Path(version).is_dir():
+        return Path(version).resolve()
+    where = tmp / re.sub(r"[^A-Za-z0-9_.-]", "_", version)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(where), version], check=True)
+    return where
+
+
+def load_stack_module(root: Path, name: str) -> ModuleType:
+    """That version's own scripts/bench_stack.py: its stack starts that version's code."""
+    spec = importlib.util.spec_from_file_location(name, root / "scripts" / "bench_stack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def hey_load(url: str, rate: int, seconds: float) -> int:
+    """Answers with status 200 from hey at `rate` requests/s."""
+    out = subprocess.run(["hey", "-z", f"{seconds:g}s", "-c", str(CONCURRENCY), "-q", str(max(1, rate // CONCURRENCY)),
+                          url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    return sum(int(n) for n in re.findall(r"\[200\]\s+(\d+) responses", out))
+
+
+def paced_load(url: str, rate: int, seconds: float) -> int:
+    """The same with aiohttp: each of CONCURRENCY senders keeps its share of the rate."""
+    import aiohttp
+
+    async def run() -> int:
+        ok = 0
+        interval = CONCURRENCY / rate
+        async with aiohttp.ClientSession() as session:
+            stop = time.monotonic() + seconds
+
+            async def sender() -> None:
+                nonlocal ok
+                due = time.monotonic()
+                while due < stop:
+                    async with session.get(url) as r:
+                        await r.read()
+                        ok += r.status == 200
+                    due += interval
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+            await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
+        return ok
+
+    return asyncio.run(run())
+
+
+def measure(stacks: list, urls: list[str], rate: int, seconds: float, load) -> list[dict]:
+    """One round: the same load on every stack at once; CPU microseconds a request of each."""
+    before = [(s.gateway.cpu_seconds(), s.client.cpu_seconds()) for s in stacks]
+    answered = [0] * len(stacks)
+
+    def drive(i: int) -> None:
+        answered[i] = load(urls[i], rate, seconds)
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(stacks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = []
+    for (g0, c0), s, n in zip(before, stacks, answered):
+        if n == 0:
+            raise SystemExit("bench_ab: a stack answered no request with 200; see its logs")
+        rows.append({"requests": n, "gateway_us": (s.gateway.cpu_seconds() - g0) / n * 1e6,
+                     "client_us": (s.client.cpu_seconds() - c0) / n * 1e6})
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="git revision or checkout directory (A)")
+    p.add_argument("candidate", nargs="?", default=str(ROOT), help="the same for B (default: this working tree)")
+    p.add_argument("--direction", choices=("ingress", "egress"), default="ingress")
+    p.add_argument("--path", default="/bytes/100", help="what to request from the bench backend")
+    p.add_argument("--rate", type=int, default=0, help="requests/s on each stack (default 1500 with hey, 300 without)")
+    p.add_argument("--rounds", type=int, default=6, help="measured rounds, after one to warm up")
+    p.add_argument("--seconds", type=float, default=4.0, help="length of a round")
+    p.add_argument("--generator", choices=("auto", "hey", "python"), default="auto")
+    p.add_argument("--json", type=Path, help="write the results here too")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    use_hey = args.generator == "hey" or (args.generator == "auto" and shutil.which("hey") is not None)
+    if use_hey and shutil.which("hey") is None:
+        raise SystemExit("bench_ab: hey is not installed (apt-get install hey)")
+    load = hey_load if use_hey else paced_load
+    rate = args.rate or (1500 if use_hey else 300)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ab-"))
+    roots = [checkout(args.base, tmp), checkout(args.candidate, tmp)]
+    stacks = []
+    try:
+        for i, root in enumerate(roots):
+            (tmp / f"stack{i}").mkdir()
+            stack = load_stack_module(root, f"bench_stack_{i}").BenchStack(tmp / f"stack{i}")
+            stacks.append(stack)
+            stack.start_backend()
+            stack.start_gateway(1)
+            stack.start_client(2)
+        port = "http_port" if args.direction == "ingress" else "local_port"
+        urls = [f"http://127.0.0.1:{getattr(s, port)}{args.path}" for s in stacks]
+        measure(stacks, urls, rate, min(args.seconds, 2.0), load)  # warm-up
+        rounds = [measure(stacks, urls, rate, args.seconds, load) for _ in range(args.rounds)]
+    finally:
+        for s in stacks:
+            s.close()
+        for root in roots:
+            if tmp in root.parents:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = summarise(args, rate, "hey" if use_hey else "python", rounds)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:
+    out = {"base": args.base, "candidate": args.candidate, "direction": args.direction, "path": args.path,
+           "rate_per_stack": rate, "generator": generator, "rounds": rounds, "median": {}, "ratio": {}}
+    for side in ("gateway_us", "client_us"):
+        out["median"][side] = [round(statistics.median(r[i][side] for r in rounds), 1) for i in (0, 1)]
+        per_round = [r[1][side] / r[0][side] for r in rounds]
+        out["ratio"][side] = {"per_round": [round(x, 3) for x in per_round],
+                              "median": round(statistics.median(per_round), 3)}
+    return out
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['direction']} {report['path']}, {report['rate_per_stack']} req/s on each stack "
+          f"({report['generator']}), {len(report['rounds'])} rounds side by side")
+    print(f"{'CPU a request':16s} {'A: ' + report['base']:>24s} {'B: ' + Path(report['candidate']).name:>24s}"
+          f" {'B/A median':>11s}  B/A each round")
+    for side, label in (("gateway_us", "gateway (us)"), ("client_us", "client (us)")):
+        a, b = report["median"][side]
+        ratio = report["ratio"][side]
+        print(f"{label:16s} {a:24.1f} {b:24.1f} {ratio['median']:11.3f}  {ratio['per_round']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
