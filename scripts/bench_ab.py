@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-CONCURRENCY = 10
+CONCURRENCY = 30  # enough for several requests to share a gRPC message, as under real load
 
 
 def checkout(version: str, tmp: Path) -> Path:
