@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 30  # enough for several requests to share a gRPC message, as under real load
 
 
-def checkout(version: str, tmp: Path) -> Path:
-    """A directory holding `version`: itself when it is one, else a git worktree of that revision."""
+def checkout(version: str, where: Path) -> Path:
+    """A directory holding `version`: itself when it is one, else a git worktree of that revision at `where`."""
     if Path(version).is_dir():
         return Path(version).resolve()
-    where = tmp / re.sub(r"[^A-Za-z0-9_.-]", "_", version)
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(where), version], check=True)
     return where
 
@@ -130,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     load = hey_load if use_hey else paced_load
     rate = args.rate or (1500 if use_hey else 300)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ab-"))
-    roots = [checkout(args.base, tmp), checkout(args.candidate, tmp)]
+    roots: list[Path] = []
     stacks = []
     try:
-        for i, root in enumerate(roots):
+        for i, version in enumerate((args.base, args.candidate)):
+            roots.append(checkout(version, tmp / f"version-{'ab'[i]}"))
+        modules = [load_stack_module(root, f"bench_stack_{i}") for i, root in enumerate(roots)]
+        # One record of the ports handed out, or the two stacks could get the same one.
+        modules[1]._handed_out = modules[0]._handed_out
+        for i, module in enumerate(modules):
             (tmp / f"stack{i}").mkdir()
-            stack = load_stack_module(root, f"bench_stack_{i}").BenchStack(tmp / f"stack{i}")
+            stack = module.BenchStack(tmp / f"stack{i}")
             stacks.append(stack)
             stack.start_backend()
             stack.start_gateway(1)
@@ -145,17 +149,26 @@ def main(argv: list[str] | None = None) -> int:
         measure(stacks, urls, rate, min(args.seconds, 2.0), load)  # warm-up
         rounds = [measure(stacks, urls, rate, args.seconds, load) for _ in range(args.rounds)]
     finally:
-        for s in stacks:
-            s.close()
-        for root in roots:
-            if tmp in root.parents:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup(stacks, roots, tmp)
     report = summarise(args, rate, "hey" if use_hey else "python", rounds)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def cleanup(stacks: list, roots: list[Path], tmp: Path) -> None:
+    """Stop every process and remove the worktrees, whatever fails on the way."""
+    for stack in stacks:
+        try:
+            stack.close()
+        except BaseException as exc:  # one stuck stack must not leave the other running
+            print(f"bench_ab: stopping a stack: {exc!r}", file=sys.stderr)
+    for root in roots:
+        if tmp in root.parents:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)], check=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
 
 
 def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:

@@ -58,11 +58,12 @@ def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, ge
     assert missing.requests > 0 and missing.errors == missing.requests
 
 
-def test_side_by_side_comparison_of_two_versions(tmp_path):
-    """scripts/bench_ab.py runs a git revision and the working tree at once and reports CPU a request
-    of both and their ratio; the revision's worktree is gone afterwards."""
+@pytest.mark.parametrize("versions", [["HEAD"], ["HEAD", "HEAD"]], ids=["revision-vs-tree", "same-revision-twice"])
+def test_side_by_side_comparison_of_two_versions(tmp_path, versions):
+    """scripts/bench_ab.py runs two versions at once (a git revision and the working tree, or one
+    revision twice) and reports CPU a request of both and their ratio; no worktree is left behind."""
     out = tmp_path / "ab.json"
-    run = subprocess.run([sys.executable, "scripts/bench_ab.py", "HEAD", "--rounds", "2", "--seconds", "1",
+    run = subprocess.run([sys.executable, "scripts/bench_ab.py", *versions, "--rounds", "2", "--seconds", "1",
                           "--generator", "python", "--rate", "300", "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
