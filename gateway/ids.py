@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 from typing import Mapping
 
-__all__ = ["RequestIds", "new_instance_id", "trace_id_from", "origin_worker"]
+__all__ = ["RequestIds", "new_instance_id", "new_trace_id", "trace_id_from", "origin_worker"]
 
 # W3C trace-context: version 00 is exactly these 55 characters; a later version
 # may append fields after a '-', and version ff is invalid.
@@ -55,4 +56,12 @@ def trace_id_from(headers: Mapping[str, str]) -> str:
     given = headers.get("x-trace-id")
     if given and _TRACE_ID.fullmatch(given):
         return given
-    return os.urandom(16).hex()
+    return new_trace_id()
+
+
+def new_trace_id() -> str:
+    """32 random hex digits, never all zeros (W3C: invalid). Python's generator
+    (seeded from the OS, reseeded in a forked child) rather than os.urandom:
+    a trace id needs to be unique, not secret, and getrandom() is a system
+    call on every request."""
+    return f"{random.getrandbits(128) or 1:032x}"

@@ -8,13 +8,29 @@ its own registry. Import this module only in a worker or a client process.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess, values
 
 from gateway.observe import AccessRecord
 
 __all__ = ["Metrics", "render", "CONTENT_TYPE_LATEST"]
+
+
+def _pid_without_a_system_call() -> Callable[[], int]:
+    """The pid for prometheus-client's multiprocess values, which check it on
+    every write (a fork must get its own file): os.getpid() is a system call
+    each time (four a request); this one is read once and again in a forked child."""
+    pid = [os.getpid()]
+    os.register_at_fork(after_in_child=lambda: pid.__setitem__(0, os.getpid()))
+    return lambda: pid[0]
+
+
+if values.ValueClass is not values.MutexValue:  # multiprocess mode, chosen by prometheus-client at import
+    # Before any metric exists: every value must share one record of its files.
+    values.ValueClass = values.MultiProcessValue(process_identifier=_pid_without_a_system_call())
+
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -2,6 +2,7 @@
 request and trace ids (gateway/ids.py). Pure logic: no sockets, no processes."""
 from __future__ import annotations
 
+import os
 import random
 import re
 
@@ -465,3 +466,22 @@ def test_decode_frames_agrees_with_protobuf_on_damaged_batches():
                                                         rng.randrange(256)))
         raw = bytes(raw)
         assert _decoded_or_error(frames.decode_frames, raw) == _decoded_or_error(frames.decode_batch, raw), raw
+
+
+def test_new_trace_ids_are_unique_and_differ_in_a_forked_child():
+    from gateway.ids import new_trace_id
+
+    ids = {new_trace_id() for _ in range(100_000)}
+    assert len(ids) == 100_000
+    for tid in list(ids)[:100]:
+        assert_fresh(tid)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its generator must not repeat the parent's
+        os.write(write, "".join(new_trace_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    assert child != "".join(new_trace_id() for _ in range(3))

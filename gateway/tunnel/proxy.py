@@ -117,7 +117,7 @@ async def relay_request(
         target_client=target_client,
         idle_timeout_ms=int(idle_timeout * 1000) if idle_timeout else 0,
     )
-    loop = asyncio.get_running_loop()
+    loop = stream.loop
     pump: asyncio.Task[None] | None = None
     try:
         if has_body and not websocket:
@@ -320,8 +320,7 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
         timeout_ms=head.timeout_ms,
         idle_timeout_ms=head.idle_timeout_ms,
     )
-    loop = asyncio.get_running_loop()
-    pump = None if head.end_stream else loop.create_task(_copy_body(inbound.body, out.sender))
+    pump = None if head.end_stream else stream.loop.create_task(_copy_body(inbound.body, out.sender))
     try:
         # The origin enforces the timeout (its RESET cancels this task); this
         # bound only keeps an orphan from waiting forever.

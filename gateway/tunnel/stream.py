@@ -215,7 +215,7 @@ class OutboundExchange:
         self.stream = stream
         self.request_id = request_id
         self.trace_id = trace_id
-        self.head: asyncio.Future[frames.pb.Headers] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[frames.pb.Headers] = stream.loop.create_future()
         self.body = BodyReader(stream, request_id, trace_id, False, stream.limits.window)
         self.sender = BodyWriter(stream, request_id, trace_id, False, stream.limits.window)
         self._closed = False
@@ -353,6 +353,8 @@ class TunnelStream:
         on_control: Callable[[frames.Frame, str], None] | None = None,
     ) -> None:
         self.transport = transport
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.peer_id = peer_id
         self.group = group
@@ -517,7 +519,7 @@ class TunnelStream:
             ex.body.feed(b"", True)
         self.serving[rid] = ex
         self.requests_served += 1
-        ex.task = asyncio.get_running_loop().create_task(self._serve(ex))
+        ex.task = self.loop.create_task(self._serve(ex))
 
     async def _serve(self, ex: InboundExchange) -> None:
         try:

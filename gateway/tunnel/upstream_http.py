@@ -330,7 +330,7 @@ class HttpPool:
         idle = self._idle.get(server.key)
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        now = idle[-1].loop.time()  # not asyncio.get_running_loop(): a getpid() call on Python 3.11
         while idle:
             conn = idle.pop()  # the most recently used is the most likely alive
             if not conn.closed and now - conn.idle_since < IDLE_KEEP:
