@@ -1,7 +1,7 @@
 """What a proxy changes in an HTTP message, and nothing more. Pure logic."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from gateway.rules import Rule
 
