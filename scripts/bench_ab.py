@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Compare the CPU a request costs in two versions of the gateway and client,
-measured side by side: both stacks run at once under the same fixed-rate
-load, so they share whatever the machine is doing at that moment.
+"""Compare two versions of the gateway and client on this machine, where two
+runs of the same code one after the other can differ by 10-30 %.
 
-Run one after the other, two runs of the same code on a shared machine can
-differ by 10-30 %; run side by side, the ratio of a round is steady to a few
-per cent. Use it to see whether a change made a request cheaper.
+Two modes:
+
+* `together` (default): both versions run at once under the same fixed-rate
+  load, so they share whatever the machine is doing at that moment; the CPU
+  a request of each gateway and client, round by round, and the ratio B/A
+  (steady to a few per cent). Whether a change made a request cheaper.
+* `alternate`: each version in turn under full load (wrk, else hey, else a
+  built-in driver; concurrency 64 by default), a fresh stack each round;
+  requests/s and CPU a request. Whether a change made the tunnel faster.
 
     scripts/bench_ab.py HEAD~1                # HEAD~1 against the working tree
     scripts/bench_ab.py main my-branch --rounds 8 --json ab.json
+    scripts/bench_ab.py HEAD~3 --mode alternate --rounds 4
 
 A version is a git revision (checked out in a temporary worktree, removed at
-the end) or a directory holding a checkout. Load: hey at a fixed rate when it
-is installed (apt-get install hey), else a paced built-in driver.
+the end) or a directory holding a checkout.
 """
 from __future__ import annotations
 
@@ -107,50 +112,94 @@ def measure(stacks: list, urls: list[str], rate: int, seconds: float, load) -> l
     return rows
 
 
+def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path: str, concurrency: int,
+                      seconds: float, generator: str, stacks: list) -> list[dict]:
+    """One round of `alternate`: each version in turn, on a fresh stack, under full load."""
+    from bench_load import LoadSpec, run_load
+
+    rows = []
+    for i, module in enumerate(modules):
+        where = Path(tempfile.mkdtemp(dir=tmp))
+        stack = module.BenchStack(where)
+        stacks.append(stack)
+        stack.start_backend()
+        stack.start_gateway(1)
+        stack.start_client(2)
+        url = f"http://127.0.0.1:{stack.http_port if direction == 'ingress' else stack.local_port}{path}"
+        run_load(generator, LoadSpec(url, concurrency, 2.0), where)  # warm-up
+        g0, c0 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
+        result = run_load(generator, LoadSpec(url, concurrency, seconds), where)
+        g1, c1 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
+        stacks.remove(stack)
+        stack.close()
+        if result.errors or not result.requests:
+            raise SystemExit(f"bench_ab: version {'AB'[i]}: {result.errors} errors in {result.requests} requests")
+        rows.append({"requests": result.requests, "rps": result.rps, "p99_ms": result.p99_ms,
+                     "gateway_us": (g1 - g0) / result.requests * 1e6, "client_us": (c1 - c0) / result.requests * 1e6})
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="git revision or checkout directory (A)")
     p.add_argument("candidate", nargs="?", default=str(ROOT), help="the same for B (default: this working tree)")
+    p.add_argument("--mode", choices=("together", "alternate"), default="together")
     p.add_argument("--direction", choices=("ingress", "egress"), default="ingress")
     p.add_argument("--path", default="/bytes/100", help="what to request from the bench backend")
-    p.add_argument("--rate", type=int, default=0, help="requests/s on each stack (default 1500 with hey, 300 without)")
+    p.add_argument("--rate", type=int, default=0,
+                   help="together: requests/s on each stack (default 1500 with hey, 300 without)")
+    p.add_argument("--concurrency", type=int, default=64, help="alternate: connections of the load generator")
     p.add_argument("--rounds", type=int, default=6, help="measured rounds, after one to warm up")
     p.add_argument("--seconds", type=float, default=4.0, help="length of a round")
-    p.add_argument("--generator", choices=("auto", "hey", "python"), default="auto")
+    p.add_argument("--generator", choices=("auto", "wrk", "hey", "python"), default="auto",
+                   help="together: hey or python; alternate: wrk, hey or python (auto: the first installed)")
     p.add_argument("--json", type=Path, help="write the results here too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    use_hey = args.generator == "hey" or (args.generator == "auto" and shutil.which("hey") is not None)
-    if use_hey and shutil.which("hey") is None:
-        raise SystemExit("bench_ab: hey is not installed (apt-get install hey)")
-    load = hey_load if use_hey else paced_load
-    rate = args.rate or (1500 if use_hey else 300)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_load import pick_generator
+
+    if args.mode == "alternate":
+        generator = pick_generator(args.generator)
+    else:
+        if args.generator == "wrk":
+            raise SystemExit("bench_ab: --mode together needs a fixed rate: hey or python")
+        use_hey = args.generator == "hey" or (args.generator == "auto" and shutil.which("hey") is not None)
+        if use_hey and shutil.which("hey") is None:
+            raise SystemExit("bench_ab: hey is not installed (apt-get install hey)")
+        generator = "hey" if use_hey else "python"
+    rate = args.rate or (1500 if generator == "hey" else 300)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ab-"))
     roots: list[Path] = []
-    stacks = []
+    stacks: list = []
     try:
         for i, version in enumerate((args.base, args.candidate)):
             roots.append(checkout(version, tmp / f"version-{'ab'[i]}"))
         modules = [load_stack_module(root, f"bench_stack_{i}") for i, root in enumerate(roots)]
         # One record of the ports handed out, or the two stacks could get the same one.
         modules[1]._handed_out = modules[0]._handed_out
-        for i, module in enumerate(modules):
-            (tmp / f"stack{i}").mkdir()
-            stack = module.BenchStack(tmp / f"stack{i}")
-            stacks.append(stack)
-            stack.start_backend()
-            stack.start_gateway(1)
-            stack.start_client(2)
-        port = "http_port" if args.direction == "ingress" else "local_port"
-        urls = [f"http://127.0.0.1:{getattr(s, port)}{args.path}" for s in stacks]
-        measure(stacks, urls, rate, min(args.seconds, 2.0), load)  # warm-up
-        rounds = [measure(stacks, urls, rate, args.seconds, load) for _ in range(args.rounds)]
+        if args.mode == "alternate":
+            rounds = [measure_alternate(modules, tmp, args.direction, args.path, args.concurrency, args.seconds,
+                                        generator, stacks) for _ in range(args.rounds)]
+        else:
+            for i, module in enumerate(modules):
+                (tmp / f"stack{i}").mkdir()
+                stack = module.BenchStack(tmp / f"stack{i}")
+                stacks.append(stack)
+                stack.start_backend()
+                stack.start_gateway(1)
+                stack.start_client(2)
+            port = "http_port" if args.direction == "ingress" else "local_port"
+            urls = [f"http://127.0.0.1:{getattr(s, port)}{args.path}" for s in stacks]
+            load = hey_load if generator == "hey" else paced_load
+            measure(stacks, urls, rate, min(args.seconds, 2.0), load)  # warm-up
+            rounds = [measure(stacks, urls, rate, args.seconds, load) for _ in range(args.rounds)]
     finally:
         cleanup(stacks, roots, tmp)
-    report = summarise(args, rate, "hey" if use_hey else "python", rounds)
+    report = summarise(args, rate, generator, rounds)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -172,9 +221,15 @@ def cleanup(stacks: list, roots: list[Path], tmp: Path) -> None:
 
 
 def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:
-    out = {"base": args.base, "candidate": args.candidate, "direction": args.direction, "path": args.path,
-           "rate_per_stack": rate, "generator": generator, "rounds": rounds, "median": {}, "ratio": {}}
-    for side in ("gateway_us", "client_us"):
+    out = {"base": args.base, "candidate": args.candidate, "mode": args.mode, "direction": args.direction,
+           "path": args.path, "generator": generator, "rounds": rounds, "median": {}, "ratio": {}}
+    if args.mode == "alternate":
+        out["concurrency"] = args.concurrency
+    else:
+        out["rate_per_stack"] = rate
+    for side in ("rps", "gateway_us", "client_us"):
+        if side not in rounds[0][0]:
+            continue
         out["median"][side] = [round(statistics.median(r[i][side] for r in rounds), 1) for i in (0, 1)]
         per_round = [r[1][side] / r[0][side] for r in rounds]
         out["ratio"][side] = {"per_round": [round(x, 3) for x in per_round],
@@ -183,14 +238,16 @@ def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['direction']} {report['path']}, {report['rate_per_stack']} req/s on each stack "
-          f"({report['generator']}), {len(report['rounds'])} rounds side by side")
-    print(f"{'CPU a request':16s} {'A: ' + report['base']:>24s} {'B: ' + Path(report['candidate']).name:>24s}"
+    load = (f"concurrency {report['concurrency']}, one version after the other" if report["mode"] == "alternate"
+            else f"{report['rate_per_stack']} req/s on each stack, both at once")
+    print(f"{report['direction']} {report['path']}, {load} ({report['generator']}), {len(report['rounds'])} rounds")
+    print(f"{'':16s} {'A: ' + report['base']:>24s} {'B: ' + Path(report['candidate']).name:>24s}"
           f" {'B/A median':>11s}  B/A each round")
-    for side, label in (("gateway_us", "gateway (us)"), ("client_us", "client (us)")):
-        a, b = report["median"][side]
-        ratio = report["ratio"][side]
-        print(f"{label:16s} {a:24.1f} {b:24.1f} {ratio['median']:11.3f}  {ratio['per_round']}")
+    for side, label in (("rps", "requests/s"), ("gateway_us", "gateway CPU (us)"), ("client_us", "client CPU (us)")):
+        if side in report["median"]:
+            a, b = report["median"][side]
+            ratio = report["ratio"][side]
+            print(f"{label:16s} {a:24.1f} {b:24.1f} {ratio['median']:11.3f}  {ratio['per_round']}")
 
 
 if __name__ == "__main__":

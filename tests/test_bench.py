@@ -58,10 +58,12 @@ def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, ge
     assert missing.requests > 0 and missing.errors == missing.requests
 
 
-@pytest.mark.parametrize("versions", [["HEAD"], ["HEAD", "HEAD"]], ids=["revision-vs-tree", "same-revision-twice"])
+@pytest.mark.parametrize("versions", [["HEAD"], ["HEAD", "HEAD"], ["HEAD", "--mode", "alternate", "--concurrency", "4"]],
+                         ids=["revision-vs-tree", "same-revision-twice", "alternate"])
 def test_side_by_side_comparison_of_two_versions(tmp_path, versions):
-    """scripts/bench_ab.py runs two versions at once (a git revision and the working tree, or one
-    revision twice) and reports CPU a request of both and their ratio; no worktree is left behind."""
+    """scripts/bench_ab.py runs two versions (a git revision and the working tree, or one revision
+    twice; at once, or in turn under full load) and reports CPU a request of both and their ratio,
+    requests/s too when in turn; no worktree is left behind."""
     out = tmp_path / "ab.json"
     run = subprocess.run([sys.executable, "scripts/bench_ab.py", *versions, "--rounds", "2", "--seconds", "1",
                           "--generator", "python", "--rate", "300", "--json", str(out)],
@@ -73,6 +75,9 @@ def test_side_by_side_comparison_of_two_versions(tmp_path, versions):
         assert a["requests"] > 0 and b["requests"] > 0
         assert a["gateway_us"] > 0 and b["gateway_us"] > 0 and a["client_us"] > 0 and b["client_us"] > 0
     assert report["ratio"]["gateway_us"]["median"] > 0
+    if "alternate" in versions:
+        assert report["mode"] == "alternate" and all(a["rps"] > 0 and b["rps"] > 0 for a, b in report["rounds"])
+        assert "requests/s" in run.stdout
     assert "B/A" in run.stdout
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "bench_ab-" not in worktrees
