@@ -132,8 +132,8 @@ def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path
         g0, c0 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
         result = run_load(generator, LoadSpec(url, concurrency, seconds), where)
         g1, c1 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
-        stacks.remove(stack)
         stack.close()
+        stacks.remove(stack)  # only once stopped: a stop that fails leaves it to cleanup()
         if result.errors or not result.requests:
             raise SystemExit(f"bench_ab: version {'AB'[i]}: {result.errors} errors in {result.requests} requests")
         rows[i] = {"requests": result.requests, "rps": result.rps, "p99_ms": result.p99_ms,
@@ -161,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.mode == "alternate" and args.rounds % 2:
+        raise SystemExit("bench_ab: --mode alternate takes an even --rounds (each version goes first as often)")
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_load import pick_generator
 
