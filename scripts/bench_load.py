@@ -38,6 +38,7 @@ class LoadSpec:
     duration: float
     method: str = "GET"
     body_size: int = 0
+    rate: int = 0  # requests/s in all, shared by the connections; 0: as fast as answers come (not wrk)
 
 
 @dataclass
@@ -77,6 +78,8 @@ def pick_generator(wanted: str = "auto") -> str:
 
 def run_load(generator: str, spec: LoadSpec, workdir: Path) -> LoadResult:
     if generator == "wrk":
+        if spec.rate:
+            raise ValueError("wrk cannot hold a fixed rate: use hey or the python driver")
         return _run_wrk(spec, workdir)
     if generator == "hey":
         return _run_hey(spec, workdir)
@@ -119,6 +122,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 def _run_hey(spec: LoadSpec, workdir: Path) -> LoadResult:
     cmd = ["hey", "-z", f"{max(1, round(spec.duration))}s", "-c", str(spec.concurrency), "-m", spec.method,
            "-t", "30", "-o", "csv"]
+    if spec.rate:
+        cmd += ["-q", str(max(1, spec.rate // spec.concurrency))]  # hey's rate is per connection
     if spec.body_size:
         cmd += ["-D", str(_body_file(workdir, spec.body_size)), "-T", "application/octet-stream"]
     started = time.monotonic()
@@ -147,8 +152,14 @@ async def _run_python(spec: LoadSpec) -> LoadResult:
         started = time.monotonic()
         stop_at = started + spec.duration
 
+        interval = spec.concurrency / spec.rate if spec.rate else 0.0
+
         async def worker() -> None:
+            due = time.monotonic()
             while time.monotonic() < stop_at:
+                if interval:
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    due += interval
                 t0 = time.monotonic()
                 try:
                     async with session.request(spec.method, spec.url, data=body) as r:

@@ -56,6 +56,12 @@ def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, ge
     assert post.requests > 0 and post.errors == 0
     missing = run_load(generator, LoadSpec(f"{stack.backend_url}/status/503", 2, 1.0), tmp_path)
     assert missing.requests > 0 and missing.errors == missing.requests
+    paced = LoadSpec(f"{stack.backend_url}/hello", 4, 2.0, rate=40)
+    if generator == "wrk":
+        with pytest.raises(ValueError):
+            run_load(generator, paced, tmp_path)
+    else:  # about 80 in 2 s, where unpaced it makes hundreds
+        assert 60 <= run_load(generator, paced, tmp_path).requests <= 100
 
 
 @pytest.mark.parametrize("versions", [["HEAD"], ["HEAD", "HEAD"], ["HEAD", "--mode", "alternate", "--concurrency", "4"]],
