@@ -87,3 +87,30 @@ def test_side_by_side_comparison_of_two_versions(tmp_path, versions):
     assert "B/A" in run.stdout
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "bench_ab-" not in worktrees
+
+
+def test_floor_measures_every_part_and_the_tunnel_beside_them(tmp_path):
+    """scripts/bench_floor.py: the tunnel, the direct call and each part alone in one run, and the sums."""
+    out = tmp_path / "floor.json"
+    run = subprocess.run([sys.executable, "scripts/bench_floor.py", "--quick", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["direct"]["cpu_us"]) == {"backend", "load generator"}
+    assert set(report["tunnel"]["cpu_us"]) == {"backend", "gateway", "client", "load generator"}
+    for run_ in (report["direct"], report["tunnel"], report["entry"]):
+        assert run_["rps"] > 0 and all(v > 0 for v in run_["cpu_us"].values()), run_
+    for way in ("down", "up"):
+        seen = report["tunnel"]["grpc"][way]
+        assert 0 < seen["messages_per_request"] <= 2 and seen["bytes_per_message"] > 0, seen
+        alone = report["grpc"][way]
+        assert alone["size"] == max(64, seen["bytes_per_message"]), alone
+        assert alone["writer_us"] > 0 and alone["reader_us"] > 0, alone
+    assert report["upstream"]["calls"] > 0 and report["upstream"]["cpu_us_per_call"] > 0
+    s = report["summary"]
+    assert s["parts_total_us"] == pytest.approx(sum(s["parts_us"].values()), abs=0.2)
+    assert s["floor_us"] == pytest.approx(s["direct_us"] + s["parts_total_us"], abs=0.2)
+    assert s["own_work_us"] == pytest.approx(s["gateway_client_us"] - s["parts_total_us"], abs=0.2)
+    assert s["tunnel_us"] == pytest.approx(sum(report["tunnel"]["cpu_us"].values()), abs=0.2)
+    assert s["share_rps"] == round(0.4 * report["direct"]["rps"])
+    assert "floor (direct call + the parts)" in run.stdout  # the table

@@ -89,9 +89,10 @@ async def _start_admin(agent, config: ClientConfig, registry):
             "pending": sum(len(s.pending) for s in streams),
             "serving": sum(len(s.serving) for s in streams),
             "unknown_frames": sum(s.unknown_frames for s in streams),
-            # frames_out / batches_out: how many frames share a gRPC message
+            # frames_out / batches_out: how many frames share a gRPC message; bytes_out / batches_out: its size
             "batches_out": sum(s.batches_out for s in streams),
             "frames_out": sum(s.frames_out for s in streams),
+            "bytes_out": sum(s.bytes_out for s in streams),
             "grpc_io": grpc_io_in_use(),
         }
 

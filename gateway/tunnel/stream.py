@@ -375,6 +375,7 @@ class TunnelStream:
         self.unknown_frames = 0
         self.batches_out = 0
         self.frames_out = 0
+        self.bytes_out = 0  # of gRPC messages sent
         self._on_request = on_request
         self._on_control = on_control
         self._out: collections.deque[bytes | tuple[bytes | memoryview, ...]] = collections.deque()
@@ -455,6 +456,7 @@ class TunnelStream:
                 self._space.set()
             self.batches_out += 1
             self.frames_out += n_frames
+            self.bytes_out += size
             await self.transport.write(b"".join(parts))
 
     # -- originating requests ------------------------------------------------

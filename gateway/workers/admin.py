@@ -37,6 +37,7 @@ def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
         "unknown_frames": s.unknown_frames,
         "batches_out": s.batches_out,
         "frames_out": s.frames_out,
+        "bytes_out": s.bytes_out,
         "draining": s.draining,
         "config_version": s.config_version,
         "unhealthy": sorted(s.peer_unhealthy),
