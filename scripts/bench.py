@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import INSTALL_HINT, LoadResult, LoadSpec, pick_generator, run_load  # noqa: E402
-from bench_stack import BenchStack, RssSampler  # noqa: E402
+from bench_stack import BenchStack, RssSampler, get_json, load_with_cpu  # noqa: E402
 
 MIB = 1 << 20
 
@@ -95,16 +95,15 @@ class Bench:
         spec = LoadSpec(base_url + scenario.path, scenario.concurrency, self.duration, scenario.method, scenario.body_size)
         measured = {"gateway": self.stack.gateway, "client": self.stack.client} if target in ("ingress", "egress") else {}
         procs = {k: g for k, g in measured.items() if g is not None}
-        cpu_before = {k: g.cpu_seconds() for k, g in procs.items()}
         with RssSampler(procs) as rss:
-            result = run_load(self.generator, spec, self.tmp)
+            result, cpu_us = load_with_cpu(self.generator, spec, self.tmp, procs)
         if self.generator == "hey":
             result.bytes = result.requests * scenario.response_size
         result.bytes += result.requests * scenario.body_size  # MB/s counts what moved both ways
         row = Row(label or scenario.name, target, result)
         if procs and result.requests:
-            per_1k = {k: (g.cpu_seconds() - cpu_before[k]) / result.requests * 1000 for k, g in procs.items()}
-            row.cpu_gateway_per_1k, row.cpu_client_per_1k = (round(per_1k[k], 4) for k in ("gateway", "client"))
+            # microseconds a request are milliseconds a thousand: seconds a thousand / 1000
+            row.cpu_gateway_per_1k, row.cpu_client_per_1k = (round(cpu_us[k] / 1000, 4) for k in ("gateway", "client"))
             row.rss_gateway_mb, row.rss_client_mb = round(rss.peak["gateway"], 1), round(rss.peak["client"], 1)
         self.rows.append(row)
         self._progress(row)
@@ -159,7 +158,7 @@ class Bench:
         thread = threading.Thread(target=slow_call)
         thread.start()
         deadline = time.monotonic() + 10
-        while _get(f"{self.stack.backend_url}/stats")["inflight"] < 1:
+        while get_json(f"{self.stack.backend_url}/stats", timeout=5)["inflight"] < 1:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the slow request never reached the backend")
             time.sleep(0.02)
@@ -236,11 +235,6 @@ class Bench:
                 verdict(f"{name} gateway peak RSS MB < 150", row.rss_gateway_mb, 150, False)
                 verdict(f"{name} client peak RSS MB < 150", row.rss_client_mb, 150, False)
         return out
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
 
 
 def big_transfer(url: str, method: str, size: int) -> tuple[LoadResult, str]:

@@ -84,6 +84,7 @@ def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path
     """One round of `alternate`: each version in turn, on a fresh stack, under full load. Rounds
     alternate which goes first: the second of a pair measured 5-10 % slower here, whichever it was."""
     from bench_load import LoadSpec, run_load
+    from bench_stack import load_with_cpu
 
     rows: list[dict] = [{}, {}]
     for i in ((1, 0) if b_first else (0, 1)):
@@ -96,15 +97,14 @@ def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path
         stack.start_client(2)
         url = f"http://127.0.0.1:{stack.http_port if direction == 'ingress' else stack.local_port}{path}"
         run_load(generator, LoadSpec(url, concurrency, 2.0), where)  # warm-up
-        g0, c0 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
-        result = run_load(generator, LoadSpec(url, concurrency, seconds), where)
-        g1, c1 = stack.gateway.cpu_seconds(), stack.client.cpu_seconds()
+        result, cpu_us = load_with_cpu(generator, LoadSpec(url, concurrency, seconds), where,
+                                       {"gateway": stack.gateway, "client": stack.client})
         stack.close()
         stacks.remove(stack)  # only once stopped: a stop that fails leaves it to cleanup()
         if result.errors or not result.requests:
             raise SystemExit(f"bench_ab: version {'AB'[i]}: {result.errors} errors in {result.requests} requests")
         rows[i] = {"requests": result.requests, "rps": result.rps, "p99_ms": result.p99_ms,
-                   "gateway_us": (g1 - g0) / result.requests * 1e6, "client_us": (c1 - c0) / result.requests * 1e6}
+                   "gateway_us": cpu_us["gateway"], "client_us": cpu_us["client"]}
     return rows
 
 

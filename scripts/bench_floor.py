@@ -17,17 +17,24 @@ script measures, as CPU microseconds of the process doing it:
   - upstream: the client's pooled HTTP/1.1 client calling the backend (the
     HTTP side of the client);
   - gRPC: one message of the tunnel's average size through the tunnel's own
-    transport, each way, writer and reader.
+    transport on the tunnel's gRPC I/O engine, each way, writer and reader.
+
+Each part runs twice: saturated (as fast as it goes: several events share a
+wake-up, so a unit costs less than in the tunnel) and paced at the rate the
+tunnel ran at (one event a wake-up, so a unit costs more than in the tunnel,
+where work arrives in bursts). What the tunnel's own work costs lies between
+the two figures.
 
 The tunnel's own work (routes, limits, streams, exchanges, frames, metrics,
 records) is what the gateway and the client spend beyond their parts alone:
 gateway + client - (entry + upstream + gRPC messages a request x their cost).
 The floor, direct + the parts, is what a request would cost if the tunnel did
 nothing of its own. With perfect overlap the cores could do `cores / cost`
-requests a second; the report gives that bound for the tunnel and for the
-floor, and the CPU a request that 40 % of the direct rate would allow.
+requests a second; the report gives that bound, the CPU a request that 40 %
+of the direct rate would allow (with perfect overlap, and at the overlap
+measured), and the room that leaves for the tunnel's own work.
 
-    scripts/bench_floor.py                 # about 40 s
+    scripts/bench_floor.py                 # about a minute
     scripts/bench_floor.py --quick --json floor.json
 """
 from __future__ import annotations
@@ -37,6 +44,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,16 +55,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench_load import LoadSpec, pick_generator, run_load  # noqa: E402
-from bench_stack import BenchStack, ProcGroup, _get_json, free_port  # noqa: E402
+from bench_load import INSTALL_HINT, LoadSpec, pick_generator, run_load  # noqa: E402
+from bench_stack import BenchStack, ProcGroup, free_port, get_json, load_with_cpu  # noqa: E402
 
 CONCURRENCY = 64
 SHARE = 0.40  # issue 6: the tunnel at 40 % of the direct rate
+MODES = ("saturated", "paced")
+GRPC_MAX_MESSAGE = 16 << 20  # what the client's channel allows (gateway/client/agent.py)
+GRPC_KEEPALIVE_MS = 10_000
 
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+class Pacer:
+    """Spaces the operations of any number of coroutines 1/rate seconds apart (rate 0: no spacing)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1 / rate if rate else 0.0
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        if self.interval:
+            self.next += self.interval
+            delay = self.next - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 # -- the parts alone, each run as `bench_floor.py --part ...` in a child ---------------
@@ -77,17 +103,19 @@ async def _serve_entry(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def _call_upstream(url: str, seconds: float, concurrency: int) -> dict:
-    """The client's HTTP side alone: pooled GETs of 100 bytes from the backend."""
+async def _call_upstream(url: str, seconds: float, concurrency: int, rate: float) -> dict:
+    """The client's HTTP side alone: pooled GETs of 100 bytes from the backend, `rate` a second (0: flat out)."""
     from gateway.tunnel.upstream_http import HttpPool
 
     pool = HttpPool()
-    calls = 0
+    calls = errors = 0
     stop = 0.0
+    pacer = Pacer(rate)
 
     async def one_by_one() -> None:
-        nonlocal calls
+        nonlocal calls, errors
         while time.monotonic() < stop:
+            await pacer.wait()
             resp = await pool.request(url, "GET", "/bytes/100", [], None, read_timeout=10)
             try:
                 while await resp.read() is not None:
@@ -95,44 +123,53 @@ async def _call_upstream(url: str, seconds: float, concurrency: int) -> dict:
             finally:
                 resp.release()
             calls += 1
+            errors += resp.status != 200
 
     for warm_up in (True, False):
         stop = time.monotonic() + (0.5 if warm_up else seconds)
-        calls, cpu0 = 0, _cpu()
+        pacer.next = time.monotonic()
+        calls, errors, cpu0 = 0, 0, _cpu()
         await asyncio.gather(*(one_by_one() for _ in range(concurrency)))
     cpu = _cpu() - cpu0
     await pool.close()
-    return {"calls": calls, "cpu_us_per_call": round(cpu / max(calls, 1) * 1e6, 2)}
+    return {"calls": calls, "errors": errors, "rate": rate, "cpu_us_per_call": round(cpu / max(calls, 1) * 1e6, 2)}
 
 
-async def _grpc_server(port: int, direction: str, count: int, size: int) -> None:
+def _grpc_options(server: bool) -> list[tuple[str, int]]:
+    from gateway.tunnel.transport import grpc_options
+
+    return grpc_options(GRPC_MAX_MESSAGE, GRPC_KEEPALIVE_MS, server=server)
+
+
+async def _grpc_server(port: int, direction: str, count: int, size: int, rate: float) -> None:
     """The gateway's side of the tunnel transport: reads (`up`) or writes (`down`) `count` messages."""
     import grpc.aio
 
-    from gateway.tunnel.transport import ServerTransport, grpc_options, tunnel_handler
+    from gateway.grpc_io import grpc_io_in_use
+    from gateway.tunnel.transport import ServerTransport, tunnel_handler
 
     done = asyncio.Event()
 
     async def serve(t: ServerTransport) -> None:
-        n, cpu0 = 0, 0.0
+        n, cpu0 = 0, _cpu()
         if direction == "up":
-            while (msg := await t.read()) is not None:
-                if n == 0:
-                    cpu0 = _cpu()  # from the first message: the call's set-up is not a message's cost
+            await t.read()  # the call's set-up message: not a message's cost
+            cpu0 = _cpu()
+            while await t.read() is not None:
                 n += 1
-            n -= 1
         else:
             await t.read()
-            payload = b"x" * size
+            payload, pacer = b"x" * size, Pacer(rate)
             cpu0 = _cpu()
             for _ in range(count):
+                await pacer.wait()
                 await t.write(payload)
             n = count
-        print(json.dumps({"messages": n, "cpu_us_per_message": round((_cpu() - cpu0) / max(n, 1) * 1e6, 2)}),
-              flush=True)
+        print(json.dumps({"messages": n, "cpu_us_per_message": round((_cpu() - cpu0) / max(n, 1) * 1e6, 2),
+                          "grpc_io": grpc_io_in_use()}), flush=True)
         done.set()
 
-    server = grpc.aio.server(options=grpc_options(16 << 20, 10000, server=True))
+    server = grpc.aio.server(options=_grpc_options(server=True))
     server.add_generic_rpc_handlers((tunnel_handler(serve),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -141,21 +178,22 @@ async def _grpc_server(port: int, direction: str, count: int, size: int) -> None
     await server.stop(1)
 
 
-async def _grpc_client(port: int, direction: str, count: int, size: int) -> dict:
+async def _grpc_client(port: int, direction: str, count: int, size: int, rate: float) -> dict:
     """The client's side: writes (`up`) or reads (`down`) `count` messages."""
     import grpc.aio
 
-    from gateway.tunnel.transport import ClientTransport, grpc_options, open_client_call
+    from gateway.tunnel.transport import ClientTransport, open_client_call
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(16 << 20, 10000, server=False))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_grpc_options(server=False))
     call = open_client_call(channel)
     t = ClientTransport(call, "bench")
     n = 0
     if direction == "up":
-        payload = b"x" * size
+        payload, pacer = b"x" * size, Pacer(rate)
         await t.write(payload)  # the call's set-up
         cpu0 = _cpu()
         for _ in range(count):
+            await pacer.wait()
             await t.write(payload)
         n = count
         cpu = _cpu() - cpu0
@@ -172,17 +210,25 @@ async def _grpc_client(port: int, direction: str, count: int, size: int) -> dict
 
 
 def run_part(argv: list[str]) -> int:
+    """Run one part in this process (the parent measures it from outside or reads its JSON line)."""
+    part, args = argv[0], argv[1:]
+    if part.startswith("grpc"):
+        # The tunnel's own engine (the gateway and the client choose it before grpc is imported).
+        from gateway.grpc_io import choose_grpc_io
+
+        choose_grpc_io(False)
     import uvloop
 
-    part, args = argv[0], argv[1:]
     if part == "entry":
         uvloop.run(_serve_entry(int(args[0])))
     elif part == "upstream":
-        print(json.dumps(uvloop.run(_call_upstream(args[0], float(args[1]), int(args[2])))), flush=True)
+        result = uvloop.run(_call_upstream(args[0], float(args[1]), int(args[2]), float(args[3])))
+        print(json.dumps(result), flush=True)
     elif part == "grpc-server":
-        uvloop.run(_grpc_server(int(args[0]), args[1], int(args[2]), int(args[3])))
+        uvloop.run(_grpc_server(int(args[0]), args[1], int(args[2]), int(args[3]), float(args[4])))
     elif part == "grpc-client":
-        print(json.dumps(uvloop.run(_grpc_client(int(args[0]), args[1], int(args[2]), int(args[3])))), flush=True)
+        result = uvloop.run(_grpc_client(int(args[0]), args[1], int(args[2]), int(args[3]), float(args[4])))
+        print(json.dumps(result), flush=True)
     else:
         raise SystemExit(f"bench_floor: unknown part {part!r}")
     return 0
@@ -194,166 +240,217 @@ def _part_cmd(*args: object) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--part", *map(str, args)]
 
 
-def _last_json(text: str) -> dict:
-    for line in reversed(text.splitlines()):
+def _result_line(stdout: str, stderr: str = "") -> dict:
+    """The JSON line a part printed last."""
+    for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    raise RuntimeError(f"bench_floor: a part gave no result: {text[-800:]}")
+    raise SystemExit(f"bench_floor: a part gave no result: {stdout[-800:]} {stderr[-800:]}")
 
 
 class Floor:
+    """One run: the direct call and the tunnel under full load, then each part alone, saturated and paced."""
+
     def __init__(self, args: argparse.Namespace, stack: BenchStack, tmp: Path) -> None:
         self.args, self.stack, self.tmp = args, stack, tmp
         self.generator = pick_generator(args.generator)
+        # A rate needs hey or the python driver (wrk cannot hold one).
+        self.paced_generator = "hey" if shutil.which("hey") else "python"
         self.seconds = 2.0 if args.quick else args.duration
 
-    def load(self, url: str, procs: dict[str, ProcGroup]) -> dict:
-        """Full load on `url`: requests/s and CPU microseconds a request of the generator and of `procs`."""
-        spec = LoadSpec(url, CONCURRENCY, self.seconds)
-        run_load(self.generator, LoadSpec(url, CONCURRENCY, 1.0), self.tmp)  # warm-up
-        before = {k: g.cpu_seconds() for k, g in procs.items()}
-        # wrk and hey are children of this process; the python driver runs in it.
-        who = resource.RUSAGE_SELF if self.generator == "python" else resource.RUSAGE_CHILDREN
-        r0 = resource.getrusage(who)
-        result = run_load(self.generator, spec, self.tmp)
-        r1 = resource.getrusage(who)
+    def warm_up(self, url: str) -> None:
+        run_load(self.generator, LoadSpec(url, CONCURRENCY, 1.0), self.tmp)
+
+    def measure(self, url: str, groups: dict[str, ProcGroup], rate: float = 0) -> dict:
+        """A load run on `url`: requests/s, CPU microseconds a request of the generator and of `groups`."""
+        generator = self.paced_generator if rate else self.generator
+        spec = LoadSpec(url, CONCURRENCY, self.seconds, rate=round(rate))
+        result, cpu = load_with_cpu(generator, spec, self.tmp, groups)
         if result.errors or not result.requests:
             raise SystemExit(f"bench_floor: {result.errors} errors of {result.requests} requests on {url}")
-        n = result.requests
-        cpu = {k: (g.cpu_seconds() - before[k]) / n * 1e6 for k, g in procs.items()}
-        cpu["load generator"] = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / n * 1e6
-        return {"rps": round(result.rps, 1), "requests": n, "cpu_us": {k: round(v, 2) for k, v in cpu.items()}}
+        return {"generator": generator, "rate": round(rate), "rps": round(result.rps, 1), "requests": result.requests,
+                "cpu_us": {k: round(v, 2) for k, v in cpu.items()}}
 
     def direct_and_tunnel(self) -> tuple[dict, dict]:
         s = self.stack
-        backend = s.groups[0]
-        direct = self.load(f"{s.backend_url}/bytes/100", {"backend": backend})
+        direct_url = f"{s.backend_url}/bytes/100"
+        self.warm_up(direct_url)
+        direct = self.measure(direct_url, {"backend": s.backend})
         url = f"http://127.0.0.1:{s.http_port}/bytes/100"
-        before = self.messages()
-        tunnel = self.load(url, {"backend": backend, "gateway": s.gateway, "client": s.client})
-        after = self.messages()
-        n = tunnel["requests"]
+        self.warm_up(url)
+        before = self.tunnel_counters()
+        tunnel = self.measure(url, {"backend": s.backend, "gateway": s.gateway, "client": s.client})
+        after = self.tunnel_counters()
+        if before["connections"] != after["connections"]:
+            raise SystemExit("bench_floor: a tunnel connection was replaced during the run (its counters restarted)")
         tunnel["grpc"] = {}
         for way in ("down", "up"):
             batches = after[way][0] - before[way][0]
             tunnel["grpc"][way] = {
-                "messages_per_request": round(batches / n, 4),
+                "messages_per_request": round(batches / tunnel["requests"], 4),
                 "bytes_per_message": round((after[way][1] - before[way][1]) / max(batches, 1)),
+                "messages_per_s": round(batches / tunnel["requests"] * tunnel["rps"]),
             }
         return direct, tunnel
 
-    def messages(self) -> dict[str, tuple[int, int]]:
-        """(gRPC messages, bytes) sent so far: down by the gateway, up by the client."""
-        clients = _get_json(f"{self.stack.admin_url}/admin/clients")["clients"]
-        status = _get_json(f"http://127.0.0.1:{self.stack.client_admin_port}/status")
+    def tunnel_counters(self) -> dict:
+        """gRPC messages and bytes sent so far, down by the gateway and up by the client, and which
+        connections sent them. One worker: /admin/clients lists its own live streams (with more, other
+        workers' rows would be their last announce)."""
+        clients = get_json(f"{self.stack.admin_url}/admin/clients")["clients"]
+        status = get_json(f"http://127.0.0.1:{self.stack.client_admin_port}/status")
         return {"down": (sum(c["batches_out"] for c in clients), sum(c["bytes_out"] for c in clients)),
-                "up": (status["batches_out"], status["bytes_out"])}
+                "up": (status["batches_out"], status["bytes_out"]),
+                "connections": (sorted((c["connection"], c["connected_at"]) for c in clients), status["connects"])}
 
-    def entry_alone(self) -> dict:
+    def entry_alone(self, rate: float) -> dict[str, dict]:
         port = free_port()
-        group = self.stack._start("entry-alone", _part_cmd("entry", port))
-        self.stack._wait("entry alone", group, lambda: "ready" in group.log.read_text())
+        group = self.stack.start_process("entry-alone", _part_cmd("entry", port))
         try:
-            return self.load(f"http://127.0.0.1:{port}/", {"entry": group})
+            self.stack.wait_ready("entry alone", group, lambda: "ready" in group.log.read_text())
+            url = f"http://127.0.0.1:{port}/"
+            self.warm_up(url)
+            return {"saturated": self.measure(url, {"entry": group}), "paced": self.measure(url, {"entry": group}, rate)}
         finally:
             group.stop()
 
-    def upstream_alone(self) -> dict:
-        out = subprocess.run(_part_cmd("upstream", self.stack.backend_url, self.seconds, CONCURRENCY),
-                             capture_output=True, text=True, timeout=self.seconds + 60, cwd=ROOT)
-        return _last_json(out.stdout + out.stderr)
+    def upstream_alone(self, rate: float) -> dict:
+        cmd = _part_cmd("upstream", self.stack.backend_url, self.seconds, CONCURRENCY, rate)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.seconds + 60, cwd=ROOT)
+        result = _result_line(out.stdout, out.stderr)
+        if result["errors"] or not result["calls"]:
+            raise SystemExit(f"bench_floor: the upstream part: {result}")
+        return result
 
-    def grpc_alone(self, way: str, size: int) -> dict:
+    def grpc_alone(self, way: str, size: int, rate: float) -> dict:
         """Writer and reader CPU a message `way` (down: gateway -> client; up: client -> gateway)."""
-        count = 2000 if self.args.quick else 20000
+        if rate:
+            count = max(200, round(rate * self.seconds))
+        else:
+            count = 2000 if self.args.quick else 20000
         port = free_port()
-        server = self.stack._start(f"grpc-{way}", _part_cmd("grpc-server", port, way, count, size))
+        server = self.stack.start_process(f"grpc-{way}", _part_cmd("grpc-server", port, way, count, size, rate))
         try:
-            self.stack._wait(f"gRPC server ({way})", server, lambda: "ready" in server.log.read_text())
-            out = subprocess.run(_part_cmd("grpc-client", port, way, count, size), capture_output=True, text=True,
-                                 timeout=120, cwd=ROOT)
-            client = _last_json(out.stdout + out.stderr)
-            deadline = time.monotonic() + 30
-            while "messages" not in server.log.read_text() and time.monotonic() < deadline and server.alive():
-                time.sleep(0.05)
-            gateway = _last_json(server.log.read_text())
+            self.stack.wait_ready(f"gRPC server ({way})", server, lambda: "ready" in server.log.read_text())
+            out = subprocess.run(_part_cmd("grpc-client", port, way, count, size, rate), capture_output=True,
+                                 text=True, timeout=count / (rate or 1000) + 120, cwd=ROOT)
+            client = _result_line(out.stdout, out.stderr)
+            server.popen.wait(30)  # it prints its figure when the call ends, then exits
+            gateway = _result_line(server.log.read_text())
         finally:
             server.stop()
         writer, reader = (gateway, client) if way == "down" else (client, gateway)
-        return {"size": size, "messages": count, "writer_us": writer["cpu_us_per_message"],
-                "reader_us": reader["cpu_us_per_message"]}
+        if writer["messages"] != count or reader["messages"] != count:
+            raise SystemExit(f"bench_floor: gRPC {way}: {count} messages sent, writer {writer}, reader {reader}")
+        return {"size": size, "messages": count, "rate": round(rate), "grpc_io": gateway["grpc_io"],
+                "writer_us": writer["cpu_us_per_message"], "reader_us": reader["cpu_us_per_message"]}
+
+    def parts(self, tunnel: dict) -> dict[str, dict]:
+        """Each part alone, saturated and at the tunnel's rate."""
+        rate = tunnel["rps"]
+        entry = self.entry_alone(rate)
+        out = {}
+        for mode in MODES:
+            paced = mode == "paced"
+            out[mode] = {
+                "entry": entry[mode],
+                "upstream": self.upstream_alone(rate if paced else 0),
+                "grpc": {way: self.grpc_alone(way, max(64, seen["bytes_per_message"]),
+                                              seen["messages_per_s"] if paced else 0)
+                         for way, seen in tunnel["grpc"].items()},
+            }
+        return out
 
 
-def summarise(direct: dict, tunnel: dict, entry: dict, upstream: dict, grpc: dict[str, dict]) -> dict:
-    cores = os.cpu_count() or 1
+def summarise(direct: dict, tunnel: dict, parts: dict[str, dict], cores: int) -> dict:
+    """The arithmetic of the report, from the measurements (microseconds of CPU a request)."""
     cpu = tunnel["cpu_us"]
     direct_us = sum(direct["cpu_us"].values())
     around_us = cpu["backend"] + cpu["load generator"]  # the same two processes, with the tunnel in front
-    tunnel_procs_us = cpu["gateway"] + cpu["client"]
-    parts = {
-        "entry alone": entry["cpu_us"]["entry"],
-        "upstream call alone": upstream["cpu_us_per_call"],
-        "gRPC: messages a request x cost alone": sum(
-            tunnel["grpc"][w]["messages_per_request"] * (g["writer_us"] + g["reader_us"]) for w, g in grpc.items()),
-    }
-    parts_us = sum(parts.values())
-    floor_us = direct_us + parts_us
-    tunnel_us = around_us + tunnel_procs_us
+    gateway_client_us = cpu["gateway"] + cpu["client"]
+    tunnel_us = around_us + gateway_client_us
+    overlap = tunnel["rps"] * tunnel_us / 1e6  # cores busy on average with this work
     wanted_rps = SHARE * direct["rps"]
+    budget_at_overlap = overlap / wanted_rps * 1e6
+    by_mode = {}
+    for mode, p in parts.items():
+        shares = {
+            "entry alone": p["entry"]["cpu_us"]["entry"],
+            "upstream call alone": p["upstream"]["cpu_us_per_call"],
+            "gRPC: messages a request x cost alone": sum(
+                tunnel["grpc"][w]["messages_per_request"] * (g["writer_us"] + g["reader_us"])
+                for w, g in p["grpc"].items()),
+        }
+        total = sum(shares.values())
+        by_mode[mode] = {
+            "parts_us": {k: round(v, 1) for k, v in shares.items()},
+            "parts_total_us": round(total, 1),
+            "own_work_us": round(gateway_client_us - total, 1),
+            "floor_us": round(direct_us + total, 1),
+            "floor_bound_rps": round(cores / (direct_us + total) * 1e6),
+            # What 40 % of direct leaves the tunnel's own work, at the overlap measured.
+            "own_work_room_us": round(budget_at_overlap - around_us - total, 1),
+        }
     return {
         "cores": cores,
         "direct_us": round(direct_us, 1),
         "around_us": round(around_us, 1),
-        "gateway_client_us": round(tunnel_procs_us, 1),
-        "parts_us": {k: round(v, 1) for k, v in parts.items()},
-        "parts_total_us": round(parts_us, 1),
-        "own_work_us": round(tunnel_procs_us - parts_us, 1),
-        "floor_us": round(floor_us, 1),
+        "gateway_client_us": round(gateway_client_us, 1),
         "tunnel_us": round(tunnel_us, 1),
-        "overlap": round(tunnel["rps"] * tunnel_us / 1e6, 2),  # cores busy on average with this work
-        "bound_rps": {"tunnel": round(cores / tunnel_us * 1e6), "floor": round(cores / floor_us * 1e6)},
+        "overlap": round(overlap, 2),
+        "tunnel_bound_rps": round(cores / tunnel_us * 1e6),
         "share": SHARE,
         "share_rps": round(wanted_rps),
-        "share_budget_us": round(cores / wanted_rps * 1e6, 1),  # CPU a request that rate allows, perfect overlap
+        "share_budget_us": round(cores / wanted_rps * 1e6, 1),
+        "share_budget_at_overlap_us": round(budget_at_overlap, 1),
+        "by_mode": by_mode,
     }
 
 
 def print_report(report: dict) -> None:
-    d, t, s = report["direct"], report["tunnel"], report["summary"]
-    print(f"{'run (c' + str(CONCURRENCY) + ', 100 B GET)':<36} {'req/s':>9}  CPU us a request, by process")
+    d, t, parts, s = report["direct"], report["tunnel"], report["parts"], report["summary"]
+    sat, paced = parts["saturated"], parts["paced"]
+    print(f"{'run (c' + str(CONCURRENCY) + ', 100 B GET)':<40} {'req/s':>9}  CPU us a request, by process")
     for name, run in (("direct", d), ("tunnel (ingress)", t)):
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in run["cpu_us"].items())
-        print(f"{name:<36} {run['rps']:>9.0f}  {sum(run['cpu_us'].values()):6.1f} = {parts}")
+        by_process = ", ".join(f"{k} {v:.1f}" for k, v in run["cpu_us"].items())
+        print(f"{name:<40} {run['rps']:>9.0f}  {sum(run['cpu_us'].values()):6.1f} = {by_process}")
     for way, g in t["grpc"].items():
-        print(f"  gRPC {way:<5} {g['messages_per_request']:.3f} messages a request, {g['bytes_per_message']} bytes each")
+        print(f"  gRPC {way:<5} {g['messages_per_request']:.3f} messages a request ({g['messages_per_s']}/s), "
+              f"{g['bytes_per_message']} bytes each")
     print()
-    print(f"{'part alone':<36} {'CPU us':>9}")
-    print(f"{'entry (aiohttp server, 100 B)':<36} {report['entry']['cpu_us']['entry']:>9.1f}  a request "
-          f"({report['entry']['rps']:.0f} req/s)")
-    print(f"{'upstream call (HttpPool -> backend)':<36} {report['upstream']['cpu_us_per_call']:>9.1f}  a call")
-    for way, g in report["grpc"].items():
-        print(f"{'gRPC message ' + way + ', ' + str(g['size']) + ' B':<36} {g['writer_us']:>9.1f}  writer, "
-              f"{g['reader_us']:.1f} reader")
+    print(f"{'part alone, CPU us':<40} {'saturated':>9} {'paced':>9}")
+    print(f"{'entry (aiohttp server, 100 B), a request':<40} {sat['entry']['cpu_us']['entry']:>9.1f} "
+          f"{paced['entry']['cpu_us']['entry']:>9.1f}")
+    print(f"{'upstream call (HttpPool -> backend)':<40} {sat['upstream']['cpu_us_per_call']:>9.1f} "
+          f"{paced['upstream']['cpu_us_per_call']:>9.1f}")
+    for way in sat["grpc"]:
+        a, b = sat["grpc"][way], paced["grpc"][way]
+        label = f"gRPC message {way}, {a['size']} B"
+        print(f"{label + ', writer':<40} {a['writer_us']:>9.1f} {b['writer_us']:>9.1f}")
+        print(f"{label + ', reader':<40} {a['reader_us']:>9.1f} {b['reader_us']:>9.1f}")
     print()
-    print(f"{'a request through the tunnel':<36} {'CPU us':>9}")
-    print(f"{'generator + backend':<36} {s['around_us']:>9.1f}  ({s['direct_us']} in the direct call)")
-    print(f"{'gateway + client':<36} {s['gateway_client_us']:>9.1f}")
-    for name, v in s["parts_us"].items():
-        print(f"  {name:<38} {v:>5.1f}")
-    print(f"  {'the tunnel own work (the rest)':<38} {s['own_work_us']:>5.1f}")
-    print(f"{'floor (direct call + the parts)':<36} {s['floor_us']:>9.1f}")
-    print(f"{'tunnel, measured':<36} {s['tunnel_us']:>9.1f}")
+    print(f"{'a request through the tunnel, CPU us':<40} {'saturated':>9} {'paced':>9}")
+    print(f"{'generator + backend':<40} {s['around_us']:>9.1f}  ({s['direct_us']} in the direct call)")
+    print(f"{'gateway + client':<40} {s['gateway_client_us']:>9.1f}")
+    a, b = s["by_mode"]["saturated"], s["by_mode"]["paced"]
+    for name in a["parts_us"]:
+        print(f"  {name:<38} {a['parts_us'][name]:>9.1f} {b['parts_us'][name]:>9.1f}")
+    print(f"  {'the tunnel' + chr(39) + 's own work (the rest)':<38} {a['own_work_us']:>9.1f} {b['own_work_us']:>9.1f}")
+    print(f"{'floor (direct call + the parts)':<40} {a['floor_us']:>9.1f} {b['floor_us']:>9.1f}")
+    print(f"{'all four processes, measured':<40} {s['tunnel_us']:>9.1f}")
     print()
-    print(f"on {s['cores']} cores with perfect overlap: the tunnel's work allows {s['bound_rps']['tunnel']} req/s, "
-          f"the floor {s['bound_rps']['floor']} req/s (measured: {t['rps']:.0f}, {s['overlap']} cores busy on average)")
-    print(f"{s['share']:.0%} of the direct rate is {s['share_rps']} req/s: at most {s['share_budget_us']} us of CPU "
-          f"a request, with perfect overlap")
+    print(f"on {s['cores']} cores with perfect overlap, the four processes' work allows {s['tunnel_bound_rps']} req/s "
+          f"and the floor {b['floor_bound_rps']}-{a['floor_bound_rps']} (measured: {t['rps']:.0f} req/s, "
+          f"{s['overlap']} cores busy on average)")
+    print(f"{s['share']:.0%} of the direct rate is {s['share_rps']} req/s: {s['share_budget_us']} us of CPU a request "
+          f"with perfect overlap, {s['share_budget_at_overlap_us']} at the overlap measured; that leaves the "
+          f"tunnel's own work {b['own_work_room_us']} to {a['own_work_room_us']} us")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--quick", action="store_true", help="2 s load runs and fewer gRPC messages (about 25 s)")
+    p.add_argument("--quick", action="store_true", help="2 s load runs and fewer gRPC messages (about 30 s)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per load run (default 6)")
     p.add_argument("--connections", type=int, default=2, help="tunnel connections of the client (default 2)")
     p.add_argument("--generator", choices=("auto", "wrk", "hey", "python"), default="auto",
@@ -371,21 +468,21 @@ def main(argv: list[str] | None = None) -> int:
         stack = BenchStack(Path(tmpdir))
         try:
             floor = Floor(args, stack, Path(tmpdir))
+            if floor.generator == "python":
+                print(f"bench_floor: the built-in Python load generator shares the cores; {INSTALL_HINT}",
+                      file=sys.stderr)
             stack.start_backend()
             stack.start_gateway(1)
             stack.start_client(args.connections)
             direct, tunnel = floor.direct_and_tunnel()
             stack.stop_tunnel()  # the parts alone run on a machine as quiet as the direct call's
-            entry = floor.entry_alone()
-            upstream = floor.upstream_alone()
-            grpc = {way: floor.grpc_alone(way, max(64, tunnel["grpc"][way]["bytes_per_message"]))
-                    for way in ("down", "up")}
+            parts = floor.parts(tunnel)
         finally:
             stack.close()
-    report = {"meta": {"generator": floor.generator, "seconds": floor.seconds, "concurrency": CONCURRENCY,
-                       "connections": args.connections},
-              "direct": direct, "tunnel": tunnel, "entry": entry, "upstream": upstream, "grpc": grpc,
-              "summary": summarise(direct, tunnel, entry, upstream, grpc)}
+    report = {"meta": {"generator": floor.generator, "paced_generator": floor.paced_generator,
+                       "seconds": floor.seconds, "concurrency": CONCURRENCY, "connections": args.connections},
+              "direct": direct, "tunnel": tunnel, "parts": parts,
+              "summary": summarise(direct, tunnel, parts, len(os.sched_getaffinity(0)))}
     print_report(report)
     if args.json == "-":
         print(json.dumps(report, indent=2))

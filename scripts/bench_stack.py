@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -14,8 +15,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-__all__ = ["BenchStack", "ProcGroup", "RssSampler", "free_port"]
+if TYPE_CHECKING:
+    from bench_load import LoadResult, LoadSpec
+
+__all__ = ["BenchStack", "ProcGroup", "RssSampler", "free_port", "get_json", "load_with_cpu"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
@@ -133,7 +138,7 @@ class RssSampler:
         self._thread.join()
 
 
-def _get_json(url: str, timeout: float = 2.0) -> object:
+def get_json(url: str, timeout: float = 2.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -147,12 +152,14 @@ class BenchStack:
         self.backend_port = free_port()
         self.http_port = self.tunnel_port = self.admin_port = 0
         self.local_port = self.client_admin_port = self.nginx_port = 0
+        self.backend: ProcGroup | None = None
         self.gateway: ProcGroup | None = None
         self.client: ProcGroup | None = None
         self.settings: list[str] = []
 
     # -- processes -------------------------------------------------------
-    def _start(self, name: str, args: list[str]) -> ProcGroup:
+    def start_process(self, name: str, args: list[str]) -> ProcGroup:
+        """Start a process of the run (its log in the run's directory); close() stops it."""
         log = self.tmp / f"{name}-{len(self.groups)}.log"
         with log.open("wb") as fh:
             popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -161,7 +168,8 @@ class BenchStack:
         self.groups.append(group)
         return group
 
-    def _wait(self, what: str, group: ProcGroup, check, timeout: float = 30.0) -> None:
+    def wait_ready(self, what: str, group: ProcGroup, check: Callable[[], Any], timeout: float = 30.0) -> None:
+        """Poll `check` until it is true; exit with the process's log if it dies or the time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not group.alive():
@@ -175,8 +183,9 @@ class BenchStack:
         raise SystemExit(f"bench: {what} not ready within {timeout:.0f}s; its log:\n{group.log.read_text()[-3000:]}")
 
     def start_backend(self) -> ProcGroup:
-        group = self._start("backend", [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
-        self._wait("backend", group, lambda: _get_json(f"{self.backend_url}/stats"))
+        group = self.start_process("backend", [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
+        self.wait_ready("backend", group, lambda: get_json(f"{self.backend_url}/stats"))
+        self.backend = group
         return group
 
     def start_gateway(self, workers: int, force_cross_worker: bool = False) -> ProcGroup:
@@ -223,21 +232,21 @@ name = "backend"
 path_prefix = "/"
 upstream = "backend"
 """)
-        group = self._start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(config)])
-        self._wait("gateway", group, lambda: _get_json(f"{self.admin_url}/healthz"))
+        group = self.start_process("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(config)])
+        self.wait_ready("gateway", group, lambda: get_json(f"{self.admin_url}/healthz"))
         self.gateway = group
         return group
 
     def start_client(self, connections: int) -> ProcGroup:
         self.local_port, self.client_admin_port = free_port(), free_port()
-        group = self._start("client", [
+        group = self.start_process("client", [
             sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
             "--group", "bench", "--token", TOKEN, "--client-id", "bench-client",
             "--connections", str(connections), "--local-port", str(self.local_port),
             "--admin-port", str(self.client_admin_port), "--max-body-bytes", str(4 << 30),
             "--request-timeout", "60", "--access-log", "off", "--log-level", "warning",
         ])
-        self._wait("client", group, lambda: self.streams_per_worker() and sum(self.streams_per_worker().values()) >= connections)
+        self.wait_ready("client", group, lambda: self.streams_per_worker() and sum(self.streams_per_worker().values()) >= connections)
         self.client = group
         return group
 
@@ -271,8 +280,8 @@ http {{
     }}
 }}
 """)
-        group = self._start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
-        self._wait("nginx", group, lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.nginx_port}/hello", timeout=2))
+        group = self.start_process("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+        self.wait_ready("nginx", group, lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.nginx_port}/hello", timeout=2))
         return group
 
     def stop_tunnel(self) -> None:
@@ -296,7 +305,7 @@ http {{
         return f"http://127.0.0.1:{self.admin_port}"
 
     def shards(self) -> list[dict]:
-        return _get_json(f"{self.admin_url}/admin/shards")["workers"]
+        return get_json(f"{self.admin_url}/admin/shards")["workers"]
 
     def streams_per_worker(self) -> dict[int, int]:
         return {w["worker"]: sum(w["streams"].values()) for w in self.shards()}
@@ -315,3 +324,22 @@ http {{
                            cwd=ROOT, capture_output=True, timeout=60)
             time.sleep(0.2)
         raise SystemExit(f"bench: could not give every worker a stream: {self.streams_per_worker()}")
+
+
+def load_with_cpu(generator: str, spec: "LoadSpec", workdir: Path,
+                  groups: dict[str, ProcGroup]) -> tuple["LoadResult", dict[str, float]]:
+    """One load run, and the CPU microseconds a request of each group and of the
+    load generator itself ("load generator": wrk and hey are children of this
+    process, reaped inside the window; the python driver runs in it). Nothing
+    else may reap a child of this process during the run."""
+    from bench_load import run_load
+
+    who = resource.RUSAGE_SELF if generator == "python" else resource.RUSAGE_CHILDREN
+    before = {k: g.cpu_seconds() for k, g in groups.items()}
+    r0 = resource.getrusage(who)
+    result = run_load(generator, spec, workdir)
+    r1 = resource.getrusage(who)
+    cpu = {k: g.cpu_seconds() - before[k] for k, g in groups.items()}
+    cpu["load generator"] = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    n = max(result.requests, 1)
+    return result, {k: v / n * 1e6 for k, v in cpu.items()}

@@ -6,7 +6,6 @@ stops everything it started.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

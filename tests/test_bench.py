@@ -13,6 +13,7 @@ from tests.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_floor  # noqa: E402
 from bench_load import LoadSpec, run_load  # noqa: E402
 
 EXPECTED = {
@@ -98,19 +99,50 @@ def test_floor_measures_every_part_and_the_tunnel_beside_them(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["direct"]["cpu_us"]) == {"backend", "load generator"}
     assert set(report["tunnel"]["cpu_us"]) == {"backend", "gateway", "client", "load generator"}
-    for run_ in (report["direct"], report["tunnel"], report["entry"]):
-        assert run_["rps"] > 0 and all(v > 0 for v in run_["cpu_us"].values()), run_
+    for measured in (report["direct"], report["tunnel"]):
+        assert measured["rps"] > 0 and all(v > 0 for v in measured["cpu_us"].values()), measured
+    rps = report["tunnel"]["rps"]
     for way in ("down", "up"):
         seen = report["tunnel"]["grpc"][way]
         assert 0 < seen["messages_per_request"] <= 2 and seen["bytes_per_message"] > 0, seen
-        alone = report["grpc"][way]
-        assert alone["size"] == max(64, seen["bytes_per_message"]), alone
-        assert alone["writer_us"] > 0 and alone["reader_us"] > 0, alone
-    assert report["upstream"]["calls"] > 0 and report["upstream"]["cpu_us_per_call"] > 0
-    s = report["summary"]
-    assert s["parts_total_us"] == pytest.approx(sum(s["parts_us"].values()), abs=0.2)
-    assert s["floor_us"] == pytest.approx(s["direct_us"] + s["parts_total_us"], abs=0.2)
-    assert s["own_work_us"] == pytest.approx(s["gateway_client_us"] - s["parts_total_us"], abs=0.2)
-    assert s["tunnel_us"] == pytest.approx(sum(report["tunnel"]["cpu_us"].values()), abs=0.2)
-    assert s["share_rps"] == round(0.4 * report["direct"]["rps"])
+        assert seen["messages_per_s"] == pytest.approx(seen["messages_per_request"] * rps, rel=0.01, abs=1)
+    for mode in ("saturated", "paced"):
+        parts = report["parts"][mode]
+        assert parts["entry"]["cpu_us"]["entry"] > 0 and parts["upstream"]["cpu_us_per_call"] > 0, parts
+        assert parts["upstream"]["errors"] == 0 and parts["upstream"]["calls"] > 0
+        for way, alone in parts["grpc"].items():
+            seen = report["tunnel"]["grpc"][way]
+            assert alone["size"] == max(64, seen["bytes_per_message"]) and alone["grpc_io"] == "iomgr", alone
+            assert alone["writer_us"] > 0 and alone["reader_us"] > 0, alone
+        # Paced at the rate the tunnel ran at; saturated as fast as each part goes.
+        if mode == "paced":
+            assert parts["entry"]["rate"] == round(rps) and parts["upstream"]["rate"] == rps
+            assert {w: g["rate"] for w, g in parts["grpc"].items()} == {
+                w: g["messages_per_s"] for w, g in report["tunnel"]["grpc"].items()}
+        else:
+            assert parts["entry"]["rps"] > rps and parts["upstream"]["rate"] == 0
+    assert report["summary"] == bench_floor.summarise(report["direct"], report["tunnel"], report["parts"],
+                                                      report["summary"]["cores"])
     assert "floor (direct call + the parts)" in run.stdout  # the table
+
+
+def test_floor_arithmetic():
+    """The report's sums, from fixed measurements."""
+    direct = {"rps": 20000.0, "cpu_us": {"backend": 40.0, "load generator": 10.0}}
+    tunnel = {"rps": 5000.0, "cpu_us": {"backend": 45.0, "gateway": 120.0, "client": 80.0, "load generator": 15.0},
+              "grpc": {"down": {"messages_per_request": 0.1}, "up": {"messages_per_request": 0.2}}}
+    part = {"entry": {"cpu_us": {"entry": 20.0}}, "upstream": {"cpu_us_per_call": 18.0},
+            "grpc": {"down": {"writer_us": 30.0, "reader_us": 40.0}, "up": {"writer_us": 25.0, "reader_us": 35.0}}}
+    s = bench_floor.summarise(direct, tunnel, {"saturated": part}, cores=2)
+    assert (s["direct_us"], s["around_us"], s["gateway_client_us"], s["tunnel_us"]) == (50.0, 60.0, 200.0, 260.0)
+    assert s["overlap"] == 1.3  # 5000 requests/s x 260 us
+    assert s["share_rps"] == round(bench_floor.SHARE * 20000)
+    assert s["share_budget_us"] == pytest.approx(2 / (bench_floor.SHARE * 20000) * 1e6, abs=0.1)
+    assert s["share_budget_at_overlap_us"] == pytest.approx(1.3 / (bench_floor.SHARE * 20000) * 1e6, abs=0.1)
+    m = s["by_mode"]["saturated"]
+    grpc = 0.1 * 70 + 0.2 * 60
+    assert m["parts_us"]["gRPC: messages a request x cost alone"] == round(grpc, 1)
+    assert m["parts_total_us"] == 20 + 18 + grpc
+    assert m["own_work_us"] == 200 - (20 + 18 + grpc)
+    assert m["floor_us"] == 50 + 20 + 18 + grpc
+    assert m["own_work_room_us"] == pytest.approx(s["share_budget_at_overlap_us"] - 60 - (20 + 18 + grpc), abs=0.2)
