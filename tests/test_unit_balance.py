@@ -467,3 +467,37 @@ def test_a_head_that_cannot_be_encoded_leaves_nothing_registered():
             assert stream.pending == {} and not stream._out and stream.requests_originated == 0
 
     asyncio.run(check())
+
+
+def test_a_serving_stream_lets_answers_of_consecutive_loop_turns_share_a_message():
+    """While answers keep coming, turn after turn, the writer waits for them (up to three turns)
+    so they share one gRPC message; a stream that serves nothing writes after one turn."""
+    from gateway.tunnel.stream import StreamLimits, TunnelStream
+
+    async def frames_over_turns(serving: bool, turns: int) -> list[bytes]:
+        writes: list[bytes] = []
+
+        class Recorder:
+            async def write(self, raw: bytes) -> None:
+                writes.append(raw)
+
+        stream = TunnelStream(Recorder(), limits=StreamLimits(), on_request=None, peer_id="c1")
+        if serving:
+            stream.serving["r1"] = None  # a request being answered
+        writer = asyncio.get_running_loop().create_task(stream._writer())
+        await asyncio.sleep(0)  # the writer waits for frames
+        for n in range(turns):
+            stream.push_encoded(b"%d" % n)
+            await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        writer.cancel()
+        return writes
+
+    async def check():
+        assert await frames_over_turns(serving=True, turns=3) == [b"012"]
+        lingered = await frames_over_turns(serving=True, turns=6)
+        assert b"".join(lingered) == b"012345" and len(lingered) == 2  # at most three turns a message
+        assert len(await frames_over_turns(serving=False, turns=3)) >= 2
+
+    asyncio.run(check())

