@@ -23,12 +23,17 @@ EXPECTED = {
      ("workers1", "ingress"), ("workers2_local", "ingress"), ("workers2_cross", "ingress")}
 
 
-def test_quick_bench_runs_every_scenario_without_errors(tmp_path):
-    out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--json", str(out)],
+def run_quick(script: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
+    """`script --quick --json`: its run (checked to have succeeded) and its JSON report."""
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, script, "--quick", "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+def test_quick_bench_runs_every_scenario_without_errors(tmp_path):
+    run, report = run_quick("scripts/bench.py", tmp_path)
     rows = {(r["scenario"], r["target"]): r for r in report["results"]}
     assert EXPECTED <= set(rows), EXPECTED - set(rows)
     for key, row in rows.items():
@@ -92,11 +97,7 @@ def test_side_by_side_comparison_of_two_versions(tmp_path, versions):
 
 def test_floor_measures_every_part_and_the_tunnel_beside_them(tmp_path):
     """scripts/bench_floor.py: the tunnel, the direct call and each part alone in one run, and the sums."""
-    out = tmp_path / "floor.json"
-    run = subprocess.run([sys.executable, "scripts/bench_floor.py", "--quick", "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads(out.read_text())
+    run, report = run_quick("scripts/bench_floor.py", tmp_path)
     assert set(report["direct"]["cpu_us"]) == {"backend", "load generator"}
     assert set(report["tunnel"]["cpu_us"]) == {"backend", "gateway", "client", "load generator"}
     for measured in (report["direct"], report["tunnel"]):
