@@ -102,7 +102,7 @@ class Bench:
         result.bytes += result.requests * scenario.body_size  # MB/s counts what moved both ways
         row = Row(label or scenario.name, target, result)
         if procs and result.requests:
-            # microseconds a request are milliseconds a thousand: seconds a thousand / 1000
+            # µs a request / 1000 = s a thousand requests
             row.cpu_gateway_per_1k, row.cpu_client_per_1k = (round(cpu_us[k] / 1000, 4) for k in ("gateway", "client"))
             row.rss_gateway_mb, row.rss_client_mb = round(rss.peak["gateway"], 1), round(rss.peak["client"], 1)
         self.rows.append(row)

@@ -460,10 +460,10 @@ class TunnelStream:
         """Let the frames of the next loop turns join the batch: one turn, no timer;
         while this end serves requests and each turn brings more (answers coming
         back from the upstream), up to three. A gRPC message costs its writer and
-        reader 40-260 us of CPU whatever it holds; at c64 this sent 22 % fewer
-        messages from the client, for 6 % more requests/s and 6-8 % less CPU a
-        request on both ends. (Waiting a second turn whether or not more came
-        kept the peer waiting: 5 % fewer requests/s.)"""
+        reader 40-260 us of CPU whatever it holds (scripts/bench_floor.py); this
+        gave 1.06x requests/s at c64 over 12 alternating rounds and 4-8 % less
+        CPU a request on both ends. (Waiting a second turn whether or not more
+        came kept the peer waiting: 5 % fewer requests/s.)"""
         out = self._out
         queued = len(out)
         await asyncio.sleep(0)
