@@ -310,7 +310,8 @@ class Floor:
             self.stack.wait_ready("entry alone", group, lambda: "ready" in group.log.read_text())
             url = f"http://127.0.0.1:{port}/"
             self.warm_up(url)
-            return {"saturated": self.measure(url, {"entry": group}), "paced": self.measure(url, {"entry": group}, rate)}
+            return {"saturated": self.measure(url, {"entry": group}),
+                    "paced": self.measure(url, {"entry": group}, rate)}
         finally:
             group.stop()
 
@@ -448,8 +449,8 @@ def print_report(report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 s load runs and fewer gRPC messages (about 30 s)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per load run (default 6)")
     p.add_argument("--connections", type=int, default=2, help="tunnel connections of the client (default 2)")

@@ -474,30 +474,35 @@ def test_a_serving_stream_lets_answers_of_consecutive_loop_turns_share_a_message
     so they share one gRPC message; a stream that serves nothing writes after one turn."""
     from gateway.tunnel.stream import StreamLimits, TunnelStream
 
-    async def frames_over_turns(serving: bool, turns: int) -> list[bytes]:
-        writes: list[bytes] = []
+    async def frames_over_turns(serving: bool, turns: int, max_batch_bytes: int = 1 << 20) -> list[tuple[int, bytes]]:
+        """(the turn it went out in, the message) for frames pushed one a turn."""
+        writes: list[tuple[int, bytes]] = []
+        turn = 0
 
         class Recorder:
             async def write(self, raw: bytes) -> None:
-                writes.append(raw)
+                writes.append((turn, raw))
 
-        stream = TunnelStream(Recorder(), limits=StreamLimits(), on_request=None, peer_id="c1")
+        stream = TunnelStream(Recorder(), limits=StreamLimits(max_batch_bytes=max_batch_bytes), on_request=None,
+                              peer_id="c1")
         if serving:
             stream.serving["r1"] = None  # a request being answered
         writer = asyncio.get_running_loop().create_task(stream._writer())
         await asyncio.sleep(0)  # the writer waits for frames
-        for n in range(turns):
-            stream.push_encoded(b"%d" % n)
-            await asyncio.sleep(0)
-        for _ in range(5):
+        for turn in range(8):
+            if turn < turns:
+                stream.push_encoded(b"%d" % turn)
             await asyncio.sleep(0)
         writer.cancel()
         return writes
 
     async def check():
-        assert await frames_over_turns(serving=True, turns=3) == [b"012"]
+        assert [m for _, m in await frames_over_turns(serving=True, turns=3)] == [b"012"]
         lingered = await frames_over_turns(serving=True, turns=6)
-        assert b"".join(lingered) == b"012345" and len(lingered) == 2  # at most three turns a message
+        assert [m for _, m in lingered] == [b"0123", b"45"], lingered  # at most three turns a message
         assert len(await frames_over_turns(serving=False, turns=3)) >= 2
+        # A full message goes at once: the next turn's frame does not hold it back.
+        full = await frames_over_turns(serving=True, turns=3, max_batch_bytes=2)
+        assert full[0] == (1, b"01")
 
     asyncio.run(check())

@@ -468,7 +468,8 @@ class TunnelStream:
         queued = len(out)
         await asyncio.sleep(0)
         turns = 1
-        while turns < 3 and self.serving and len(out) > queued:
+        # Not once a message is full: the rest would only wait longer.
+        while turns < 3 and self.serving and len(out) > queued and self._out_bytes < self.limits.max_batch_bytes:
             queued = len(out)
             await asyncio.sleep(0)
             turns += 1
