@@ -55,34 +55,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench_load import INSTALL_HINT, LoadSpec, pick_generator, run_load  # noqa: E402
+from bench_load import INSTALL_HINT, LoadSpec, Pacer, pick_generator, run_load  # noqa: E402
 from bench_stack import BenchStack, ProcGroup, free_port, get_json, load_with_cpu  # noqa: E402
 
 CONCURRENCY = 64
 SHARE = 0.40  # issue 6: the tunnel at 40 % of the direct rate
 MODES = ("saturated", "paced")
-GRPC_MAX_MESSAGE = 16 << 20  # what the client's channel allows (gateway/client/agent.py)
-GRPC_KEEPALIVE_MS = 10_000
 
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-class Pacer:
-    """Spaces the operations of any number of coroutines 1/rate seconds apart (rate 0: no spacing)."""
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1 / rate if rate else 0.0
-        self.next = time.monotonic()
-
-    async def wait(self) -> None:
-        if self.interval:
-            self.next += self.interval
-            delay = self.next - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
 
 
 # -- the parts alone, each run as `bench_floor.py --part ...` in a child ---------------
@@ -136,9 +119,9 @@ async def _call_upstream(url: str, seconds: float, concurrency: int, rate: float
 
 
 def _grpc_options(server: bool) -> list[tuple[str, int]]:
-    from gateway.tunnel.transport import grpc_options
+    from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, grpc_options
 
-    return grpc_options(GRPC_MAX_MESSAGE, GRPC_KEEPALIVE_MS, server=server)
+    return grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=server)
 
 
 async def _grpc_server(port: int, direction: str, count: int, size: int, rate: float) -> None:

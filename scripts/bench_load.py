@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["LoadResult", "LoadSpec", "pick_generator", "run_load", "INSTALL_HINT"]
+__all__ = ["LoadResult", "LoadSpec", "Pacer", "pick_generator", "run_load", "INSTALL_HINT"]
 
 INSTALL_HINT = "install wrk for accurate figures: apt-get install wrk (or hey: apt-get install hey)"
 
@@ -62,6 +62,21 @@ class LoadResult:
 
     def as_dict(self) -> dict:
         return dict(asdict(self), rps=round(self.rps, 1), mb_per_s=round(self.mb_per_s, 2))
+
+
+class Pacer:
+    """Spaces the operations of any number of coroutines 1/rate seconds apart (rate 0: no spacing)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1 / rate if rate else 0.0
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        if self.interval:
+            self.next += self.interval
+            delay = self.next - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 def pick_generator(wanted: str = "auto") -> str:
@@ -152,14 +167,11 @@ async def _run_python(spec: LoadSpec) -> LoadResult:
         started = time.monotonic()
         stop_at = started + spec.duration
 
-        interval = spec.concurrency / spec.rate if spec.rate else 0.0
+        pacer = Pacer(spec.rate)
 
         async def worker() -> None:
-            due = time.monotonic()
             while time.monotonic() < stop_at:
-                if interval:
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                    due += interval
+                await pacer.wait()
                 t0 = time.monotonic()
                 try:
                     async with session.request(spec.method, spec.url, data=body) as r:

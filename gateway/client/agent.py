@@ -24,7 +24,8 @@ from gateway.tunnel import frames
 from gateway.tunnel.dispatch import RuleDispatcher
 from gateway.tunnel.proxy import UpstreamClients
 from gateway.tunnel.stream import InboundExchange, StreamLimits, TunnelStream
-from gateway.tunnel.transport import ClientTransport, grpc_options, open_client_call
+from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
+                                      open_client_call)
 
 __all__ = ["Agent", "Connection", "Backoff"]
 
@@ -134,7 +135,7 @@ class Connection:
 
     async def _channel(self) -> grpc.aio.Channel:
         cfg = self.agent.config
-        options = grpc_options(16 << 20, 10000, server=False)
+        options = grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=False)
         if not (cfg.tls or cfg.tls_ca or cfg.insecure):
             return grpc.aio.insecure_channel(cfg.server, options=options)
         from gateway.tls import channel_credentials

@@ -14,6 +14,8 @@ import grpc.aio
 
 __all__ = [
     "SERVICE",
+    "CLIENT_MAX_MESSAGE",
+    "CLIENT_KEEPALIVE_MS",
     "METHOD",
     "Transport",
     "ServerTransport",
@@ -24,6 +26,10 @@ __all__ = [
 ]
 
 SERVICE = "tunnel.v1.Tunnel"
+# The client's channel: messages up to 16 MiB (room above the largest batch of
+# frames), keepalive pings every 10 s.
+CLIENT_MAX_MESSAGE = 16 << 20
+CLIENT_KEEPALIVE_MS = 10_000
 METHOD = f"/{SERVICE}/Connect"
 
 
