@@ -39,6 +39,7 @@ class LoadSpec:
     method: str = "GET"
     body_size: int = 0
     rate: int = 0  # requests/s in all, shared by the connections; 0: as fast as answers come (not wrk)
+    host: str = ""  # a Host header other than the URL's (a server that routes by name, like localtunnel)
 
 
 @dataclass
@@ -109,8 +110,10 @@ def _body_file(workdir: Path, size: int) -> Path:
 
 
 def _run_wrk(spec: LoadSpec, workdir: Path) -> LoadResult:
-    script = workdir / f"wrk-{spec.method}-{spec.body_size}.lua"
+    script = workdir / f"wrk-{spec.method}-{spec.body_size}-{spec.host}.lua"
     lines = [f'wrk.method = "{spec.method}"']
+    if spec.host:
+        lines.append(f'wrk.headers["Host"] = "{spec.host}"')
     if spec.body_size:
         lines += [f"wrk.body = string.rep('x', {spec.body_size})",
                   'wrk.headers["Content-Type"] = "application/octet-stream"']
@@ -141,6 +144,8 @@ def _run_hey(spec: LoadSpec, workdir: Path) -> LoadResult:
         cmd += ["-q", str(max(1, spec.rate // spec.concurrency))]  # hey's rate is per connection
     if spec.body_size:
         cmd += ["-D", str(_body_file(workdir, spec.body_size)), "-T", "application/octet-stream"]
+    if spec.host:
+        cmd += ["-host", spec.host]
     started = time.monotonic()
     out = subprocess.run(cmd + [spec.url], capture_output=True, text=True, timeout=spec.duration + 60)
     seconds = time.monotonic() - started
@@ -160,6 +165,7 @@ async def _run_python(spec: LoadSpec) -> LoadResult:
     import aiohttp
 
     body = b"x" * spec.body_size if spec.body_size else None
+    headers = {"Host": spec.host} if spec.host else None
     latencies: list[float] = []
     counts = {"bytes": 0, "errors": 0}
     conn = aiohttp.TCPConnector(limit=spec.concurrency)
@@ -174,7 +180,7 @@ async def _run_python(spec: LoadSpec) -> LoadResult:
                 await pacer.wait()
                 t0 = time.monotonic()
                 try:
-                    async with session.request(spec.method, spec.url, data=body) as r:
+                    async with session.request(spec.method, spec.url, data=body, headers=headers) as r:
                         async for chunk in r.content.iter_any():
                             counts["bytes"] += len(chunk)
                         if r.status >= 400:
