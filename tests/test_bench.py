@@ -235,3 +235,4 @@ def test_bench_beside_localtunnel(tmp_path):
         assert lt["cpu_gateway_s_per_1k"] > 0 and lt["cpu_client_s_per_1k"] > 0  # its server and its client
         assert ours["vs_localtunnel"] == round(ours["rps"] / lt["rps"], 3)
     assert "localtunnel" in run.stdout  # the table
+    assert not (ROOT / "node_modules").exists()  # nothing of it is left in the checkout
