@@ -24,7 +24,6 @@ client columns its client's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -36,12 +35,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import INSTALL_HINT, LoadResult, LoadSpec, pick_generator, run_load  # noqa: E402
-from bench_stack import BenchStack, RssSampler, get_json, load_with_cpu  # noqa: E402
+from bench_stack import BenchStack, ProcGroup, RssSampler, get_json, load_with_cpu  # noqa: E402
 import bench_localtunnel  # noqa: E402
 
 MIB = 1 << 20
@@ -100,20 +99,15 @@ class Bench:
         self.localtunnel: bench_localtunnel.Localtunnel | None = None
 
     # -- one measured run --------------------------------------------------
-    def measure(self, scenario: Scenario, target: str, base_url: str, *, label: str | None = None) -> Row:
+    def measure(self, scenario: Scenario, target: str, base_url: str, *, label: str | None = None,
+                groups: Mapping[str, ProcGroup | None] | None = None, **load: Any) -> Row:
+        """One run of `scenario` against `target`; CPU and RSS of `groups` (by default our gateway
+        and client for ingress and egress); `load`: more of LoadSpec (host, timeout)."""
         spec = LoadSpec(base_url + scenario.path, scenario.concurrency, self.duration, scenario.method,
-                        scenario.body_size)
-        if target == "localtunnel":
-            # A request stuck on a tunnel socket localtunnel lost would otherwise count neither as
-            # answered nor as an error; its slowest answers take a fraction of this.
-            spec = dataclasses.replace(spec, host=bench_localtunnel.HOST, timeout=bench_localtunnel.STALLED)
-        if target in ("ingress", "egress"):
-            measured = {"gateway": self.stack.gateway, "client": self.stack.client}
-        elif target == "localtunnel" and self.localtunnel is not None:
-            measured = self.localtunnel.groups()
-        else:
-            measured = {}
-        procs = {k: g for k, g in measured.items() if g is not None}
+                        scenario.body_size, **load)
+        if groups is None:
+            groups = {"gateway": self.stack.gateway, "client": self.stack.client} if target in ("ingress", "egress") else {}
+        procs = {k: g for k, g in groups.items() if g is not None}
         with RssSampler(procs) as rss:
             result, cpu_us = load_with_cpu(self.generator, spec, self.tmp, procs)
         result.bytes += result.requests * scenario.body_size  # MB/s counts what moved both ways
@@ -141,23 +135,18 @@ class Bench:
                 "egress": f"http://127.0.0.1:{s.local_port}"}
         if s.nginx_port:
             urls["nginx"] = f"http://127.0.0.1:{s.nginx_port}"
-        if self.localtunnel is not None:
-            urls["localtunnel"] = ""  # a fresh one for each run (see Localtunnel.restart)
         return urls
 
     def run_main(self) -> None:
         urls = self.targets()
         for url in urls.values():
-            if url:
-                self.warm_up(url)
+            self.warm_up(url)
         for scenario in SCENARIOS:
             if self.args.scenarios and scenario.name not in self.args.scenarios:
                 continue
-            rows: dict[str, Row] = {}
-            for target, url in urls.items():
-                row = self.measure_localtunnel(scenario) if target == "localtunnel" else self.measure(scenario, target, url)
-                if row is not None:
-                    rows[target] = row
+            rows = {target: self.measure(scenario, target, url) for target, url in urls.items()}
+            if self.localtunnel is not None and (lt := self.measure_localtunnel(scenario)) is not None:
+                rows["localtunnel"] = lt
             compare(rows)
 
     def measure_localtunnel(self, scenario: Scenario) -> Row | None:
@@ -170,7 +159,10 @@ class Bench:
             print(f"bench: localtunnel did not start for {scenario.name}, its row is left out: {exc}", file=sys.stderr)
             return None
         self.warm_up(lt.url, bench_localtunnel.HOST)
-        return self.measure(scenario, "localtunnel", lt.url)
+        # A request stuck on a tunnel socket localtunnel lost would otherwise count neither as
+        # answered nor as an error; its slowest answers take a fraction of STALLED.
+        return self.measure(scenario, "localtunnel", lt.url, groups=lt.groups(), host=bench_localtunnel.HOST,
+                            timeout=bench_localtunnel.STALLED)
 
     def run_head_of_line(self) -> None:
         """Fast requests at concurrency 10 on the tunnel, alone and with a slow request in flight."""

