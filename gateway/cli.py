@@ -17,6 +17,7 @@ import orjson
 from gateway import __version__
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
 from gateway.settings import ConfigError, add_arguments
+from gateway.supervisor import Supervisor
 
 __all__ = ["main", "build_parser", "effective_config"]
 
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    from gateway.supervisor import Supervisor
-
     workers = config.workers or os.cpu_count() or 1
     return Supervisor(config, workers, args).run()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.balance import STREAM_POLICIES

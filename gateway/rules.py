@@ -6,7 +6,7 @@ rules (target: an upstream of the client).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits

@@ -4,7 +4,9 @@ spawn context and import what they need themselves).
 
 Signal handlers only queue the signal; the main loop dispatches
 `handle_<signal>`. SIGTERM/SIGINT drain and stop (a second one forces),
-SIGHUP reloads the config into every worker.
+SIGHUP reloads the config into every worker: the supervisor parses and
+validates the file once and hands the result to the workers (a file only it
+writes, then SIGHUP), so every worker gets the same config.
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
+
+from setproctitle import setproctitle
 
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.ids import new_instance_id
@@ -38,13 +43,15 @@ MAX_BACKOFF = 30.0
 
 
 def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
-                overrides: argparse.Namespace | None, workers: int) -> None:
+                config_handoff: str, workers: int) -> None:
+    # Imported in the child: the worker module leads to grpc, zmq and aiohttp.
     from gateway.workers.worker import worker_main
 
-    worker_main(config, index, instance, endpoint, overrides, workers)
+    worker_main(config, index, instance, endpoint, config_handoff, workers)
 
 
 def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
+    # Imported in the child: the broker loads zmq.
     from gateway.router.broker import router_main
 
     router_main(endpoint, log_level, log_format)
@@ -52,6 +59,7 @@ def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
 
 def _forget_metrics_of(pid: int) -> None:
     """A dead worker's live gauges stop counting; its counters stay."""
+    # prometheus_client costs ~30 ms to import; only a respawn needs it here.
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
@@ -94,6 +102,8 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         self._own_metrics_dir: str | None = None
         self._stamp = self._config_stamp()
+        # A reloaded config, parsed here once, waits in this file for the workers (SIGHUP tells them).
+        self.config_handoff = os.path.join(tempfile.gettempdir(), f"tunnel-gateway-{self.instance}.config")
 
     # -- children --------------------------------------------------------------
 
@@ -102,7 +112,7 @@ class Supervisor:
             # Read self.config at spawn time: a respawned worker gets the reloaded config.
             return self.ctx.Process(
                 target=_run_worker, name=f"worker-{index}",
-                args=(self.config, index, self.instance, self.endpoint, self.overrides, self.n_workers),
+                args=(self.config, index, self.instance, self.endpoint, self.config_handoff, self.n_workers),
             )
 
         return Child(f"worker {index}", make)
@@ -146,11 +156,28 @@ class Supervisor:
         except ConfigError as exc:
             log.error("config reload rejected: %s", exc, extra={"file": exc.file, "key": exc.key})
             return
+        try:
+            self._hand_off(new)
+        except OSError as exc:
+            log.error("config reload failed: cannot write %s: %s", self.config_handoff, exc)
+            return
         self.config = new
         log.info("config reloaded; telling the workers", extra={"file": new.path})
         for child in self.children:
             if child.alive and child.name != "router":
                 os.kill(child.process.pid, signal.SIGHUP)
+
+    def _hand_off(self, config: GatewayConfig) -> None:
+        """Leave `config` where the workers read it on SIGHUP: written whole,
+        then renamed, readable by this user only (it holds the tokens)."""
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.config_handoff), prefix=".handoff-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                pickle.dump(config, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, self.config_handoff)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     # -- main loop -------------------------------------------------------------
 
@@ -168,8 +195,6 @@ class Supervisor:
                 os.unlink(os.path.join(path, name))
 
     def run(self) -> int:
-        from setproctitle import setproctitle
-
         setproctitle("tunnel-gateway: supervisor")
         setup_logging(self.config.log_level, self.config.log_format, prefix={"process": "supervisor"})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -202,6 +227,8 @@ class Supervisor:
         os.close(self._wake_w)
         if self._own_metrics_dir:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+        if os.path.exists(self.config_handoff):
+            os.unlink(self.config_handoff)
         log.info("supervisor exiting", extra={"code": self.exit_code})
         return self.exit_code
 
@@ -241,7 +268,7 @@ class Supervisor:
                     log.error("%s could not boot (exit %s); stopping the gateway", child.name, code)
                     self.exit_code = EXIT_BOOT_ERROR
                     self.stopping = True
-                    self.handle_term_forced()
+                    self._terminate_all()
                     return
                 if child.name != "router":
                     _forget_metrics_of(child.process.pid)
@@ -253,7 +280,7 @@ class Supervisor:
             if child.respawn_at is not None and now >= child.respawn_at:
                 child.start()
 
-    def handle_term_forced(self) -> None:
+    def _terminate_all(self) -> None:
         for child in self.children:
             if child.alive:
                 os.kill(child.process.pid, signal.SIGTERM)

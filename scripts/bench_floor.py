@@ -88,7 +88,7 @@ async def _serve_entry(port: int) -> None:
 
 async def _call_upstream(url: str, seconds: float, concurrency: int, rate: float) -> dict:
     """The client's HTTP side alone: pooled GETs of 100 bytes from the backend, `rate` a second (0: flat out)."""
-    from gateway.tunnel.upstream_http import HttpPool
+    from gateway.http.upstream_pool import HttpPool
 
     pool = HttpPool()
     calls = errors = 0

@@ -9,12 +9,12 @@ import pytest
 
 from gateway.balance import ServerPool
 from gateway.grpc_io import choose_grpc_io, grpc_io_in_use
-from gateway.httpmap import end_to_end, forwarded, has_body_response
+from gateway.http.headers import end_to_end, forwarded, has_body_response
 from gateway.ids import RequestIds, gateway_prefix, origin_worker, trace_id_from
 from gateway.limits import LimitGate, Limits
 from gateway.rules import Rule, first_match, path_matches, strip_port
 from gateway.tunnel import frames
-from gateway.workers.balancer import Balancer, Candidate, rendezvous
+from gateway.balance import Balancer, Candidate, rendezvous
 
 
 # -- rules ---------------------------------------------------------------------------

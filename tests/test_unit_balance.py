@@ -1,4 +1,4 @@
-"""Unit tests of choosing a tunnel stream (gateway/workers/balancer.py), of
+"""Unit tests of choosing a tunnel stream and an upstream server (gateway/balance.py), of
 upstream server pools (gateway/balance.py) and of limits (gateway/limits.py).
 Pure logic: no sockets, no processes; time is a fake clock."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gateway.balance import STREAM_POLICIES, UPSTREAM_POLICIES, ServerPool, pick
 from gateway.limits import LimitGate, Limits, TokenBucket, parse_limits
 from gateway.settings import ConfigError
 from gateway.tunnel.errors import STATUS, TunnelError
-from gateway.workers.balancer import Balancer, Candidate, rendezvous
+from gateway.balance import Balancer, Candidate, rendezvous
 
 LOCAL = object()  # a stand-in for a TunnelStream this worker owns
 

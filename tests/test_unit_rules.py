@@ -1,11 +1,11 @@
 """Unit tests of request matching (gateway/rules.py) and of the header edits a
-proxy makes (gateway/httpmap.py). Pure logic: no sockets, no processes."""
+proxy makes (gateway/http/headers.py). Pure logic: no sockets, no processes."""
 from __future__ import annotations
 
 import pytest
 from multidict import CIMultiDict
 
-from gateway.httpmap import HOP_BY_HOP, apply_rule, end_to_end, forwarded, has_body_response, header_bytes
+from gateway.http.headers import HOP_BY_HOP, apply_rule, end_to_end, forwarded, has_body_response, header_bytes
 from gateway.rules import Rule, first_match, host_matches, parse_rules, path_matches, strip_port
 from gateway.settings import ConfigError
 

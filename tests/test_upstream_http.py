@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from gateway.tunnel.upstream_http import HttpPool, UpstreamError, UpstreamTimeout
+from gateway.http.upstream_pool import HttpPool, UpstreamError, UpstreamTimeout
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -20,10 +20,12 @@ from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.groupconfig import group_config_from_json
 from gateway.settings import ConfigError
+from gateway.tls import channel_credentials
 from gateway.tunnel import frames
-from gateway.tunnel.dispatch import RuleDispatcher
-from gateway.tunnel.proxy import UpstreamClients
-from gateway.tunnel.stream import InboundExchange, StreamLimits, TunnelStream
+from gateway.dispatch import RuleDispatcher
+from gateway.http.upstream import UpstreamClients
+from gateway.tunnel.exchange import InboundExchange
+from gateway.tunnel.stream import StreamLimits, TunnelStream
 from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
                                       open_client_call)
 
@@ -138,8 +140,6 @@ class Connection:
         options = grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=False)
         if not (cfg.tls or cfg.tls_ca or cfg.insecure):
             return grpc.aio.insecure_channel(cfg.server, options=options)
-        from gateway.tls import channel_credentials
-
         # --insecure fetches the gateway's certificate: blocking I/O, off the loop.
         creds, name = await asyncio.get_running_loop().run_in_executor(
             None, lambda: channel_credentials(cfg.server, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,

@@ -5,9 +5,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.ids import RequestIds, new_instance_id
-from gateway.observe import AccessRecord
-from gateway.tunnel.entry import HttpEntryBase
+from gateway.http.entry import EntryLog, body_problem, forward_headers, head_problem
+from gateway.http.relay import relay_request
+from gateway.ids import RequestIds, new_instance_id, trace_id_from
+from gateway.observe import AccessLog, RequestMetrics
+from gateway.tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
     from gateway.client.agent import Agent
@@ -15,26 +17,35 @@ if TYPE_CHECKING:
 __all__ = ["LocalEntry"]
 
 
-class LocalEntry(HttpEntryBase):
-    direction = "egress"
-
-    def __init__(self, agent: "Agent", **kw) -> None:
-        super().__init__(RequestIds(f"c{new_instance_id()}-"), worker="client", **kw)
+class LocalEntry:
+    def __init__(self, agent: "Agent", *, access_log: AccessLog, metrics: RequestMetrics) -> None:
         self.agent = agent
+        self.book = EntryLog(RequestIds(f"c{new_instance_id()}-"), worker="client", direction="egress",
+                             access_log=access_log, metrics=metrics)
 
-    async def serve(self, request: web.Request, rec: AccessRecord) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         cfg = self.agent.config
-        rec.client_id = cfg.client_id
-        rec.group = cfg.group
-        refused = self.check_head(request, rec, cfg.max_header_bytes) or self.check_body(request, rec, cfg.max_body_bytes)
-        if refused is not None:
-            return refused
-        stream = self.agent.pick_stream()
-        if stream is None:
-            return self.fail(rec, "tunnel_unavailable", "the tunnel to the gateway is not connected",
-                             status=503, retry_after=1)
-        return await self.relay(
-            request, rec, stream, headers=self.forward_headers(request), path=request.raw_path,
-            authority=request.host, timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
-            idle_timeout=cfg.stream_idle_timeout,
-        )
+        book = self.book
+        rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=request.host,
+                          path=request.raw_path)
+        with book.track(rec):
+            rec.client_id = cfg.client_id
+            rec.group = cfg.group
+            refused = head_problem(request, cfg.max_header_bytes) or body_problem(request, cfg.max_body_bytes)
+            if refused is not None:
+                resp = book.fail(rec, *refused)
+            elif (stream := self.agent.pick_stream()) is None:
+                resp = book.fail(rec, "tunnel_unavailable", "the tunnel to the gateway is not connected",
+                                 status=503, retry_after=1)
+            else:
+                try:
+                    resp = await relay_request(
+                        request, stream, request_id=rec.request_id, trace_id=rec.trace_id,
+                        headers=forward_headers(request), path=request.raw_path, authority=request.host,
+                        timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
+                        idle_timeout=cfg.stream_idle_timeout, record=rec,
+                    )
+                except TunnelError as exc:
+                    resp = book.fail_with(rec, exc)
+            rec.status = resp.status
+            return resp

@@ -14,7 +14,9 @@ import time
 
 import orjson
 import zmq
+from setproctitle import setproctitle
 
+from gateway.logs import setup_logging
 from gateway.router import envelope as env
 from gateway.router.shard_table import InProcessShardTable, ShardTable
 
@@ -129,10 +131,6 @@ class Broker:
 
 def router_main(endpoint: str, log_level: str, log_format: str) -> None:
     """Entry point of the router process."""
-    from setproctitle import setproctitle
-
-    from gateway.logs import setup_logging
-
     setproctitle("tunnel-gateway: router")
     setup_logging(log_level, log_format, prefix={"process": "router"})
     broker = Broker(endpoint)

@@ -2,51 +2,48 @@
 other workers' from the shard table the router broadcasts."""
 from __future__ import annotations
 
-import asyncio
+import os
+import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from gateway.grpc_io import grpc_io_in_use
+from gateway.metrics import CONTENT_TYPE_LATEST, render
+from gateway.workers.status_page import render_status_page
 
 if TYPE_CHECKING:
-    from gateway.tunnel.stream import TunnelStream
     from gateway.workers.worker import Worker
 
-__all__ = ["admin_app", "stream_info", "all_workers"]
+__all__ = ["admin_app", "worker_report", "all_workers"]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def stream_info(s: "TunnelStream", worker: int) -> dict[str, Any]:
+def worker_report(worker: "Worker") -> dict[str, Any]:
+    """This worker's row of the shard table: the process, its entry's counts, its streams."""
+    book = worker.http_entry.book
     return {
-        "client_id": s.peer_id,
-        "connection": s.label,
-        "group": s.group,
-        "worker": worker,
-        "remote": getattr(s, "remote", ""),
-        "connected_at": s.connected_at,
-        "pending": len(s.pending),
-        "serving": len(s.serving),
-        "peer_inflight": s.peer_inflight,
-        "requests_originated": s.requests_originated,
-        "requests_served": s.requests_served,
-        "unknown_frames": s.unknown_frames,
-        "batches_out": s.batches_out,
-        "frames_out": s.frames_out,
-        "bytes_out": s.bytes_out,
-        "draining": s.draining,
-        "config_version": s.config_version,
-        "unhealthy": sorted(s.peer_unhealthy),
+        "worker": worker.index,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": worker.started_at,
+        "uptime": round(time.monotonic() - worker.started, 3),
+        "requests": book.requests,
+        "errors": book.errors,
+        "last_minute": book.window.last_minute(),
+        "config_versions": worker.routing.config_versions(),
+        **worker.routing.streams_report(),
     }
 
 
 def all_workers(worker: "Worker") -> list[dict[str, Any]]:
     """This worker's live info and every other worker's last announce."""
-    rows = {worker.index: worker.shard_info()}
+    rows = {worker.index: worker_report(worker)}
     if worker.link is not None:
         for info in worker.link.table.values():
             rows.setdefault(info["worker"], info)
@@ -105,21 +102,17 @@ def admin_app(worker: "Worker") -> web.Application:
         remote = []
         for index in targets:
             if index == worker.index:
-                local = worker.run_command(command)
+                local = worker.routing.run_command(command)
             elif worker.link is not None:
                 await worker.link.send_command(f"w{index}", command)
                 remote.append(index)
         return _json({"drained_here": local, "sent_to_workers": remote})
 
     async def metrics(_request: web.Request) -> web.Response:
-        from gateway.metrics import CONTENT_TYPE_LATEST, render
-
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def page(_request: web.Request) -> web.Response:
-        from gateway.workers.status_page import render_status_page
-
-        body = render_status_page(all_workers(worker), worker.config_versions(),
+        body = render_status_page(all_workers(worker), worker.routing.config_versions(),
                                   worker.link.router_ok if worker.link else None)
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
 

@@ -9,36 +9,35 @@ metadata), not the host.
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 from multidict import CIMultiDict
 
-from gateway.ids import trace_id_from
-from gateway.observe import AccessRecord
-from gateway.rules import first_match
-from gateway.tunnel import frames
-from gateway.tunnel.errors import TunnelError
-from gateway.tunnel.grpc_bridge import (
+from gateway.http.entry import EntryLog
+from gateway.http.grpc_bridge import (
     MESSAGE, TRAILERS, decode_trailers, grpc_timeout, metadata_to_pairs, pairs_to_metadata, read_records,
     status_for, write_messages,
 )
+from gateway.ids import RequestIds, trace_id_from
+from gateway.observe import AccessLog, AccessRecord, RequestMetrics
+from gateway.rules import first_match
+from gateway.tunnel import frames
+from gateway.tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
-    from gateway.workers.worker import Worker
+    from gateway.workers.routing import Routing
 
 __all__ = ["GrpcEntry"]
 
-log = logging.getLogger("gateway.grpc")
-
 
 class GrpcEntry(grpc.GenericRpcHandler):
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
-        self.requests = 0
+    def __init__(self, routing: "Routing", ids: RequestIds, *, access_log: AccessLog,
+                 metrics: RequestMetrics) -> None:
+        self.routing = routing
+        self.book = EntryLog(ids, worker=str(routing.index), direction="grpc", access_log=access_log,
+                             metrics=metrics)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method, metadata = details.method, details.invocation_metadata
@@ -49,44 +48,30 @@ class GrpcEntry(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(handler)
 
     async def _serve(self, method: str, metadata: Any, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        worker = self.worker
         pairs = metadata_to_pairs(metadata)
         lookup = CIMultiDict(pairs)
-        rec = AccessRecord(request_id=worker.ids.next(), trace_id=trace_id_from(lookup), method="GRPC", host="",
-                           path=method, worker=str(worker.index), direction="grpc")
-        self.requests += 1
-        t0 = time.monotonic()
-        try:
+        rec = self.book.record(trace_id=trace_id_from(lookup), method="GRPC", host="", path=method)
+        with self.book.track(rec):
             code, details = await self._call(method, pairs, lookup, requests, context, rec)
             rec.status = 200 if code == grpc.StatusCode.OK else 502
             if code != grpc.StatusCode.OK:
                 rec.error = rec.error or f"grpc_{code.name.lower()}"
             context.set_code(code)
             context.set_details(details)
-        except asyncio.CancelledError:
-            rec.status, rec.error = 499, rec.error or "client_disconnected"
-            raise
-        finally:
-            rec.duration = time.monotonic() - t0
-            worker.access_log.write(rec)
-            worker.metrics.observe(rec)
 
     def _fail(self, rec: AccessRecord, error: TunnelError) -> tuple[grpc.StatusCode, str]:
-        rec.error = error.code
-        log.info("grpc call failed: %s", error.code, extra={"request_id": rec.request_id, "trace_id": rec.trace_id,
-                                                            "detail": error.message})
+        self.book.failed(rec, error.code, error.message)
         return status_for(error), f"{error.code}: {error.message} (request_id {rec.request_id})"
 
     async def _call(self, method: str, pairs: list[tuple[str, str]], lookup: CIMultiDict, requests: Any,
                     context: grpc.aio.ServicerContext, rec: AccessRecord) -> tuple[grpc.StatusCode, str]:
-        worker = self.worker
-        cfg = worker.config
+        cfg = self.routing.config
         rule = first_match(cfg.grpc_routes, "", method, "POST", lookup)
         if rule is None:
             return self._fail(rec, TunnelError("no_matching_rule", f"no gRPC route matches {method}"))
         rec.rule, rec.group = rule.name, rule.target
         spec = cfg.groups[rule.target]
-        chosen = worker.choose_stream(spec, authority="", path=method, method="POST", headers=lookup, key=None)
+        chosen = self.routing.choose(spec, authority="", path=method, method="POST", headers=lookup, key=None)
         if chosen is None:
             return self._fail(rec, TunnelError("no_client_available", f"no client of group {spec.name!r}"))
         stream, rec.client_id = chosen

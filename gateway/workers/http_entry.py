@@ -1,5 +1,5 @@
-"""The public HTTP entry: match a route, apply its limits, choose a client
-stream (this worker's or another's), relay."""
+"""The public HTTP entry: match a route, apply its limits, ask routing for a
+client stream (this worker's or another's), relay."""
 from __future__ import annotations
 
 import math
@@ -7,20 +7,24 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.httpmap import apply_rule
-from gateway.observe import AccessRecord
+from gateway.http.entry import EntryLog, body_problem, forward_headers, head_problem
+from gateway.http.headers import apply_rule
+from gateway.http.relay import relay_request
+from gateway.ids import RequestIds, trace_id_from
+from gateway.limits import LimitGate
+from gateway.observe import AccessLog, AccessRecord, RequestMetrics
 from gateway.rules import first_match
-from gateway.tunnel.entry import HttpEntryBase
+from gateway.tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, GroupSpec
     from gateway.rules import Rule
-    from gateway.workers.worker import Worker
+    from gateway.workers.routing import Routing
 
 __all__ = ["HttpEntry", "hash_key_of"]
 
 
-def hash_key_of(spec: "GroupSpec", request: web.Request) -> str:
+def hash_key_of(spec: "GroupSpec", request: web.BaseRequest) -> str:
     """The consistent-hash key of a request: a header, a cookie or the client IP."""
     kind, _, name = spec.hash_key.partition(":")
     if kind == "header":
@@ -35,81 +39,95 @@ class RoutePlan:
 
     __slots__ = ("rule", "spec", "max_body", "gates", "idle_timeout")
 
-    def __init__(self, worker: "Worker", rule: "Rule") -> None:
-        cfg = worker.config
+    def __init__(self, routing: "Routing", rule: "Rule") -> None:
+        cfg = routing.config
         spec = cfg.groups[rule.target]
         self.rule = rule
         self.spec = spec
         limits = (cfg.max_body_bytes, spec.limits.max_body_bytes, rule.limits.max_body_bytes)
         self.max_body = min(n for n in limits if n)
-        self.gates = tuple(g for g in (worker.limit_gate("group", spec.name, spec.limits),
-                                       worker.limit_gate("rule", rule.name, rule.limits)) if g is not None)
+        self.gates: tuple[LimitGate, ...] = tuple(
+            g for g in (routing.limit_gate("group", spec.name, spec.limits),
+                        routing.limit_gate("rule", rule.name, rule.limits)) if g is not None)
         self.idle_timeout = rule.idle_timeout or cfg.stream_idle_timeout
 
 
-class HttpEntry(HttpEntryBase):
-    direction = "ingress"
-
-    def __init__(self, worker: "Worker", **kw) -> None:
-        super().__init__(worker.ids, worker=str(worker.index), **kw)
-        self.gateway = worker
+class HttpEntry:
+    def __init__(self, routing: "Routing", ids: RequestIds, *, access_log: AccessLog,
+                 metrics: RequestMetrics) -> None:
+        self.routing = routing
+        self.book = EntryLog(ids, worker=str(routing.index), direction="ingress", access_log=access_log,
+                             metrics=metrics)
         self._plans: dict[int, RoutePlan] = {}  # by id() of a rule of `_plans_for`, which keeps it alive
         self._plans_for: "GatewayConfig | None" = None
 
     def plan(self, rule: "Rule") -> RoutePlan:
-        cfg = self.gateway.config
+        cfg = self.routing.config
         if cfg is not self._plans_for:  # a reload: plan again, with the new limits
             self._plans = {}
             self._plans_for = cfg
         plan = self._plans.get(id(rule))
         if plan is None:
-            plan = self._plans[id(rule)] = RoutePlan(self.gateway, rule)
+            plan = self._plans[id(rule)] = RoutePlan(self.routing, rule)
         return plan
 
-    async def serve(self, request: web.Request, rec: AccessRecord) -> web.StreamResponse:
-        cfg = self.gateway.config
-        refused = self.check_head(request, rec, cfg.max_header_bytes)
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        book = self.book
+        rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=request.host,
+                          path=request.raw_path)
+        with book.track(rec):
+            resp = await self._admit(request, rec)
+            rec.status = resp.status
+            return resp
+
+    async def _admit(self, request: web.BaseRequest, rec: AccessRecord) -> web.StreamResponse:
+        """Route the request and hold its limits' gates while it is relayed."""
+        cfg = self.routing.config
+        refused = head_problem(request, cfg.max_header_bytes)
         if refused is not None:
-            return refused
+            return self.book.fail(rec, *refused)
         path_only = request.raw_path.split("?", 1)[0]
         rule = first_match(cfg.routes, request.host, path_only, request.method, request.headers)
         if rule is None:
-            return self.fail(rec, "no_matching_rule", f"no route matches {request.method} {request.host}{path_only}")
+            return self.book.fail(rec, "no_matching_rule",
+                                  f"no route matches {request.method} {request.host}{path_only}")
         rec.rule = rule.name
         rec.group = rule.target
         plan = self.plan(rule)
-        refused = self.check_body(request, rec, plan.max_body)
+        refused = body_problem(request, plan.max_body)
         if refused is not None:
-            return refused
+            return self.book.fail(rec, *refused)
         admitted = []
         try:
             for gate in plan.gates:
                 verdict = gate.admit()
                 if verdict is not None:
                     code, wait = verdict
-                    return self.fail(rec, code, f"{code.replace('_', ' ')} by the limits of {rule.name!r}",
-                                     retry_after=max(1, math.ceil(wait)))
+                    return self.book.fail(rec, code, f"{code.replace('_', ' ')} by the limits of {rule.name!r}",
+                                          retry_after=max(1, math.ceil(wait)))
                 admitted.append(gate)
             return await self._relay(request, rec, plan)
         finally:
             for gate in admitted:
                 gate.release()
 
-    async def _relay(self, request: web.Request, rec: AccessRecord, plan: RoutePlan) -> web.StreamResponse:
-        worker = self.gateway
+    async def _relay(self, request: web.BaseRequest, rec: AccessRecord, plan: RoutePlan) -> web.StreamResponse:
         rule, spec = plan.rule, plan.spec
         path = rule.rewrite_path(request.raw_path)
         authority = rule.set_host or request.host
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
-        chosen = worker.choose_stream(spec, authority=authority, path=path, method=request.method,
-                                      headers=request.headers, key=key)
+        chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
+                                     headers=request.headers, key=key)
         if chosen is None:
-            return self.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
-                             retry_after=1)
+            return self.book.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
+                                  retry_after=1)
         stream, rec.client_id = chosen
-        return await self.relay(
-            request, rec, stream,
-            headers=apply_rule(self.forward_headers(request), rule),
-            path=path, authority=authority, timeout=rule.timeout, max_body=plan.max_body,
-            group=spec.name, target_client=rec.client_id, idle_timeout=plan.idle_timeout,
-        )
+        try:
+            return await relay_request(
+                request, stream, request_id=rec.request_id, trace_id=rec.trace_id,
+                headers=apply_rule(forward_headers(request), rule), path=path, authority=authority,
+                timeout=rule.timeout, max_body=plan.max_body, group=spec.name, target_client=rec.client_id,
+                idle_timeout=plan.idle_timeout, record=rec,
+            )
+        except TunnelError as exc:
+            return self.book.fail_with(rec, exc)

@@ -1,4 +1,4 @@
-"""Which tunnel streams this worker holds, by group; picks one. No I/O."""
+"""Which tunnel streams this worker holds, by group and by connection. No I/O: `Routing` decides which one a request takes."""
 from __future__ import annotations
 
 from typing import Iterator

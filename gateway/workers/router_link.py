@@ -8,10 +8,9 @@ the router (LOST, and its table broadcast as a heartbeat), not from PINGs.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import orjson
 import zmq
@@ -19,10 +18,10 @@ import zmq.asyncio
 
 from gateway.router import envelope as env
 from gateway.tunnel import frames
-from gateway.tunnel.stream import StreamLimits, TunnelStream
+from gateway.tunnel.stream import TunnelStream
 
 if TYPE_CHECKING:
-    from gateway.workers.worker import Worker
+    from gateway.workers.routing import Routing
 
 __all__ = ["RouterLink"]
 
@@ -56,17 +55,23 @@ class LinkTransport:
 
 
 class RouterLink:
-    def __init__(self, worker: "Worker", endpoint: str) -> None:
-        self.worker = worker
+    """Requests from other workers go to `routing`; `report` is what this
+    worker announces to the router (its part of the shard table); admin
+    commands the router relays go to `on_command`."""
+
+    def __init__(self, routing: "Routing", endpoint: str, *, report: Callable[[], dict[str, Any]],
+                 on_command: Callable[[Mapping[str, Any]], int]) -> None:
+        self.routing = routing
         self.endpoint = endpoint
-        self.identity = env.worker_identity(worker.index)
+        self.report = report
+        self.on_command = on_command
+        self.identity = env.worker_identity(routing.index)
         self.channels: dict[bytes, TunnelStream] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.router_ok = False
         self._last_table = 0.0
-        self._rr = itertools.count()
         self._announce_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._ctx: zmq.asyncio.Context | None = None
@@ -103,16 +108,8 @@ class RouterLink:
         ch = self.channels.get(peer)
         if ch is not None and not ch.closed:
             return ch
-        cfg = self.worker.config
-        limits = StreamLimits(
-            max_inflight=cfg.max_inflight_per_stream * 16,
-            window=cfg.stream_window,
-            chunk_size=cfg.chunk_size,
-            max_batch_bytes=cfg.max_batch_bytes,
-            max_queue_bytes=cfg.max_queue_bytes,
-            heartbeat_interval=0,
-        )
-        ch = TunnelStream(LinkTransport(self, peer), limits=limits, on_request=self.worker.serve_remote,
+        ch = TunnelStream(LinkTransport(self, peer), limits=self.routing.stream_limits(channel=True),
+                          on_request=self.routing.serve_remote,
                           peer_id=peer.decode(), label=f"worker {peer.decode()}")
         # A worker restarted on newer code (an upgrade in place) may meet older ones.
         ch.header_fields = frames.HEADER_FIELDS in self.table.get(peer.decode(), {}).get("capabilities", ())
@@ -124,17 +121,6 @@ class RouterLink:
     def _channel_done(self, peer: bytes, ch: TunnelStream) -> None:
         if self.channels.get(peer) is ch:
             del self.channels[peer]
-
-    def route(self, group: str) -> TunnelStream | None:
-        """A channel to a live worker that holds streams of `group`."""
-        if not self.router_ok:
-            return None
-        me = self.identity.decode()
-        holders = [w for w, info in self.table.items() if w != me and info.get("streams", {}).get(group)]
-        if not holders:
-            return None
-        holders.sort()
-        return self.channel(holders[next(self._rr) % len(holders)].encode())
 
     def lose(self, peer: bytes, reason: str) -> None:
         self.table.pop(peer.decode(), None)
@@ -171,7 +157,7 @@ class RouterLink:
                 self.lose(payload, "worker_lost")
             elif kind == env.COMMAND:
                 try:
-                    self.worker.run_command(orjson.loads(payload))
+                    self.on_command(orjson.loads(payload))
                 except Exception:
                     log.exception("admin command failed")
 
@@ -180,7 +166,7 @@ class RouterLink:
 
     async def _announce(self) -> None:
         try:
-            info = orjson.dumps(self.worker.shard_info())
+            info = orjson.dumps(self.report())
             await self.sock.send_multipart(env.to_router(env.ANNOUNCE, b"", info), zmq.NOBLOCK)
         except zmq.Again:
             pass

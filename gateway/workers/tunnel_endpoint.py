@@ -1,4 +1,6 @@
-"""The tunnel endpoint: accepts a client's stream, checks its HELLO, serves it."""
+"""The tunnel endpoint: accepts a client's stream, checks its HELLO, hands
+the stream to routing, and serves the egress requests its client sends up by
+the gateway's forward rules."""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +9,18 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from gateway.dispatch import RuleDispatcher
+from gateway.http.upstream import UpstreamClients
+from gateway.metrics import Metrics
+from gateway.tls import name_allowed, peer_names
 from gateway.tunnel import frames
-from gateway.tunnel.stream import StreamLimits, TunnelStream
+from gateway.tunnel.exchange import InboundExchange
+from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import ServerTransport
 
 if TYPE_CHECKING:
-    from gateway.config import Token
-    from gateway.workers.worker import Worker
+    from gateway.config import GatewayConfig, Token
+    from gateway.workers.routing import Routing
 
 __all__ = ["TunnelEndpoint"]
 
@@ -33,11 +40,32 @@ def check_token(given: str, allowed: tuple["Token", ...], now: float) -> str | N
 
 
 class TunnelEndpoint:
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
+    def __init__(self, routing: "Routing", upstreams: UpstreamClients, metrics: Metrics) -> None:
+        self.routing = routing
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.stopping = False
+        cfg = routing.config
+        self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, upstreams)
+
+    def start(self) -> None:
+        self.egress.start()
+
+    def apply_config(self, new: "GatewayConfig") -> None:
+        """Egress by the new forward rules; requests running keep the old dispatcher."""
+        self.egress.close()
+        self.egress = RuleDispatcher(new.forward, new.upstreams, self.upstreams)
+        self.egress.start()
+
+    def close(self) -> None:
+        self.egress.close()
+
+    async def handle_egress(self, ex: InboundExchange) -> None:
+        """A request a client sent up its tunnel: serve it by the forward rules."""
+        await self.egress.handle(ex)
 
     async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str) -> None:
-        self.worker.metrics.rejections.labels(code).inc()
+        self.metrics.rejections.labels(code).inc()
         log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code})
         await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=message)))
 
@@ -53,13 +81,13 @@ class TunnelEndpoint:
                                                          "config_version": f.config.config_version})
         elif kind == "health":
             # Other workers balance by this client's health too: tell them now.
-            self.worker.streams_changed()
+            self.routing.streams_changed()
         elif kind != "goaway":
             stream.unknown_frames += 1
 
     async def serve(self, transport: ServerTransport) -> None:
-        worker = self.worker
-        cfg = worker.config
+        routing = self.routing
+        cfg = routing.config
         peer = transport.peer()
         try:
             raw = await asyncio.wait_for(transport.read(), cfg.hello_timeout)
@@ -77,7 +105,7 @@ class TunnelEndpoint:
             await self._reject(transport, "protocol_error", "the first frame must be HELLO", peer)
             return
         hello = first[0].hello
-        if worker.stopping:
+        if self.stopping:
             await self._reject(transport, "draining", "this gateway worker is shutting down", peer)
             return
         group = cfg.groups.get(hello.group)
@@ -85,8 +113,6 @@ class TunnelEndpoint:
             await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
             return
         if cfg.tls_client_ca and group.client_cert_names:
-            from gateway.tls import name_allowed, peer_names
-
             names = peer_names(transport.auth_context())
             if not name_allowed(names, group.client_cert_names):
                 await self._reject(transport, "bad_certificate",
@@ -99,17 +125,9 @@ class TunnelEndpoint:
         if not hello.client_id:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer)
             return
-        limits = StreamLimits(
-            max_inflight=cfg.max_inflight_per_stream,
-            window=cfg.stream_window,
-            chunk_size=cfg.chunk_size,
-            max_batch_bytes=cfg.max_batch_bytes,
-            max_queue_bytes=cfg.max_queue_bytes,
-            heartbeat_interval=cfg.heartbeat_interval,
-        )
         label = f"{hello.client_id}/{hello.connection_index}"
         stream = TunnelStream(
-            transport, limits=limits, on_request=worker.handle_egress, peer_id=hello.client_id,
+            transport, limits=routing.stream_limits(), on_request=self.handle_egress, peer_id=hello.client_id,
             group=hello.group, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
         )
         stream.remote = peer  # type: ignore[attr-defined]
@@ -122,23 +140,18 @@ class TunnelEndpoint:
                     config_version=group.client.version,
                     config_json=group.client.to_json(),
                     heartbeat_ms=int(cfg.heartbeat_interval * 1000),
-                    worker=str(worker.index),
+                    worker=str(routing.index),
                     window=cfg.stream_window,
                     chunk_size=cfg.chunk_size,
                     capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],
                 )
             )
         )
-        worker.metrics.connects.labels(hello.group).inc()
-        old = worker.registry.add(stream)
-        worker.streams_changed()
-        if old is not None:
-            # The newest connection of a client id wins; the old one is told to go.
-            worker.spawn(old.goaway("replaced_by_newer_connection", cfg.shutdown_grace))
+        self.metrics.connects.labels(hello.group).inc()
+        routing.add_stream(stream)
         log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": hello.group,
                                               "connection": hello.connection_index})
         try:
             await stream.run()
         finally:
-            worker.registry.remove(stream)
-            worker.streams_changed()
+            routing.remove_stream(stream)

@@ -20,8 +20,8 @@ from yarl import URL
 
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
-from gateway.tunnel.lpm import Decoder, encode
-from gateway.tunnel.stream import BodyReader, BodyWriter
+from gateway.http.length_prefixed import Decoder, encode
+from gateway.tunnel.body import BodyReader, BodyWriter
 
 MAX_MESSAGE = 16 << 20
 

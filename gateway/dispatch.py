@@ -18,12 +18,12 @@ import grpc.aio
 from multidict import CIMultiDict
 
 from gateway.groupconfig import Upstream
-from gateway.httpmap import apply_rule
+from gateway.http.headers import apply_rule
 from gateway.rules import Rule, first_match
 from gateway.tunnel import frames
-from gateway.tunnel.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
-from gateway.tunnel.proxy import UpstreamClients, call_upstream
-from gateway.tunnel.stream import InboundExchange
+from gateway.http.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
+from gateway.http.upstream import UpstreamClients, call_upstream
+from gateway.tunnel.exchange import InboundExchange
 
 __all__ = ["RuleDispatcher"]
 

@@ -17,9 +17,10 @@ from typing import Any, Iterable, Sequence
 import grpc
 import grpc.aio
 
-from gateway.tunnel import lpm
+from gateway.http import length_prefixed
 from gateway.tunnel.errors import TunnelError
-from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange
+from gateway.tunnel.body import BodyReader, BodyWriter
+from gateway.tunnel.exchange import InboundExchange
 
 __all__ = ["MESSAGE", "TRAILERS", "metadata_to_pairs", "pairs_to_metadata", "encode_trailers", "decode_trailers",
            "grpc_timeout", "parse_grpc_timeout", "call_upstream_grpc", "MAX_MESSAGE", "status_for"]
@@ -96,13 +97,13 @@ def status_for(error: TunnelError) -> grpc.StatusCode:
 
 async def write_messages(sender: BodyWriter, messages: Any) -> None:
     async for msg in messages:
-        await sender.write(lpm.encode(MESSAGE, msg))
+        await sender.write(length_prefixed.encode(MESSAGE, msg))
     sender.end()
 
 
 async def read_records(body: BodyReader, idle: float | None = None):
     """(kind, payload) records of a gRPC body, as they arrive."""
-    decoder = lpm.Decoder(MAX_MESSAGE)
+    decoder = length_prefixed.Decoder(MAX_MESSAGE)
     while (chunk := await body.read(idle)) is not None:
         for record in decoder.feed(chunk):
             yield record
@@ -134,13 +135,13 @@ async def call_upstream_grpc(ex: InboundExchange, channel: grpc.aio.Channel, hea
             ex.respond(200, "", metadata_to_pairs(initial), end_stream=False)
             responded = True
             while (msg := await call.read()) is not grpc.aio.EOF:
-                await ex.sender.write(lpm.encode(MESSAGE, msg))
+                await ex.sender.write(length_prefixed.encode(MESSAGE, msg))
             code, details, trailing = await call.code(), await call.details(), await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details() or "", exc.trailing_metadata()
             if not responded:
                 ex.respond(200, "", metadata_to_pairs(exc.initial_metadata()), end_stream=False)
-        await ex.sender.write(lpm.encode(TRAILERS, encode_trailers(code.value[0], details, trailing)))
+        await ex.sender.write(length_prefixed.encode(TRAILERS, encode_trailers(code.value[0], details, trailing)))
         ex.sender.end()
         return code not in (grpc.StatusCode.UNAVAILABLE,)
     finally:

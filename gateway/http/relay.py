@@ -1,29 +1,25 @@
-"""HTTP over a tunnel stream, both halves, used by both programs.
-
-`relay_request` is the entry side: an aiohttp request goes down a stream and
-the response streams back (the gateway's public entry for ingress, the
-client's local entry for egress). `call_upstream` is the serving side: a
-request that arrived on a stream is made to an upstream through a pooled
-aiohttp session (the client for ingress, the gateway for egress).
-"""
+"""The entry side of HTTP over a tunnel stream, used by both programs: an
+aiohttp request goes down a stream and the response streams back (the
+gateway's public entry for ingress, the client's local entry for egress).
+The serving side is `gateway.http.upstream`."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.httpmap import end_to_end, has_body_response
+from gateway.http.headers import has_body_response
+from gateway.http.websocket import MAX_MESSAGE, bridge_entry, is_websocket
 from gateway.observe import AccessRecord
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError, error_body
-from gateway.tunnel.websocket import MAX_MESSAGE, bridge_entry, bridge_upstream, is_websocket
-from gateway.tunnel.upstream_http import HttpPool, UpstreamError, UpstreamTimeout
-from gateway.tunnel.stream import BodyReader, BodyWriter, InboundExchange, OutboundExchange, TunnelStream
+from gateway.tunnel.exchange import OutboundExchange
+from gateway.tunnel.forward import wait_head
+from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["error_response", "relay_request", "relay_exchange", "call_upstream", "upstream_session", "UpstreamClients"]
+__all__ = ["error_response", "relay_request", "expectation", "send_continue"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -61,25 +57,6 @@ async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, 
             raise BodyTooLarge()
         await ex.sender.write(chunk)
     ex.sender.end()
-
-
-async def wait_head(head: asyncio.Future, pump: asyncio.Task[None] | None, sender: BodyWriter,
-                    timeout: float | None) -> None:
-    """Wait for a response head while the request body goes up. The head's
-    `timeout` counts from the end of the upload, so a big upload is not taken
-    for a slow upstream; while it lasts, a whole `timeout` without one byte of
-    progress ends the wait. Returns early when the upload fails."""
-    sent = -1
-    while pump is not None and not pump.done() and not head.done():
-        if sender.bytes_sent == sent:
-            return  # the upload stalled for a whole timeout
-        sent = sender.bytes_sent
-        await asyncio.wait([head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if head.done():
-        return
-    if pump is not None and (not pump.done() or pump.cancelled() or pump.exception() is not None):
-        return  # stalled, or the upload failed: the caller decides
-    await asyncio.wait([head], timeout=timeout)
 
 
 async def relay_request(
@@ -221,121 +198,3 @@ def _stamp_ids(headers: CIMultiDict[str], request_id: str, trace_id: str) -> Non
     # On the response's own headers: a copy made only to add two would be a second one.
     headers["x-request-id"] = request_id
     headers["x-trace-id"] = trace_id
-
-
-def upstream_session(*, connect_timeout: float = 5.0, limit: int = 0) -> aiohttp.ClientSession:
-    """One pooled session that changes nothing it carries (WebSockets, health checks)."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-
-
-class UpstreamClients:
-    """What the serving side calls upstreams with: the lean pool for HTTP
-    requests, aiohttp for WebSocket upgrades and health checks."""
-
-    def __init__(self, *, connect_timeout: float = 5.0) -> None:
-        self.session = upstream_session(connect_timeout=connect_timeout)
-        self.http = HttpPool(connect_timeout=connect_timeout)
-
-    async def close(self) -> None:
-        await self.http.close()
-        await self.session.close()
-
-
-async def call_upstream(
-    ex: InboundExchange,
-    clients: UpstreamClients,
-    server: str,
-    *,
-    headers: list[tuple[str, str]],
-    path: str,
-    timeout: float,
-    idle_timeout: float = 0.0,
-    head_timeout: float | None = None,
-) -> bool:
-    """Make the exchange's request to `server` and stream the response back.
-    `head_timeout` bounds the wait for the response head here (a rule of this
-    end stricter than what the originator enforces); past it, a `timeout` RESET.
-    False when the upstream failed (refused, broke, timed out): passive health."""
-    if ex.head.scheme in ("ws", "wss"):
-        scheme = "wss" if server.startswith("https:") else "ws"
-        url = scheme + server[server.index(":"):] + path
-        return await bridge_upstream(ex, clients.session, url, headers, timeout, MAX_MESSAGE)
-    method = ex.head.method
-    body = None if ex.body.at_eof else ex.body.iter_chunks()
-    # The originator enforces its head timeout (its RESET cancels this call);
-    # here only silence is bounded, so long streams may go on.
-    try:
-        try:
-            resp = await clients.http.request(server, method, path, headers, body,
-                                              read_timeout=max(timeout, idle_timeout), head_timeout=head_timeout)
-        except UpstreamTimeout as exc:
-            log.warning("upstream %s: %s", server, exc, extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
-            ex.reset("timeout", str(exc))
-            return False
-        try:
-            with_body = has_body_response(method, resp.status)
-            ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers), end_stream=not with_body)
-            if with_body:
-                while (chunk := await resp.read()) is not None:
-                    # The last chunk carries the end of the body: one frame fewer.
-                    await ex.sender.write(chunk, end=resp.at_end)
-                ex.sender.end()
-        finally:
-            resp.release()
-        return True
-    except (UpstreamError, ValueError) as exc:
-        log.warning(
-            "upstream %s failed: %s", server, exc or type(exc).__name__,
-            extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
-        )
-        ex.reset("upstream_unavailable", f"{server}: {exc}")
-        return False
-
-
-async def _copy_body(src: BodyReader, dst: BodyWriter) -> None:
-    while (chunk := await src.read()) is not None:
-        await dst.write(chunk)
-    dst.end()
-
-
-async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None:
-    """Pass a request that arrived on one stream on to another, and its
-    response back: how a worker serves a request another worker sent it."""
-    head = inbound.head
-    out = stream.open_request(
-        inbound.request_id,
-        inbound.trace_id,
-        method=head.method,
-        path=head.path,
-        scheme=head.scheme,
-        authority=head.authority,
-        headers=frames.header_list(head),
-        end_stream=head.end_stream,
-        timeout_ms=head.timeout_ms,
-        idle_timeout_ms=head.idle_timeout_ms,
-    )
-    pump = None if head.end_stream else stream.loop.create_task(_copy_body(inbound.body, out.sender))
-    try:
-        # The origin enforces the timeout (its RESET cancels this task); this
-        # bound only keeps an orphan from waiting forever.
-        limit = head.timeout_ms / 1000 + 5 if head.timeout_ms else None
-        await wait_head(out.head, pump, out.sender, limit)
-        if not out.head.done():
-            raise TunnelError("timeout", "no response head")
-        rhead = out.head.result()
-        inbound.respond(rhead.status, rhead.reason, frames.header_list(rhead),
-                        end_stream=rhead.end_stream)
-        if not rhead.end_stream:
-            await _copy_body(out.body, inbound.sender)
-    except TunnelError as exc:
-        inbound.reset(exc.code, exc.message)
-    finally:
-        if pump is not None and not pump.done():
-            pump.cancel()
-        out.close()

@@ -1,0 +1,133 @@
+"""What every entry does around a request, whatever carries it: the access
+record, counters, the error answer and its log line (`EntryLog`), and the
+checks of an HTTP request's head and body. The gateway's public HTTP entry,
+its gRPC entry and the client's local entry each compose these."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from gateway.http.headers import end_to_end, forwarded, header_bytes
+from gateway.http.relay import error_response, expectation
+from gateway.ids import RequestIds
+from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
+from gateway.tunnel.errors import TunnelError
+
+__all__ = ["EntryLog", "entry_runner", "head_problem", "body_problem", "forward_headers"]
+
+log = logging.getLogger("gateway.access")
+
+_ANSWERED_HERE = frozenset({b"expect"})
+
+Problem = tuple[str, str]  # (error code, message)
+
+
+def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: int) -> web.BaseRunner:
+    """The runner of an entry: aiohttp's low-level server calling `handler` for
+    every request (no application, router or middlewares: every path is ours)."""
+    # aiohttp's own limits sit above ours so oversize heads reach the
+    # handler and get our 431 with a JSON body.
+    limit = max(8190, max_header_bytes * 2)
+    server = web.Server(handler, handler_cancellation=True, access_log=None, max_line_size=limit, max_field_size=limit)
+    return web.ServerRunner(server, handle_signals=False)
+
+
+class _Tracking:
+    """The span of one request at an entry (see `EntryLog.track`)."""
+
+    __slots__ = ("book", "rec", "t0")
+
+    def __init__(self, book: "EntryLog", rec: AccessRecord) -> None:
+        self.book = book
+        self.rec = rec
+        self.t0 = 0.0
+
+    def __enter__(self) -> AccessRecord:
+        self.book.requests += 1
+        self.book.active += 1
+        self.t0 = time.monotonic()
+        return self.rec
+
+    def __exit__(self, exc_type: Any, _exc: Any, _tb: Any) -> None:
+        book, rec = self.book, self.rec
+        book.active -= 1
+        if exc_type is asyncio.CancelledError:
+            # The caller went away; the exchange's RESET already went down the stream.
+            rec.error = rec.error or "client_disconnected"
+            rec.status = rec.status or 499
+        rec.duration = time.monotonic() - self.t0
+        book.access_log.write(rec)
+        book.metrics.observe(rec)
+        book.window.add(bool(rec.error) or rec.status >= 500)
+
+
+class EntryLog:
+    """An entry's request ids, counters, access log and metrics."""
+
+    def __init__(self, ids: RequestIds, *, worker: str, direction: str, access_log: AccessLog | None = None,
+                 metrics: RequestMetrics = NO_METRICS) -> None:
+        self.ids = ids
+        self.worker = worker
+        self.direction = direction
+        self.access_log = access_log or AccessLog("off")
+        self.metrics = metrics
+        self.requests = 0
+        self.active = 0
+        self.errors: dict[str, int] = {}
+        self.window = RateWindow()
+
+    def record(self, *, trace_id: str, method: str, host: str, path: str) -> AccessRecord:
+        """A new request's record, with a fresh request id."""
+        return AccessRecord(request_id=self.ids.next(), trace_id=trace_id, method=method, host=host, path=path,
+                            worker=self.worker, direction=self.direction)
+
+    def track(self, rec: AccessRecord) -> _Tracking:
+        """`with book.track(rec):` around serving a request: counts it, and at
+        its end (499 when the caller went away) logs it and observes it."""
+        return _Tracking(self, rec)
+
+    def failed(self, rec: AccessRecord, code: str, message: str) -> None:
+        """Count and log a request that failed with `code`."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+        rec.error = code
+        log.info("request failed: %s", code, extra={"request_id": rec.request_id, "trace_id": rec.trace_id,
+                                                    "code": code, "client_id": rec.client_id, "detail": message})
+
+    def fail(self, rec: AccessRecord, code: str, message: str, *, status: int | None = None,
+             retry_after: int | None = None) -> web.Response:
+        """The JSON error answer of a failed HTTP request."""
+        self.failed(rec, code, message)
+        return error_response(code, message, request_id=rec.request_id, trace_id=rec.trace_id,
+                              client_id=rec.client_id, status=status, retry_after=retry_after)
+
+    def fail_with(self, rec: AccessRecord, error: TunnelError) -> web.Response:
+        return self.fail(rec, error.code, error.message, retry_after=1 if error.status == 503 else None)
+
+
+def head_problem(request: web.BaseRequest, max_header: int) -> Problem | None:
+    """Why the request head is refused (too large, an unknown Expect), or None."""
+    if header_bytes(request.raw_headers) + len(request.raw_path) > max_header:
+        return "headers_too_large", f"request head over {max_header} bytes"
+    expect = expectation(request)
+    if expect is not None and expect != "100-continue":  # the only expectation HTTP defines
+        return "expectation_failed", f"unknown Expect: {request.headers['Expect']}"
+    return None
+
+
+def body_problem(request: web.BaseRequest, max_body: int) -> Problem | None:
+    """A declared length over the limit; a chunked body is counted as it streams."""
+    length = request.content_length
+    if length is not None and length > max_body:
+        return "body_too_large", f"request body is over {max_body} bytes"
+    return None
+
+
+def forward_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
+    """The caller's end-to-end headers with X-Forwarded-* added."""
+    # The entry answers Expect itself (100 Continue, or 417 in head_problem), so it goes no further.
+    return forwarded(end_to_end(request.raw_headers, _ANSWERED_HERE),
+                     remote=request.remote or "", proto=request.scheme, host=request.host)

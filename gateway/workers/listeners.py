@@ -1,0 +1,98 @@
+"""A worker's listening ports, all shared with the other workers
+(SO_REUSEPORT): the tunnel endpoint and the gRPC entry (grpc.aio servers),
+the HTTP entry and the admin port (aiohttp)."""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc.aio
+from aiohttp import web
+
+from gateway.http.entry import entry_runner
+from gateway.http.grpc_bridge import MAX_MESSAGE
+from gateway.tls import http_ssl_context, server_credentials
+from gateway.tunnel.transport import grpc_options, tunnel_handler
+from gateway.workers.admin import admin_app
+from gateway.workers.grpc_entry import GrpcEntry
+
+if TYPE_CHECKING:
+    from gateway.workers.worker import Worker
+
+__all__ = ["Listeners"]
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> None:
+    try:
+        if credentials is not None:
+            server.add_secure_port(address, credentials)
+        else:
+            server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind {what} {address}: {exc}") from None
+
+
+class Listeners:
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.tunnel: grpc.aio.Server | None = None
+        self.grpc_entry: grpc.aio.Server | None = None
+        self.http: web.BaseRunner | None = None
+        self.http_site: web.TCPSite | None = None
+        self.admin: web.BaseRunner | None = None
+
+    async def start(self) -> None:
+        """Bind every port (OSError when one cannot be bound) and start serving."""
+        worker = self.worker
+        cfg = worker.config
+        max_message = cfg.max_batch_bytes * 2 + cfg.max_header_bytes + cfg.chunk_size + (1 << 20)
+        self.tunnel = grpc.aio.server(
+            options=grpc_options(max_message, int(cfg.heartbeat_interval * 1000), server=True),
+        )
+        self.tunnel.add_generic_rpc_handlers([tunnel_handler(worker.endpoint.serve)])
+        tunnel_creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+        _bind(self.tunnel, f"{cfg.host}:{cfg.tunnel_port}", tunnel_creds, "tunnel port")
+        if cfg.grpc_port:
+            self.grpc_entry = grpc.aio.server(options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ])
+            entry = GrpcEntry(worker.routing, worker.ids, access_log=worker.access_log, metrics=worker.metrics)
+            self.grpc_entry.add_generic_rpc_handlers([entry])
+            creds = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
+            _bind(self.grpc_entry, f"{cfg.host}:{cfg.grpc_port}", creds, "gRPC entry")
+        await self.tunnel.start()
+        if self.grpc_entry is not None:
+            await self.grpc_entry.start()
+
+        self.http = entry_runner(worker.http_entry.handle, cfg.max_header_bytes)
+        await self.http.setup()
+        ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
+        self.http_site = web.TCPSite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,
+                                     ssl_context=ssl_context)
+        await self.http_site.start()
+
+        self.admin = web.AppRunner(admin_app(worker), handle_signals=False, access_log=None)
+        await self.admin.setup()
+        await web.TCPSite(self.admin, cfg.admin_host, cfg.admin_port, reuse_port=True).start()
+
+    async def stop_accepting(self, grace: float) -> list[asyncio.Task]:
+        """Close the public ports now; the tasks end when running calls and
+        streams have had `grace` to finish."""
+        worker = self.worker
+        assert self.http_site is not None and self.tunnel is not None
+        await self.http_site.stop()
+        stopping = []
+        if self.grpc_entry is not None:
+            # Stop taking calls; running ones get the grace period.
+            stopping.append(worker.spawn(self.grpc_entry.stop(grace)))
+        # The tunnel port closes now (clients reconnect to other workers);
+        # running streams go on for the grace period.
+        stopping.append(worker.spawn(self.tunnel.stop(grace + 1)))
+        return stopping
+
+    async def cleanup(self) -> None:
+        for runner in (self.http, self.admin):
+            if runner is not None:
+                await runner.cleanup()

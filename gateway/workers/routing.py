@@ -1,0 +1,254 @@
+"""Where a request goes: the one place that decides.
+
+`Routing` owns this worker's client streams (the registry), its view of the
+other workers' streams (the shard table the router broadcasts, through the
+link), the balancer and the limit gates, and the current config. A request
+for a group goes to a stream this worker owns, else over a channel to the
+worker that owns the chosen one. The entries ask it for a stream; the tunnel
+endpoint adds and removes streams through it; the router link hands it the
+requests other workers send.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Mapping, Protocol
+
+from gateway.balance import Balancer, Candidate
+from gateway.limits import LimitGate, Limits
+from gateway.router.envelope import worker_identity
+from gateway.rules import first_match
+from gateway.tunnel import frames
+from gateway.tunnel.exchange import InboundExchange
+from gateway.tunnel.forward import relay_exchange
+from gateway.tunnel.stream import StreamLimits, TunnelStream
+from gateway.workers.registry import StreamRegistry
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig, GroupSpec
+
+__all__ = ["Routing", "PeerLink", "stream_info"]
+
+log = logging.getLogger("gateway.worker")
+
+# A channel to another worker carries the requests of all its clients at once.
+CHANNEL_INFLIGHT_FACTOR = 16
+
+
+class PeerLink(Protocol):
+    """What routing needs of the link to the other workers (`RouterLink`)."""
+
+    router_ok: bool
+    table: dict[str, dict[str, Any]]
+    channels: dict[bytes, TunnelStream]
+    frames_in: int
+    frames_out: int
+
+    def channel(self, peer: bytes) -> TunnelStream: ...
+
+    def announce_soon(self) -> None: ...
+
+
+def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
+    """A client stream as the shard table and the admin port show it."""
+    return {
+        "client_id": s.peer_id,
+        "connection": s.label,
+        "group": s.group,
+        "worker": worker,
+        "remote": getattr(s, "remote", ""),
+        "connected_at": s.connected_at,
+        "pending": len(s.pending),
+        "serving": len(s.serving),
+        "peer_inflight": s.peer_inflight,
+        "requests_originated": s.requests_originated,
+        "requests_served": s.requests_served,
+        "unknown_frames": s.unknown_frames,
+        "batches_out": s.batches_out,
+        "frames_out": s.frames_out,
+        "bytes_out": s.bytes_out,
+        "draining": s.draining,
+        "config_version": s.config_version,
+        "unhealthy": sorted(s.peer_unhealthy),
+    }
+
+
+class Routing:
+    def __init__(self, config: "GatewayConfig", *, worker: int, workers: int,
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]) -> None:
+        self.config = config
+        self.index = worker
+        self.workers = workers
+        self.registry = StreamRegistry()
+        self.balancer = Balancer()
+        self.link: PeerLink | None = None
+        self._spawn = spawn
+        self._gates: dict[tuple[str, str], LimitGate] = {}
+
+    def attach(self, link: PeerLink) -> None:
+        """Reach other workers' streams through `link` (with more than one worker)."""
+        self.link = link
+
+    def stream_limits(self, *, channel: bool = False) -> StreamLimits:
+        """The limits of a client stream, or of a channel to another worker
+        (no heartbeat: the router tells when a worker is lost)."""
+        cfg = self.config
+        return StreamLimits(
+            max_inflight=cfg.max_inflight_per_stream * (CHANNEL_INFLIGHT_FACTOR if channel else 1),
+            window=cfg.stream_window,
+            chunk_size=cfg.chunk_size,
+            max_batch_bytes=cfg.max_batch_bytes,
+            max_queue_bytes=cfg.max_queue_bytes,
+            heartbeat_interval=0 if channel else cfg.heartbeat_interval,
+        )
+
+    # -- choosing a stream -----------------------------------------------------
+
+    def candidates(self, group: str, local_only: bool = False) -> list[Candidate]:
+        """Streams of `group` a request could go to: this worker's, then other workers'."""
+        out = [Candidate(s.peer_id, self.index, s.inflight, s.peer_unhealthy, s) for s in self.registry.usable(group)]
+        link = self.link
+        if not local_only and link is not None and link.router_ok:
+            for info in link.table.values():
+                if info["worker"] == self.index:
+                    continue
+                for c in info["clients"]:
+                    if c["group"] == group and not c["draining"]:
+                        out.append(Candidate(c["client_id"], info["worker"], c["pending"] + c["serving"],
+                                             frozenset(c.get("unhealthy", ()))))
+        return out
+
+    def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
+               key: str | None) -> tuple[TunnelStream, str] | None:
+        """(stream, client id) for a request to group `spec`: by its policy, its
+        clients' health, preferring streams this worker owns; None if there is none.
+        The stream is a client's, or a channel to the worker that owns the chosen one."""
+        candidates = self.candidates(spec.name)
+        upstream = None
+        if any(c.unhealthy for c in candidates):
+            # Which upstream the client will use, by the group's rules the gateway hands out.
+            client_rule = first_match(spec.client.rules, authority, path.split("?", 1)[0], method, headers)
+            upstream = client_rule.target if client_rule else None
+        choice = self.balancer.pick(spec.name, spec.balance, candidates, upstream=upstream, key=key,
+                                    prefer_remote=self.config.force_cross_worker)
+        if choice is None:
+            return None
+        if choice.stream is not None:
+            return choice.stream, choice.client_id
+        assert self.link is not None  # remote candidates come only through the link
+        return self.link.channel(worker_identity(choice.worker)), choice.client_id
+
+    async def serve_remote(self, ex: InboundExchange) -> None:
+        """A request another worker sent: put it on one of our client streams."""
+        group = ex.head.group
+        candidates = self.candidates(group, local_only=True)
+        # The origin chose the client (policy, health); keep to it while it is here.
+        chosen = [c for c in candidates if c.client_id == ex.head.target_client] or candidates
+        pick = self.balancer.pick(group, "round_robin", chosen)
+        if pick is None:
+            ex.reset("no_client_available", f"worker {self.index} holds no stream of group {group!r}")
+            return
+        await relay_exchange(ex, pick.stream)
+
+    def limit_gate(self, kind: str, name: str, limits: Limits) -> LimitGate | None:
+        """The live gate of a group's or a rule's limits (None when it has none)."""
+        if limits.empty:
+            return None
+        key = (kind, name)
+        gate = self._gates.get(key)
+        if gate is None or gate.limits != limits:
+            gate = self._gates[key] = LimitGate(limits, self.workers)
+        return gate
+
+    # -- this worker's streams -------------------------------------------------
+
+    def add_stream(self, stream: TunnelStream) -> None:
+        """A client stream is ready to take requests."""
+        old = self.registry.add(stream)
+        self.streams_changed()
+        if old is not None:
+            # The newest connection of a client id wins; the old one is told to go.
+            self._spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
+
+    def remove_stream(self, stream: TunnelStream) -> None:
+        self.registry.remove(stream)
+        self.streams_changed()
+
+    def streams_changed(self) -> None:
+        """Tell the router at once, not at the next heartbeat."""
+        if self.link is not None:
+            self.link.announce_soon()
+
+    def drain(self, command: Mapping[str, Any]) -> int:
+        """Send GOAWAY to this worker's streams that `command` selects (client_id,
+        connection, limit); returns how many."""
+        n = 0
+        limit = command.get("limit")
+        for s in list(self.registry):
+            if s.draining:
+                continue
+            if "client_id" in command and s.peer_id != command["client_id"]:
+                continue
+            if "connection" in command and s.label != command["connection"]:
+                continue
+            if limit is not None and n >= limit:
+                break
+            self._spawn(s.goaway("drain", self.config.shutdown_grace))
+            n += 1
+        if n:
+            self.streams_changed()
+        log.info("drained streams", extra={"count": n, "command": dict(command)})
+        return n
+
+    def run_command(self, command: Mapping[str, Any]) -> int:
+        """An admin command sent to this worker; returns how many streams it touched."""
+        return self.drain(command) if command.get("op") == "drain" else 0
+
+    def apply_config(self, new: "GatewayConfig") -> int:
+        """Route by `new` from now on; push each client whose group config
+        changed its new one, and send away clients of removed groups. Requests
+        in flight finish as they started. Returns how many clients got a push."""
+        self.config = new
+        pushed = 0
+        for s in list(self.registry):
+            spec = new.groups.get(s.group)
+            if spec is None:
+                self._spawn(s.goaway("group_removed", new.shutdown_grace))
+            elif spec.client.version != s.config_version:
+                # The client answers with the version it applied (see TunnelEndpoint).
+                s.push(frames.config(spec.client.version, spec.client.to_json()))
+                pushed += 1
+        return pushed
+
+    def config_versions(self) -> dict[str, str]:
+        return {g: spec.client.version for g, spec in self.config.groups.items()}
+
+    # -- what the router and the admin port are told ---------------------------
+
+    def visible_streams(self) -> dict[str, int]:
+        """Streams by group this worker can reach, its own and through the router."""
+        seen = dict(self.registry.groups())
+        if self.link is not None and self.link.router_ok:
+            for info in self.link.table.values():
+                if info.get("worker") != self.index:
+                    for g, n in info.get("streams", {}).items():
+                        seen[g] = seen.get(g, 0) + n
+        return seen
+
+    def streams_report(self) -> dict[str, Any]:
+        """This worker's part of the shard table: its streams and what is in flight."""
+        clients = [stream_info(s, self.index) for s in self.registry]
+        channels = list(self.link.channels.values()) if self.link is not None else []
+        return {
+            "streams": self.registry.groups(),
+            "clients": clients,
+            "pending": sum(c["pending"] for c in clients) + sum(len(ch.pending) for ch in channels),
+            "serving": sum(c["serving"] for c in clients) + sum(len(ch.serving) for ch in channels),
+            "inflight": sum(c["pending"] + c["serving"] for c in clients),
+            "requests_served": sum(c["requests_originated"] for c in clients),
+            "cross_frames_in": self.link.frames_in if self.link is not None else 0,
+            "cross_frames_out": self.link.frames_out if self.link is not None else 0,
+            "sees": self.visible_streams(),
+            # What frames this worker's code reads (channels to it use them; older code lacks the key).
+            "capabilities": [frames.HEADER_FIELDS],
+        }
