@@ -1,8 +1,9 @@
 """Request ids and trace ids. Pure logic.
 
 A gateway request id is `<instance>-<worker>-<seq>`: unique per gateway
-incarnation, and it names the worker that originated it, so response frames
-can be routed home without a lookup.
+incarnation, and it names the worker that originated it, for the logs and
+the people reading them. (Responses find their way home by the channel the
+request went out on, not by parsing the id.)
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import random
 import re
 from typing import Mapping
 
-__all__ = ["RequestIds", "new_instance_id", "new_trace_id", "trace_id_from", "origin_worker"]
+__all__ = ["RequestIds", "gateway_prefix", "new_instance_id", "new_trace_id", "trace_id_from"]
 
 # W3C trace-context: version 00 is exactly these 55 characters; a later version
 # may append fields after a '-', and version ff is invalid.
@@ -37,13 +38,6 @@ class RequestIds:
 
 def gateway_prefix(instance: str, worker: int) -> str:
     return f"{instance}-{worker}-"
-
-
-def origin_worker(request_id: str) -> int | None:
-    parts = request_id.split("-")
-    if len(parts) == 3 and parts[1].isdigit():
-        return int(parts[1])
-    return None
 
 
 def trace_id_from(headers: Mapping[str, str]) -> str:

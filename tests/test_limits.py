@@ -113,7 +113,7 @@ def test_rule_inflight_limit_answers_503_at_once(limited):
     _healthy(limited)
 
 
-def test_oversize_head_431(limited):
+def test_oversize_head_431_leaves_the_entry_serving(limited):
     r = http("GET", f"{limited.url}/hello", headers={"X-Big": "b" * 5000})
     assert r.status == 431 and r.json()["error"] == "headers_too_large"
     _healthy(limited)

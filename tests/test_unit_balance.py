@@ -1,9 +1,8 @@
-"""Unit tests of choosing a tunnel stream and an upstream server (gateway/balance.py), of
-upstream server pools (gateway/balance.py) and of limits (gateway/limits.py).
+"""Unit tests of choosing a tunnel stream and of upstream server pools
+(gateway/balance.py), and of limits (gateway/limits.py).
 Pure logic: no sockets, no processes; time is a fake clock."""
 from __future__ import annotations
 
-import asyncio
 import collections
 import random
 import types
@@ -429,80 +428,3 @@ def test_parse_limits_errors(table, key):
     with pytest.raises(ConfigError) as info:
         parse_limits(table, "gw.toml", "groups.g")
     assert (info.value.file, info.value.key) == ("gw.toml", key)
-
-
-def test_a_stream_fills_a_batch_only_while_its_message_has_room():
-    from gateway.tunnel.stream import StreamLimits, TunnelStream
-
-    async def check():
-        stream = TunnelStream(object(), limits=StreamLimits(max_inflight=2, max_batch_bytes=1000),
-                              on_request=None, peer_id="c1")
-        assert not stream.filling_batch              # nothing queued: nothing to share
-        stream.push_encoded(b"x" * 100)
-        assert stream.filling_batch
-        stream.push_encoded((b"h", b"y" * 2000, b""))  # a body chunk fills the message and more
-        assert not stream.filling_batch              # a request would wait behind it: go elsewhere
-        stream._out.clear()
-        stream._out_bytes = 0
-        stream.push_encoded(b"x")
-        stream.pending.update(a=None, b=None)        # at its in-flight limit
-        assert not stream.filling_batch
-        stream.pending.clear()
-        stream.draining = True
-        assert not stream.filling_batch
-
-    asyncio.run(check())
-
-
-def test_a_head_that_cannot_be_encoded_leaves_nothing_registered():
-    from gateway.tunnel.stream import StreamLimits, TunnelStream
-
-    async def check():
-        stream = TunnelStream(object(), limits=StreamLimits(), on_request=None, peer_id="c1")
-        for fields in (False, True):
-            stream.header_fields = fields
-            with pytest.raises(TypeError):
-                stream.open_request("r1", "t1", method="GET", path="/", scheme="http", authority="h",
-                                    headers=[("X-Bad", 5)], end_stream=True, timeout_ms=1000)
-            assert stream.pending == {} and not stream._out and stream.requests_originated == 0
-
-    asyncio.run(check())
-
-
-def test_a_serving_stream_lets_answers_of_consecutive_loop_turns_share_a_message():
-    """While answers keep coming, turn after turn, the writer waits for them (up to three turns)
-    so they share one gRPC message; a stream that serves nothing writes after one turn."""
-    from gateway.tunnel.stream import StreamLimits, TunnelStream
-
-    async def frames_over_turns(serving: bool, turns: int, max_batch_bytes: int = 1 << 20) -> list[tuple[int, bytes]]:
-        """(the turn it went out in, the message) for frames pushed one a turn."""
-        writes: list[tuple[int, bytes]] = []
-        turn = 0
-
-        class Recorder:
-            async def write(self, raw: bytes) -> None:
-                writes.append((turn, raw))
-
-        stream = TunnelStream(Recorder(), limits=StreamLimits(max_batch_bytes=max_batch_bytes), on_request=None,
-                              peer_id="c1")
-        if serving:
-            stream.serving["r1"] = None  # a request being answered
-        writer = asyncio.get_running_loop().create_task(stream._writer())
-        await asyncio.sleep(0)  # the writer waits for frames
-        for turn in range(8):
-            if turn < turns:
-                stream.push_encoded(b"%d" % turn)
-            await asyncio.sleep(0)
-        writer.cancel()
-        return writes
-
-    async def check():
-        assert [m for _, m in await frames_over_turns(serving=True, turns=3)] == [b"012"]
-        lingered = await frames_over_turns(serving=True, turns=6)
-        assert [m for _, m in lingered] == [b"0123", b"45"], lingered  # at most three turns a message
-        assert len(await frames_over_turns(serving=False, turns=3)) >= 2
-        # A full message goes at once: the next turn's frame does not hold it back.
-        full = await frames_over_turns(serving=True, turns=3, max_batch_bytes=2)
-        assert full[0] == (1, b"01")
-
-    asyncio.run(check())

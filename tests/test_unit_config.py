@@ -1,6 +1,7 @@
 """Unit tests of configuration loading: gateway/config.py, gateway/settings.py,
-gateway/groupconfig.py and gateway/client/config.py. Files are written to
-tmp_path; no sockets, no processes."""
+gateway/groupconfig.py and gateway/client/config.py, and of what the
+grpc_event_engine setting does to the environment (gateway/grpc_io.py). Files
+are written to tmp_path; no sockets, no processes."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ from gateway.client.config import CLIENT_SETTINGS, load_client_config
 from gateway.client.config import ENV_PREFIX as CLIENT_ENV
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, load_gateway_config
 from gateway.groupconfig import group_config_from_json, parse_group_config, parse_upstreams
+from gateway.grpc_io import choose_grpc_io, grpc_io_in_use
 from gateway.settings import (
     ConfigError, Setting, add_arguments, apply_env, apply_overrides, host_port, load_section, port, positive_float,
     boolean, read_toml, string,
@@ -531,3 +533,28 @@ def test_client_without_group_anywhere():
     with pytest.raises(ConfigError) as info:
         load_client_config(None)
     assert (info.value.file, info.value.key) == ("defaults", "client.group")
+
+
+# -- grpc_event_engine: gRPC's I/O engine, by GRPC_EXPERIMENTS (gateway/grpc_io.py) -----
+
+
+def test_grpc_io_defaults_to_iomgr_and_keeps_other_experiments():
+    env = {"GRPC_EXPERIMENTS": "tcp_rcv_lowat"}
+    value = choose_grpc_io(False, env)
+    assert value == "tcp_rcv_lowat,-event_engine_client,-event_engine_listener"
+    assert env["GRPC_EXPERIMENTS"] == value
+    assert grpc_io_in_use(env) == "iomgr"
+    assert choose_grpc_io(False, env) == value  # applying twice changes nothing
+
+
+def test_grpc_io_event_engine_leaves_the_environment_alone():
+    env: dict[str, str] = {}
+    assert choose_grpc_io(True, env) == ""
+    assert env == {}
+    assert grpc_io_in_use(env) == "event_engine"
+
+
+def test_grpc_io_an_experiment_the_user_names_is_theirs():
+    env = {"GRPC_EXPERIMENTS": "event_engine_client"}
+    assert choose_grpc_io(False, env) == "event_engine_client,-event_engine_listener"
+    assert grpc_io_in_use(env) == "event_engine"  # the user kept EventEngine for clients
