@@ -103,7 +103,9 @@ class Supervisor:
         self._own_metrics_dir: str | None = None
         self._stamp = self._config_stamp()
         # A reloaded config, parsed here once, waits in this file for the workers (SIGHUP tells them).
-        self.config_handoff = os.path.join(tempfile.gettempdir(), f"tunnel-gateway-{self.instance}.config")
+        # Its folder is private (0700): the file holds the tokens, and workers unpickle it.
+        self._handoff_dir = tempfile.mkdtemp(prefix=f"tunnel-gateway-{self.instance}-")
+        self.config_handoff = os.path.join(self._handoff_dir, "config.pickle")
 
     # -- children --------------------------------------------------------------
 
@@ -167,10 +169,13 @@ class Supervisor:
             if child.alive and child.name != "router":
                 os.kill(child.process.pid, signal.SIGHUP)
 
+    def remove_handoff(self) -> None:
+        shutil.rmtree(self._handoff_dir, ignore_errors=True)
+
     def _hand_off(self, config: GatewayConfig) -> None:
         """Leave `config` where the workers read it on SIGHUP: written whole,
         then renamed, readable by this user only (it holds the tokens)."""
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.config_handoff), prefix=".handoff-")
+        fd, tmp = tempfile.mkstemp(dir=self._handoff_dir, prefix=".handoff-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 pickle.dump(config, fh, protocol=pickle.HIGHEST_PROTOCOL)
@@ -195,6 +200,18 @@ class Supervisor:
                 os.unlink(os.path.join(path, name))
 
     def run(self) -> int:
+        """Supervise until stopped; returns the exit code. What the supervisor
+        made on disk (metrics folder, config handoff) is removed however it ends."""
+        try:
+            return self._supervise()
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if self._own_metrics_dir:
+                shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+            self.remove_handoff()
+
+    def _supervise(self) -> int:
         setproctitle("tunnel-gateway: supervisor")
         setup_logging(self.config.log_level, self.config.log_format, prefix={"process": "supervisor"})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -223,12 +240,6 @@ class Supervisor:
                 continue
             self._reap_and_respawn()
             self._watch_config()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        if self._own_metrics_dir:
-            shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
-        if os.path.exists(self.config_handoff):
-            os.unlink(self.config_handoff)
         log.info("supervisor exiting", extra={"code": self.exit_code})
         return self.exit_code
 

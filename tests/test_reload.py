@@ -7,8 +7,11 @@ import pickle
 import signal
 import stat
 
+import pytest
+
 from gateway.config import load_gateway_config
 from gateway.supervisor import Supervisor
+from gateway.workers.worker import read_handoff
 from tests.harness import Stack, get_json, http, to_toml, wait_until
 
 
@@ -17,18 +20,39 @@ def test_handoff_is_the_parsed_config_readable_by_its_owner_only(tmp_path):
     path.write_text(to_toml(Stack(None, tmp_path).gateway_doc()))
     config = load_gateway_config(str(path), None)
     sup = Supervisor(config, 2)
+    folder = os.path.dirname(sup.config_handoff)
     try:
         sup._hand_off(config)
-        mode = stat.S_IMODE(os.stat(sup.config_handoff).st_mode)
-        assert mode == 0o600, oct(mode)  # it holds the groups' tokens
-        with open(sup.config_handoff, "rb") as fh:
-            assert pickle.load(fh) == config
-        assert not [p for p in os.listdir(os.path.dirname(sup.config_handoff)) if p.startswith(".handoff-")]
+        # The folder is private and the file holds the groups' tokens.
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(sup.config_handoff).st_mode) == 0o600
+        assert read_handoff(sup.config_handoff) == config
+        assert os.listdir(folder) == ["config.pickle"]  # no temporary file left behind
     finally:
-        if os.path.exists(sup.config_handoff):
-            os.unlink(sup.config_handoff)
+        sup.remove_handoff()
         os.close(sup._wake_r)
         os.close(sup._wake_w)
+    assert not os.path.exists(folder)
+
+
+def test_a_worker_unpickles_only_a_private_file_of_its_own_user(tmp_path):
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps({"not": "a config"}))
+    path.chmod(0o600)
+    with pytest.raises(TypeError):
+        read_handoff(str(path))
+    path.chmod(0o644)
+    with pytest.raises(PermissionError):
+        read_handoff(str(path))
+    link = tmp_path / "link.pickle"
+    link.symlink_to(path)
+    with pytest.raises(OSError):
+        read_handoff(str(link))
+    if os.geteuid() == 0:
+        path.chmod(0o600)
+        os.chown(path, 65534, -1)
+        with pytest.raises(PermissionError):
+            read_handoff(str(path))
 
 
 def test_workers_take_the_supervisors_parse_not_the_file(procs, tmp_path):

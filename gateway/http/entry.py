@@ -69,8 +69,12 @@ class EntryLog:
     """An entry's request ids, counters, access log and metrics."""
 
     def __init__(self, ids: RequestIds, *, worker: str, direction: str, access_log: AccessLog | None = None,
-                 metrics: RequestMetrics = NO_METRICS) -> None:
+                 metrics: RequestMetrics = NO_METRICS, logger: logging.Logger = log,
+                 failure: str = "request failed") -> None:
         self.ids = ids
+        # Where a failure is logged, and as what ("request failed: <code>").
+        self.log = logger
+        self.failure = failure
         self.worker = worker
         self.direction = direction
         self.access_log = access_log or AccessLog("off")
@@ -94,7 +98,7 @@ class EntryLog:
         """Count and log a request that failed with `code`."""
         self.errors[code] = self.errors.get(code, 0) + 1
         rec.error = code
-        log.info("request failed: %s", code, extra={"request_id": rec.request_id, "trace_id": rec.trace_id,
+        self.log.info("%s: %s", self.failure, code, extra={"request_id": rec.request_id, "trace_id": rec.trace_id,
                                                     "code": code, "client_id": rec.client_id, "detail": message})
 
     def fail(self, rec: AccessRecord, code: str, message: str, *, status: int | None = None,

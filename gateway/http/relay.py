@@ -15,8 +15,7 @@ from gateway.http.websocket import MAX_MESSAGE, bridge_entry, is_websocket
 from gateway.observe import AccessRecord
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError, error_body
-from gateway.tunnel.exchange import OutboundExchange
-from gateway.tunnel.forward import wait_head
+from gateway.tunnel.exchange import OutboundExchange, wait_head
 from gateway.tunnel.stream import TunnelStream
 
 __all__ = ["error_response", "relay_request", "expectation", "send_continue"]

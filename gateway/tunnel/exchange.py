@@ -14,7 +14,7 @@ from gateway.tunnel.errors import TunnelError
 if TYPE_CHECKING:
     from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["OutboundExchange", "InboundExchange"]
+__all__ = ["OutboundExchange", "InboundExchange", "wait_head"]
 
 
 class OutboundExchange:
@@ -147,3 +147,22 @@ class InboundExchange:
             self.reset("internal_error", "handler ended without a complete response")
         else:
             self._forget()
+
+
+async def wait_head(head: asyncio.Future, pump: asyncio.Task[None] | None, sender: BodyWriter,
+                    timeout: float | None) -> None:
+    """Wait for a response head while the request body goes up. The head's
+    `timeout` counts from the end of the upload, so a big upload is not taken
+    for a slow upstream; while it lasts, a whole `timeout` without one byte of
+    progress ends the wait. Returns early when the upload fails."""
+    sent = -1
+    while pump is not None and not pump.done() and not head.done():
+        if sender.bytes_sent == sent:
+            return  # the upload stalled for a whole timeout
+        sent = sender.bytes_sent
+        await asyncio.wait([head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if head.done():
+        return
+    if pump is not None and (not pump.done() or pump.cancelled() or pump.exception() is not None):
+        return  # stalled, or the upload failed: the caller decides
+    await asyncio.wait([head], timeout=timeout)

@@ -3,34 +3,14 @@ how a worker serves a request another worker sent it. No HTTP here: heads,
 bodies and RESETs go through as they came."""
 from __future__ import annotations
 
-import asyncio
 
 from gateway.tunnel import frames
 from gateway.tunnel.body import BodyReader, BodyWriter
 from gateway.tunnel.errors import TunnelError
-from gateway.tunnel.exchange import InboundExchange
+from gateway.tunnel.exchange import InboundExchange, wait_head
 from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["relay_exchange", "wait_head"]
-
-
-async def wait_head(head: asyncio.Future, pump: asyncio.Task[None] | None, sender: BodyWriter,
-                    timeout: float | None) -> None:
-    """Wait for a response head while the request body goes up. The head's
-    `timeout` counts from the end of the upload, so a big upload is not taken
-    for a slow upstream; while it lasts, a whole `timeout` without one byte of
-    progress ends the wait. Returns early when the upload fails."""
-    sent = -1
-    while pump is not None and not pump.done() and not head.done():
-        if sender.bytes_sent == sent:
-            return  # the upload stalled for a whole timeout
-        sent = sender.bytes_sent
-        await asyncio.wait([head, pump], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if head.done():
-        return
-    if pump is not None and (not pump.done() or pump.cancelled() or pump.exception() is not None):
-        return  # stalled, or the upload failed: the caller decides
-    await asyncio.wait([head], timeout=timeout)
+__all__ = ["relay_exchange"]
 
 
 async def _copy_body(src: BodyReader, dst: BodyWriter) -> None:

@@ -9,6 +9,7 @@ metadata), not the host.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,13 +32,15 @@ if TYPE_CHECKING:
 
 __all__ = ["GrpcEntry"]
 
+log = logging.getLogger("gateway.grpc")
+
 
 class GrpcEntry(grpc.GenericRpcHandler):
     def __init__(self, routing: "Routing", ids: RequestIds, *, access_log: AccessLog,
                  metrics: RequestMetrics) -> None:
         self.routing = routing
         self.book = EntryLog(ids, worker=str(routing.index), direction="grpc", access_log=access_log,
-                             metrics=metrics)
+                             metrics=metrics, logger=log, failure="grpc call failed")
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method, metadata = details.method, details.invocation_metadata

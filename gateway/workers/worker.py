@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -45,7 +46,8 @@ class Worker:
         config_handoff: str | None = None,
         workers: int = 1,
     ) -> None:
-        self.config = config
+        self._config = config
+        self.routing: Any = None
         self.index = index
         self.instance = instance or new_instance_id()
         self.router_endpoint = router_endpoint
@@ -57,6 +59,11 @@ class Worker:
         self.started_at = time.time()
         self.link: Any = None
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The config in force: routing's once the worker serves."""
+        return self.routing.config if self.routing is not None else self._config
 
     def init_process(self) -> None:
         setproctitle(f"tunnel-gateway: worker {self.index}")
@@ -84,20 +91,17 @@ class Worker:
             log.warning("SIGHUP ignored: this worker has no supervisor to reload from")
             return
         try:
-            with open(self.config_handoff, "rb") as fh:
-                new = pickle.load(fh)
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            new = read_handoff(self.config_handoff)
+        except Exception as exc:  # whatever the file holds, the worker goes on with its config
             log.error("config reload failed: cannot read %s: %s", self.config_handoff, exc)
             return
-        if not isinstance(new, GatewayConfig):
-            log.error("config reload failed: %s holds no gateway config", self.config_handoff)
-            return
+        if new == self.config:
+            return  # a signal to the whole process group: this worker has it already
         self.apply_config(new)
 
     def apply_config(self, new: GatewayConfig) -> None:
         """Serve by `new` from now on; requests in flight finish on the config they started with."""
         old_versions = self.routing.config_versions()
-        self.config = new
         pushed = self.routing.apply_config(new)
         self.endpoint.apply_config(new)
         self.metrics.set_config_versions(self.routing.config_versions(), old_versions)
@@ -187,6 +191,20 @@ class Worker:
         await self.upstreams.close()
         self.access_log.close()
         log.info("stopped")
+
+
+def read_handoff(path: str) -> GatewayConfig:
+    """The config the supervisor left at `path`: only a file of this user's,
+    readable by no one else, is unpickled (unpickling runs code)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{path} is not this user's private file")
+        new = pickle.load(fh)
+    if not isinstance(new, GatewayConfig):
+        raise TypeError(f"{path} holds no gateway config")
+    return new
 
 
 def worker_main(
