@@ -180,11 +180,9 @@ class Bench:
 
         thread = threading.Thread(target=slow_call)
         thread.start()
-        deadline = time.monotonic() + 10
-        while get_json(f"{self.stack.backend_url}/stats", timeout=5)["inflight"] < 1:
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: the slow request never reached the backend")
-            time.sleep(0.02)
+        self.stack.wait_ready("the slow request to reach the backend",
+                              (self.stack.backend, self.stack.gateway, self.stack.client),
+                              lambda: get_json(f"{self.stack.backend_url}/stats")["inflight"] >= 1, timeout=10)
         with_slow = self.measure(HOL_FAST, "ingress", url, label="hol_with_slow")
         thread.join()
         slow_ok = outcome.get("status") == 200 and outcome.get("body") == b"slow"

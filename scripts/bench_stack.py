@@ -1,8 +1,15 @@
 """The processes scripts/bench.py measures: the bench backend, the gateway,
 one tunnel client (and nginx on request), on free loopback ports, plus their
-CPU time and resident memory read from /proc."""
+CPU time and resident memory read from /proc.
+
+Its first part is the one process harness of the benchmarks and the tests
+(tests/harness.py imports it): start a process with its log, wait for it to be
+ready, stop it, free ports, JSON from an admin port. It lives here, not in a
+module of its own, because scripts/bench_ab.py loads each compared version's
+bench_stack.py from that version's checkout: the file must be whole by itself."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import resource
@@ -13,19 +20,23 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     from bench_load import LoadResult, LoadSpec
 
-__all__ = ["BenchStack", "ProcGroup", "RssSampler", "free_port", "get_json", "load_with_cpu"]
+__all__ = ["BenchStack", "NOT_READY", "ProcGroup", "ProcessExited", "Processes", "RssSampler", "children_of",
+           "free_port", "get_json", "load_with_cpu", "process_tree", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+
+# -- the process harness (the benchmarks' and the tests') ------------------------------------
 
 _handed_out: set[int] = set()
 
@@ -43,6 +54,12 @@ def free_port() -> int:
             return port
 
 
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    """The JSON a GET of `url` answers; an answer other than 2xx raises urllib's HTTPError."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
 def _children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -53,6 +70,11 @@ def _children() -> dict[int, list[int]]:
                 continue
             kids.setdefault(int(fields[1]), []).append(int(entry))
     return kids
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of a process (read from /proc)."""
+    return _children().get(pid, [])
 
 
 def process_tree(root: int) -> list[int]:
@@ -85,7 +107,8 @@ def _rss_mb(pid: int) -> float:
 
 
 class ProcGroup:
-    """A process and its descendants (the gateway is a supervisor, a router and workers)."""
+    """A process we started and its descendants (the gateway is a supervisor, a router and
+    workers), with its output (stdout and stderr) in `log`."""
 
     def __init__(self, name: str, popen: subprocess.Popen, log: Path) -> None:
         self.name, self.popen, self.log = name, popen, log
@@ -99,7 +122,14 @@ class ProcGroup:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL to the whole tree if it is not gone within `timeout`."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -112,8 +142,95 @@ class ProcGroup:
                         pass
                 self.popen.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL to the process alone (its children see it crash)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Processes:
+    """Owns every process a run (or a test) starts, each with its log in `tmp`;
+    close() stops them all, whatever failed before."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[ProcGroup] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> ProcGroup:
+        log = self.tmp / f"{name}.log"
+        n = 1
+        while log.exists():  # a restarted process keeps its own log
+            n += 1
+            log = self.tmp / f"{name}.{n}.log"
+        with log.open("wb") as fh:
+            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                                     start_new_session=True)
+        proc = ProcGroup(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop every process, the last started first; one that will not stop does not keep the rest running."""
+        errors: list[BaseException] = []
+        for p in reversed(self.procs):
+            try:
+                p.stop(timeout)
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def dump(self) -> str:
+        return "\n".join(f"===== {p.name} ({p.log.name}) =====\n{p.output()[-4000:]}" for p in self.procs)
+
+
+class ProcessExited(RuntimeError):
+    """A process a wait was watching exited before the wait was over."""
+
+
+# What a check may raise while a server is not up yet, or half up: refused or reset
+# connections, URL errors (an HTTPError too: a 503 while starting), timeouts, a
+# dropped or garbled HTTP answer, half-written JSON. Anything else is a failure.
+NOT_READY: tuple[type[BaseException], ...] = (ConnectionError, urllib.error.URLError, TimeoutError,
+                                              http.client.HTTPException, json.JSONDecodeError)
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition",
+               watch: ProcGroup | Iterable[ProcGroup | None] | None = (),
+               ignore: tuple[type[BaseException], ...] = ()) -> Any:
+    """Poll `check` until it returns something true, and return that. A process of `watch`
+    that exits meanwhile ends the wait at once (ProcessExited, with its output); an
+    exception of `check` other than NOT_READY (and `ignore`) propagates at once."""
+    watched = [watch] if isinstance(watch, ProcGroup) else [p for p in (watch or ()) if p is not None]
+    tolerated = NOT_READY + tuple(ignore)
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except tolerated as exc:
+            last_exc = exc
+        for p in watched:
+            if not p.alive():
+                raise ProcessExited(f"{p.name} exited (code {p.popen.returncode}) while waiting for {what}; "
+                                    f"its output ({p.log}):\n{p.output()[-4000:]}")
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    logs = "".join(f"\n--- {p.name} ({p.log}):\n{p.output()[-3000:]}" for p in watched)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}"
+                       + (f" (last error: {last_exc!r})" if last_exc else "") + logs)
+
+
+# -- what the benchmarks measure -----------------------------------------------------------
+
 
 class RssSampler:
+
     """Samples the resident memory of each process of some groups; keeps each group's peak."""
 
     def __init__(self, groups: dict[str, ProcGroup], interval: float = 0.05) -> None:
@@ -138,17 +255,12 @@ class RssSampler:
         self._thread.join()
 
 
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 class BenchStack:
     """Starts and stops the measured processes; every one it starts is stopped by close()."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.groups: list[ProcGroup] = []
+        self.procs = Processes(tmp)
         self.backend_port = free_port()
         self.http_port = self.tunnel_port = self.admin_port = 0
         self.local_port = self.client_admin_port = self.nginx_port = 0
@@ -160,27 +272,16 @@ class BenchStack:
     # -- processes -------------------------------------------------------
     def start_process(self, name: str, args: list[str], cwd: Path = ROOT) -> ProcGroup:
         """Start a process of the run (its log in the run's directory); close() stops it."""
-        log = self.tmp / f"{name}-{len(self.groups)}.log"
-        with log.open("wb") as fh:
-            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        group = ProcGroup(name, popen, log)
-        self.groups.append(group)
-        return group
+        return self.procs.start(name, args, cwd=cwd)
 
-    def wait_ready(self, what: str, group: ProcGroup, check: Callable[[], Any], timeout: float = 30.0) -> None:
-        """Poll `check` until it is true; exit with the process's log if it dies or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not group.alive():
-                raise SystemExit(f"bench: {what} exited early; its log:\n{group.log.read_text()[-3000:]}")
-            try:
-                if check():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit(f"bench: {what} not ready within {timeout:.0f}s; its log:\n{group.log.read_text()[-3000:]}")
+    def wait_ready(self, what: str, group: ProcGroup | Iterable[ProcGroup | None], check: Callable[[], Any],
+                   timeout: float = 30.0) -> None:
+        """wait_until `check`, watching `group` (one process or several); exit (SystemExit, with
+        the process's log) if one dies or the time runs out."""
+        try:
+            wait_until(check, timeout, what=what, watch=group)
+        except (ProcessExited, TimeoutError) as exc:
+            raise SystemExit(f"bench: {exc}") from None
 
     def start_backend(self) -> ProcGroup:
         group = self.start_process("backend", [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
@@ -191,7 +292,7 @@ class BenchStack:
     def start_gateway(self, workers: int, force_cross_worker: bool = False) -> ProcGroup:
         """The gateway with `workers` workers; `self.settings` (raw TOML lines) go into its [gateway] table."""
         self.http_port, self.tunnel_port, self.admin_port = free_port(), free_port(), free_port()
-        config = self.tmp / f"gateway-{len(self.groups)}.toml"
+        config = self.tmp / f"gateway-{len(self.procs.procs)}.toml"
         extra = "\n".join(self.settings)
         config.write_text(f"""
 [gateway]
@@ -292,8 +393,7 @@ http {{
         self.client = self.gateway = None
 
     def close(self) -> None:
-        for group in reversed(self.groups):
-            group.stop()
+        self.procs.close()
 
     # -- state -------------------------------------------------------------
     @property
@@ -315,15 +415,19 @@ http {{
 
     def spread_streams(self, workers: int) -> None:
         """Make every worker own a stream (so every request can stay local), with the rebalance script."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def spread() -> bool:
             counts = self.streams_per_worker()
             if len(counts) >= workers and min(counts.values()) >= 1:
-                return
+                return True
             subprocess.run([sys.executable, "scripts/rebalance.py", "--admin", self.admin_url, "--tolerance", "1"],
                            cwd=ROOT, capture_output=True, timeout=60)
-            time.sleep(0.2)
-        raise SystemExit(f"bench: could not give every worker a stream: {self.streams_per_worker()}")
+            return False
+
+        try:
+            wait_until(spread, 60, interval=0.2, what="a stream on every worker", watch=(self.gateway, self.client))
+        except (ProcessExited, TimeoutError) as exc:
+            raise SystemExit(f"bench: could not give every worker a stream: {exc}") from None
 
 
 def load_with_cpu(generator: str, spec: "LoadSpec", workdir: Path,

@@ -1,14 +1,15 @@
 """Real processes on real sockets: start a backend, a gateway and clients on
-free loopback ports, wait for readiness by polling, and stop them all."""
+free loopback ports, wait for readiness by polling, and stop them all.
+
+Starting, watching and stopping processes, free ports and JSON from an admin
+port are scripts/bench_stack.py's (one harness for the tests and the
+benchmarks, which must not import from tests/); they are re-exported here."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -17,23 +18,12 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token"
+STOP_TIMEOUT = 5.0  # a test's process not gone this long after SIGTERM is killed
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_stack import free_port  # noqa: E402  (one picker of ports for tests and benchmarks)
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # not ready yet
-            last_exc = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+from bench_stack import (  # noqa: E402,F401  (the one process harness, for tests and benchmarks)
+    NOT_READY, ProcGroup, ProcessExited, Processes, children_of, free_port, get_json, wait_until,
+)
 
 
 @dataclass
@@ -59,69 +49,6 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
             return Response(r.status, list(r.headers.items()), r.read())
     except urllib.error.HTTPError as e:
         return Response(e.code, list(e.headers.items()), e.read())
-
-
-def get_json(url: str) -> Any:
-    return http("GET", url, timeout=5).json()
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-class Processes:
-    """Owns every process a test starts; `close` stops them, also on failure."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
-        log = self.tmp / f"{name}.log"
-        n = 1
-        while log.exists():  # a restarted process keeps its own log
-            n += 1
-            log = self.tmp / f"{name}.{n}.log"
-        fh = log.open("wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
-        fh.close()
-        proc = Proc(name, p, log)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            p.stop(timeout=5)
-
-    def dump(self) -> str:
-        return "\n".join(f"===== {p.name} =====\n{p.output()[-4000:]}" for p in self.procs)
 
 
 def toml_value(v: Any) -> str:
@@ -170,10 +97,10 @@ class Stack:
     tunnel_port: int = 0
     admin_port: int = 0
     grpc_port: int = 0
-    gateway: Proc | None = None
+    gateway: ProcGroup | None = None
     gateway_config: Path | None = None
-    clients: dict[str, tuple[Proc, int, int]] = field(default_factory=dict)  # id -> (proc, local, admin)
-    backend: Proc | None = None
+    clients: dict[str, tuple[ProcGroup, int, int]] = field(default_factory=dict)  # id -> (proc, local, admin)
+    backend: ProcGroup | None = None
 
     @property
     def url(self) -> str:
@@ -195,10 +122,11 @@ class Stack:
     def streams(self, group: str = "g1") -> int:
         return self.status()["groups"].get(group, 0)
 
-    def start_backend(self, name: str = "backend") -> Proc:
+    def start_backend(self, name: str = "backend") -> ProcGroup:
         self.backend_port = self.backend_port or free_port()
         self.backend = self.procs.start(name, [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
-        wait_until(lambda: http("GET", f"{self.backend_url}/stats", timeout=2).status == 200, what="backend")
+        wait_until(lambda: http("GET", f"{self.backend_url}/stats", timeout=2).status == 200, what="backend",
+                   watch=self.backend)
         # Another process on the port would answer too: make sure it is ours.
         assert http("GET", f"{self.backend_url}/stats").json()["pid"] == self.backend.popen.pid, "backend port taken"
         return self.backend
@@ -229,23 +157,22 @@ class Stack:
             "upstreams": upstreams if upstreams is not None else {"backend": {"servers": [backend]}},
         }
 
-    def start_gateway(self, doc: dict | None = None, **kw: Any) -> Proc:
+    def start_gateway(self, doc: dict | None = None, **kw: Any) -> ProcGroup:
         doc = doc or self.gateway_doc(**kw)
         self.gateway_config = self.tmp / "gateway.toml"
         self.gateway_config.write_text(to_toml(doc))
         self.gateway = self.procs.start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
-        wait_until(lambda: self._gateway_ready(), what="gateway /healthz")
+        wait_until(self._gateway_ready, what="gateway /healthz", watch=self.gateway)
         shards = get_json(f"http://127.0.0.1:{self.admin_port}/admin/shards")["workers"]
         assert all(w["pid"] in children_of(self.gateway.popen.pid) for w in shards), "admin port taken"
         return self.gateway
 
     def _gateway_ready(self) -> bool:
-        if self.gateway is not None and not self.gateway.alive():
-            raise RuntimeError("gateway exited:\n" + self.gateway.output())
+        """The admin port answers /healthz (wait on it watching the gateway process)."""
         return http("GET", f"http://127.0.0.1:{self.admin_port}/healthz", timeout=2).status == 200
 
     def start_client(self, client_id: str = "c1", group: str = "g1", token: str = TOKEN, wait: bool = True,
-                     extra: list[str] | None = None) -> Proc:
+                     extra: list[str] | None = None) -> ProcGroup:
         local, admin = (self.clients[client_id][1:] if client_id in self.clients else (free_port(), free_port()))
         args = [
             sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
@@ -256,13 +183,12 @@ class Stack:
         proc = self.procs.start(f"client-{client_id}", args)
         self.clients[client_id] = (proc, local, admin)
         if wait:
-            wait_until(lambda: self._client_connected(client_id), what=f"client {client_id} connected")
+            wait_until(lambda: self._client_connected(client_id), what=f"client {client_id} connected",
+                       watch=(proc, self.gateway))
         return proc
 
     def _client_connected(self, client_id: str) -> bool:
-        proc = self.clients[client_id][0]
-        if not proc.alive():
-            raise RuntimeError(f"client {client_id} exited:\n" + proc.output())
+        """Every tunnel connection of the client is up and routable (wait on it watching the client)."""
         st = self.client_status(client_id)
         if st["connections"] < st.get("wanted", 1):
             return False
@@ -291,14 +217,44 @@ class Stack:
                         return False
             return True
 
-        wait_until(idle, timeout, what="pending tables empty")
+        wait_until(idle, timeout, what="pending tables empty", watch=self.gateway)
 
 
-def standard_stack(procs: Processes, tmp: Path, **kw: Any) -> Stack:
+def frames_to(stack: Stack, client_id: str) -> dict[str, int]:
+    """Frames the gateway has sent on each stream of `client_id`, by connection (/admin/clients)."""
+    rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
+    return {c["connection"]: c["frames_out"] for c in rows if c["client_id"] == client_id}
+
+
+def wait_heartbeats(stack: Stack, n: int, client_id: str = "c1", timeout: float = 30.0) -> None:
+    """Let `n` heartbeat intervals pass on the gateway's clock: a wait for something that
+    must NOT happen meanwhile, in place of a sleep. Each interval the gateway sends a
+    PING on each stream of a connected client and answers the client's own PING there
+    (both sides beat at heartbeat_interval): 2n frames more on every stream of
+    `client_id` take the gateway at least n intervals, however slowly the machine runs."""
+    base = frames_to(stack, client_id)
+    assert base, f"{client_id} has no stream to count heartbeats on"
+    wait_until(lambda: all(frames_to(stack, client_id).get(k, -1) >= v + 2 * n for k, v in base.items()), timeout,
+               what=f"{n} heartbeats to {client_id}", watch=(stack.gateway, stack.clients[client_id][0]))
+
+
+def standard_stack(procs: Processes, tmp: Path, *, settings: dict | None = None, routes: list | None = None,
+                   edit: Callable[[Stack, dict], None] | None = None, client: str | None = "c1",
+                   client_extra: list[str] | None = None) -> Stack:
+    """The stack most tests start: the backend, the gateway (gateway_doc's config with
+    `settings` in [gateway] and `routes` instead of the default; `edit(stack, doc)` changes
+    the config further, e.g. groups of its own: the backend is at stack.backend_url) and,
+    unless `client` is None, that client of g1 connected (with `client_extra` arguments).
+    Through the make_stack fixtures of conftest.py, which stop every process after the test
+    or the module, passed or failed."""
     stack = Stack(procs, tmp)
     stack.start_backend()
-    stack.start_gateway(**kw)
-    stack.start_client()
+    doc = stack.gateway_doc(settings=settings, routes=routes)
+    if edit is not None:
+        edit(stack, doc)
+    stack.start_gateway(doc)
+    if client is not None:
+        stack.start_client(client, extra=client_extra)
     return stack
 
 
@@ -330,22 +286,7 @@ def concentrate(stack: Stack, worker: int, expected: int, workers: int = 2, time
                 drain(stack, worker=w)
         return False
 
-    wait_until(done, timeout, interval=0.5, what=f"all streams on worker {worker}")
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of a process, from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                out.append(int(d.name))
-    return out
+    wait_until(done, timeout, interval=0.5, what=f"all streams on worker {worker}", watch=stack.gateway)
 
 
 def proc_title(pid: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,7 @@ import grpc.aio
 import pytest
 
 from gateway.tunnel import frames
-from tests.harness import Stack, get_json, http, wait_until
+from tests.harness import Stack, get_json, http, wait_heartbeats, wait_until
 
 
 def _attempts(stack: Stack, client_id: str) -> int:
@@ -23,32 +22,35 @@ def _connected_ids(stack: Stack) -> set[str]:
     return {c["client_id"] for c in get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]}
 
 
-@pytest.fixture
-def token_stack(procs, tmp_path) -> Stack:
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
+def _token_groups(stack: Stack, doc: dict) -> None:
     web = {"web": {"servers": [stack.backend_url]}}
     rules = [{"path_prefix": "/", "upstream": "web"}]
-    groups = {
+    doc["groups"] = {
         "g1": {"tokens": ["new-token", {"token": "old-token", "expires": datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)},
                           {"token": "later-token", "expires": datetime.datetime(2999, 1, 1, tzinfo=datetime.timezone.utc)}],
                "upstreams": web, "rules": rules},
         "g2": {"tokens": ["g2-token"], "upstreams": web, "rules": rules},
     }
-    doc = stack.gateway_doc(groups=groups)
-    stack.start_gateway(doc)
-    return stack
+
+
+@pytest.fixture
+def token_stack(make_stack) -> Stack:
+    return make_stack(edit=_token_groups, client=None)
 
 
 @pytest.mark.parametrize("token,code", [("wrong", "bad_token"), ("g2-token", "bad_token"),
                                         ("old-token", "token_expired")])
 def test_refused_tokens(token_stack, token, code):
     stack = token_stack
+    # A client of g2 (g1 keeps none: see the end), whose heartbeats tell the time below.
+    stack.start_client("witness", group="g2", token="g2-token")
     stack.start_client("bad", token=token, wait=False)
-    wait_until(lambda: _attempts(stack, "bad") >= 1, 10, what="rejection")
+    wait_until(lambda: _attempts(stack, "bad") >= 1, 10, what="rejection", watch=stack.clients["bad"][0])
     out = stack.clients["bad"][0].output()
     assert code in out
-    time.sleep(4)  # a refused client must not hammer the gateway
+    # A refused client must not hammer the gateway: over four of the gateway's heartbeat
+    # intervals (as long as the pause this was) it tries once per tunnel connection.
+    wait_heartbeats(stack, 4, "witness")
     assert _attempts(stack, "bad") <= 2
     assert "bad" not in _connected_ids(stack)
     # The gateway logs the attempt, never the token.
@@ -109,11 +111,9 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-def test_tunnel_over_tls_and_untrusted_ca(procs, tmp_path, pki):
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    stack.start_gateway(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")})
-    stack.start_client("c1", extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
+def test_tunnel_over_tls_and_untrusted_ca(make_stack, pki):
+    stack = make_stack(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")},
+                       client_extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
     assert http("GET", f"{stack.url}/hello").status == 200
     # A client that does not trust the gateway's CA refuses to connect.
     stack.start_client("c2", wait=False, extra=["--tls", "--tls-ca", str(pki / "other-ca.pem")])
@@ -127,29 +127,26 @@ def test_tunnel_over_tls_and_untrusted_ca(procs, tmp_path, pki):
     assert "NOT verified" in stack.clients["c4"][0].output()
 
 
-def test_https_entry(procs, tmp_path, pki):
+def test_https_entry(make_stack, pki):
     import ssl
     import urllib.request
 
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    stack.start_gateway(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
-                                  "http_tls": True})
-    stack.start_client("c1", extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
+    stack = make_stack(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+                                 "http_tls": True},
+                       client_extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     with urllib.request.urlopen(f"https://127.0.0.1:{stack.http_port}/hello", context=ctx, timeout=10) as r:
         assert r.status == 200 and len(r.read()) == 100
 
 
-def test_mtls_rejects_a_certificate_of_the_wrong_name(procs, tmp_path, pki):
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    doc = stack.gateway_doc(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
-                                      "tls_client_ca": str(pki / "ca.pem")})
-    doc["groups"]["g1"]["client_cert_names"] = ["*.agents.test"]
-    stack.start_gateway(doc)
+def test_mtls_rejects_a_certificate_of_the_wrong_name(make_stack, pki):
+    def agents_only(_stack: Stack, doc: dict) -> None:
+        doc["groups"]["g1"]["client_cert_names"] = ["*.agents.test"]
+
     tls = ["--tls", "--tls-ca", str(pki / "ca.pem")]
-    stack.start_client("good", extra=[*tls, "--tls-cert", str(pki / "good.pem"), "--tls-key", str(pki / "good.key")])
+    stack = make_stack(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+                                 "tls_client_ca": str(pki / "ca.pem")}, edit=agents_only, client="good",
+                       client_extra=[*tls, "--tls-cert", str(pki / "good.pem"), "--tls-key", str(pki / "good.key")])
     assert http("GET", f"{stack.url}/hello").status == 200
     stack.start_client("evil", wait=False,
                        extra=[*tls, "--tls-cert", str(pki / "evil.pem"), "--tls-key", str(pki / "evil.key")])
@@ -161,17 +158,18 @@ def test_mtls_rejects_a_certificate_of_the_wrong_name(procs, tmp_path, pki):
     assert _connected_ids(stack) == {"good"}
 
 
-def test_duplicate_client_id_newest_wins(procs, tmp_path):
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    stack.start_gateway(settings={"workers": 1})
-    first = stack.start_client("c1", extra=["--connections", "1"])
+def test_duplicate_client_id_newest_wins(make_stack):
+    stack = make_stack(settings={"workers": 1}, client_extra=["--connections", "1"])
+    first = stack.clients["c1"][0]
     stack.clients["old"] = stack.clients.pop("c1")
     second = stack.start_client("c1", extra=["--connections", "1"])
     wait_until(lambda: "took over connection" in first.output(), 10, what="old connection told to go")
     clients = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
     assert len(clients) == 1 and clients[0]["client_id"] == "c1"
     assert http("GET", f"{stack.url}/hello").status == 200
-    time.sleep(1)  # no fight: the old process does not take the connection back
+    # No fight: the old process does not take the connection back. Its back-off after a
+    # GOAWAY is none at all, so a fight would show within the new stream's first heartbeats.
+    wait_heartbeats(stack, 2, "c1")
     assert "took over connection" not in second.output()
+    assert first.output().count("tunnel connected") == 1
     assert len(get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]) == 1

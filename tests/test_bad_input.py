@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -14,7 +12,7 @@ import pytest
 
 from gateway.client.agent import REJECTED_MIN_DELAY
 from gateway.tunnel import frames
-from tests.harness import Processes, Stack, get_json, http, raw_request, wait_until
+from tests.harness import Stack, get_json, http, raw_request, wait_heartbeats, wait_until
 
 CONNECT = "/tunnel.v1.Tunnel/Connect"
 RAW_TOKEN = "raw-group-token"
@@ -27,36 +25,27 @@ GARBAGE = [
 ]
 
 
-def _start(procs: Processes, tmp: Path) -> Stack:
-    """g1 with client c1; group "raw" for the hand-made connections of these tests."""
-    stack = Stack(procs, tmp)
-    stack.start_backend()
-    doc = stack.gateway_doc(settings={"workers": 1, "max_header_bytes": 4096, "max_body_bytes": 256 * 1024})
+def _raw_group(stack: Stack, doc: dict) -> None:
+    """Group "raw", for the hand-made connections of these tests."""
     doc["groups"]["raw"] = {"tokens": [RAW_TOKEN], "upstreams": {"web": {"servers": [stack.backend_url]}},
                             "rules": [{"path_prefix": "/", "upstream": "web"}]}
-    stack.start_gateway(doc)
-    stack.start_client("c1", extra=["--max-header-bytes", "4096", "--max-body-bytes", str(256 * 1024)])
-    return stack
+
+
+# g1 with client c1, group "raw", small limits for heads and bodies.
+LIMITED = {"settings": {"workers": 1, "max_header_bytes": 4096, "max_body_bytes": 256 * 1024}, "edit": _raw_group,
+           "client_extra": ["--max-header-bytes", "4096", "--max-body-bytes", str(256 * 1024)]}
 
 
 @pytest.fixture
-def stack(procs, tmp_path) -> Stack:
+def stack(make_stack) -> Stack:
     """A fresh stack: the tunnel tests count log lines and streams."""
-    return _start(procs, tmp_path)
+    return make_stack(**LIMITED)
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, request):
+def shared(make_module_stack) -> Stack:
     """One stack for the 431/413 tests: each request stands alone."""
-    tmp = tmp_path_factory.mktemp("limits")
-    procs = Processes(tmp)
-    failed = request.session.testsfailed
-    try:
-        yield _start(procs, tmp)
-    finally:
-        procs.close()
-        if request.session.testsfailed > failed:
-            print(procs.dump())
+    return make_module_stack(**LIMITED)
 
 
 def _still_serving(stack: Stack) -> None:
@@ -240,8 +229,9 @@ def test_wrong_token_and_unknown_group_are_refused_with_back_off(stack):
     for cid, (_group, token, code) in cases.items():
         wait_until(lambda: attempts(cid) >= 1, 10, what=f"{cid} rejected")
         wait_until(lambda: '"after":"rejected"' in stack.clients[cid][0].output(), 5, what=f"{cid} backs off")
-    # A deliberate pause: a refused client must not retry at once.
-    time.sleep(2.0)
+    # A refused client must not retry at once: let two of the gateway's heartbeat intervals
+    # pass (counted on c1's streams, as long as the pause this was), then count the attempts.
+    wait_heartbeats(stack, 2)
     connected = {c["client_id"] for c in get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]}
     gateway_log = stack.gateway.output()
     for cid, (group, token, code) in cases.items():
@@ -320,15 +310,14 @@ def test_body_over_the_limit_413(shared, way, framing):
 
 
 @pytest.mark.parametrize("fields", [False, True], ids=["without-header_fields", "with-header_fields"])
-def test_heads_use_header_fields_only_with_a_client_that_announced_it(procs, tmp_path, fields):
+def test_heads_use_header_fields_only_with_a_client_that_announced_it(make_stack, fields):
     """A client that predates `header_fields` gets and may send heads the old way, both directions."""
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    doc = stack.gateway_doc(settings={"workers": 1})
-    doc["groups"]["raw"] = {"tokens": [RAW_TOKEN], "upstreams": {"web": {"servers": [stack.backend_url]}},
-                            "rules": [{"path_prefix": "/", "upstream": "web"}]}
-    doc["routes"] = [{"path_prefix": "/to-raw", "group": "raw"}, *doc["routes"]]
-    stack.start_gateway(doc)
+
+    def to_raw(stack: Stack, doc: dict) -> None:
+        _raw_group(stack, doc)
+        doc["routes"] = [{"path_prefix": "/to-raw", "group": "raw"}, *doc["routes"]]
+
+    stack = make_stack(settings={"workers": 1}, edit=to_raw, client=None)
     capabilities = ("http", frames.HEADER_FIELDS) if fields else ("http",)
 
     def form(head) -> bool:

@@ -11,28 +11,16 @@ import os
 import aiohttp
 import pytest
 
-from tests.harness import Processes, Stack
+from tests.harness import Stack
 
 SIZES = [0, 1, 1 << 20, 64 << 20]
 IDS = ["0B", "1B", "1MiB", "64MiB"]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, request):
+def stack(make_module_stack) -> Stack:
     """One stack for the module (each test checks its own bytes)."""
-    tmp = tmp_path_factory.mktemp("bodies")
-    procs = Processes(tmp)
-    failed = request.session.testsfailed
-    try:
-        stack = Stack(procs, tmp)
-        stack.start_backend()
-        stack.start_gateway(settings={"workers": 1})
-        stack.start_client("c1")
-        yield stack
-    finally:
-        procs.close()
-        if request.session.testsfailed > failed:
-            print(procs.dump())
+    return make_module_stack(settings={"workers": 1})
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,8 @@ def test_compose_topology_as_local_processes(procs, tmp_path):
     backend_cmd = [str(stack.backend_port) if a == "8080" else a for a in svc["backend"]["command"]]
     backend_cmd = ["127.0.0.1" if a == "0.0.0.0" else a for a in backend_cmd]
     stack.backend = procs.start("backend", _command(backend_cmd, {}))
-    wait_until(lambda: http("GET", f"{stack.backend_url}/health", timeout=2).status == 200, what="backend")
+    wait_until(lambda: http("GET", f"{stack.backend_url}/health", timeout=2).status == 200, what="backend",
+               watch=stack.backend)
 
     ports = {p: free_port() for p in GATEWAY_PORTS}
     stack.http_port, stack.tunnel_port, stack.admin_port = ports[8001], ports[50001], ports[9090]
@@ -120,7 +121,7 @@ def test_compose_topology_as_local_processes(procs, tmp_path):
         local_files[target] = tmp_path / source.name
         local_files[target].write_text(to_toml(doc))
     stack.gateway = procs.start("gateway", _command(gateway["command"], local_files))
-    wait_until(stack._gateway_ready, 30, what="gateway /healthz")
+    wait_until(stack._gateway_ready, 30, what="gateway /healthz", watch=stack.gateway)
     # --workers 2 from the compose command: both announce themselves.
     wait_until(lambda: len(get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]) == 2, 10,
                what="two workers")
@@ -147,7 +148,8 @@ def test_compose_topology_as_local_processes(procs, tmp_path):
         rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
         return {r["client_id"] for r in rows} == {"client-a", "client-b"} and stack.routable()
 
-    wait_until(both_connected, 30, what="both clients connected")
+    wait_until(both_connected, 30, what="both clients connected",
+               watch=[stack.gateway, *(proc for proc, _l, _a in stack.clients.values())])
     for _ in range(20):
         r = http("GET", f"{stack.url}/hello", headers={"Connection": "close"})
         assert r.status == 200 and len(r.body) == 100, r.body[:200]

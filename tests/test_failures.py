@@ -381,6 +381,7 @@ def test_silent_client_is_dropped_after_three_heartbeats_and_its_request_fails(f
     finally:
         signal_client(stack, "c1", signal.SIGCONT)
     # Awake again, the client reconnects by itself.
-    wait_until(lambda: stack.streams("g1") == 1 and stack._client_connected("c1"), 15, what="client reconnected")
+    wait_until(lambda: stack.streams("g1") == 1 and stack._client_connected("c1"), 15, what="client reconnected",
+               watch=(stack.gateway, stack.clients["c1"][0]))
     assert http("GET", f"{stack.url}/hello").status == 200
     stack.wait_idle()

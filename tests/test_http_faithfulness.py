@@ -13,7 +13,7 @@ from http.client import HTTPConnection
 
 import pytest
 
-from tests.harness import Processes, Stack, header_values, http, raw_request
+from tests.harness import Stack, header_values, http, raw_request
 
 ROUTES = [
     {"name": "exact", "host": "exact.test", "group": "g1", "add_headers": {"x-route": "exact"}},
@@ -34,22 +34,10 @@ ROUTES = [
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, request):
+def stack(make_module_stack) -> Stack:
     """One gateway (one worker), one client, one backend for the whole module:
     these tests only read, so they can share it."""
-    tmp = tmp_path_factory.mktemp("faithful")
-    procs = Processes(tmp)
-    failed = request.session.testsfailed
-    try:
-        stack = Stack(procs, tmp)
-        stack.start_backend()
-        stack.start_gateway(settings={"workers": 1}, routes=ROUTES)
-        stack.start_client("c1")
-        yield stack
-    finally:
-        procs.close()
-        if request.session.testsfailed > failed:
-            print(procs.dump())
+    return make_module_stack(settings={"workers": 1}, routes=ROUTES)
 
 
 def _port(stack: Stack, way: str) -> int:

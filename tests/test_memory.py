@@ -11,19 +11,16 @@ from tests.harness import ROOT, Stack
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import big_transfer  # noqa: E402
-from bench_stack import ProcGroup, RssSampler  # noqa: E402
+from bench_stack import RssSampler  # noqa: E402
 
 GIB = 1 << 30
 LIMIT_MB = 150
 
 
 @pytest.fixture
-def big_stack(procs, tmp_path) -> Stack:
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    stack.start_gateway(settings={"max_body_bytes": 2 * GIB, "access_log": "off"})
-    stack.start_client(extra=["--max-body-bytes", str(2 * GIB), "--access-log", "off"])
-    return stack
+def big_stack(make_stack) -> Stack:
+    return make_stack(settings={"max_body_bytes": 2 * GIB, "access_log": "off"},
+                      client_extra=["--max-body-bytes", str(2 * GIB), "--access-log", "off"])
 
 
 @pytest.mark.parametrize("way", ["ingress", "egress"])
@@ -31,9 +28,7 @@ def big_stack(procs, tmp_path) -> Stack:
 def test_one_gib_each_way_in_bounded_memory(big_stack, method, way):
     stack = big_stack
     url = stack.url if way == "ingress" else stack.local_url()
-    gateway, client = stack.gateway, stack.clients["c1"][0]
-    groups = {"gateway": ProcGroup("gateway", gateway.popen, gateway.log),
-              "client": ProcGroup("client", client.popen, client.log)}
+    groups = {"gateway": stack.gateway, "client": stack.clients["c1"][0]}
     with RssSampler(groups, interval=0.02) as rss:
         result, detail = big_transfer(url, method, GIB)
     assert result.errors == 0, detail  # every byte arrived, checked by size and hash

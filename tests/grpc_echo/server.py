@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import grpc
@@ -11,7 +12,9 @@ sys.path.insert(0, sys.argv[1])
 import echo_pb2  # noqa: E402
 import echo_pb2_grpc  # noqa: E402
 
-STATS = {"cancelled": 0, "deadline_seen": 0}
+# The texts of the calls that ended cancelled (by the caller, or by their deadline) while
+# the handler ran, and the deadline each call with one had left when it arrived.
+STATS: dict = {"cancelled": [], "deadlines": {}}
 
 
 def _caller(context) -> str:
@@ -20,15 +23,16 @@ def _caller(context) -> str:
 
 class Echo(echo_pb2_grpc.EchoServicer):
     async def Unary(self, request, context):
-        await context.send_initial_metadata((("srv-init", "1"),))
-        if context.time_remaining() is not None:
-            STATS["deadline_seen"] += 1
-        if request.delay_ms:
-            try:
+        remaining = context.time_remaining()
+        if remaining is not None:
+            STATS["deadlines"][request.text] = remaining
+        try:
+            await context.send_initial_metadata((("srv-init", "1"),))
+            if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
-            except asyncio.CancelledError:
-                STATS["cancelled"] += 1
-                raise
+        except asyncio.CancelledError:  # wherever the handler was: in the sleep or before
+            STATS["cancelled"].append(request.text)
+            raise
         context.set_trailing_metadata((("srv-trail", "t-" + request.text), ("x-caller", _caller(context)),
                                        ("srv-bin-bin", b"\x00\x01\xff")))
         if request.fail:
@@ -36,14 +40,16 @@ class Echo(echo_pb2_grpc.EchoServicer):
         return echo_pb2.Msg(text=request.text)
 
     async def ServerStream(self, request, context):
-        for i in range(request.count):
-            yield echo_pb2.Msg(text=f"{request.text}-{i}", count=i)
-            if request.delay_ms:
-                try:
+        try:
+            for i in range(request.count):
+                yield echo_pb2.Msg(text=f"{request.text}-{i}", count=i)
+                if request.delay_ms:
                     await asyncio.sleep(request.delay_ms / 1000)
-                except asyncio.CancelledError:
-                    STATS["cancelled"] += 1
-                    raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # CancelledError in the sleep; GeneratorExit when the call ends while a message
+            # is being sent (grpc.aio then closes the generator at its yield).
+            STATS["cancelled"].append(request.text)
+            raise
 
     async def ClientStream(self, request_iterator, context):
         texts = [m.text async for m in request_iterator]
@@ -54,7 +60,7 @@ class Echo(echo_pb2_grpc.EchoServicer):
             yield echo_pb2.Msg(text=m.text.upper(), count=m.count)
 
     async def Stats(self, request, context):
-        return echo_pb2.Msg(text=f"{STATS['cancelled']}:{STATS['deadline_seen']}")
+        return echo_pb2.Msg(text=json.dumps(STATS))
 
 
 async def main() -> None:
