@@ -275,6 +275,24 @@ async def test_both_ends_originate_requests_on_one_stream():
 # -- flow control -----------------------------------------------------------------------
 
 
+async def read_window_by_window(p: "Pair", sender, reader, reader_end: End, writer: asyncio.Task,
+                                 body: bytes) -> None:
+    """With a 1000-byte window and 100-byte chunks: the sender stops after a window's
+    worth; reading 400 bytes grants nothing yet (credit goes back in half windows),
+    reading the fifth chunk grants 500 and the sender goes on to 1500; then the rest."""
+    await settle(p.ta, p.tb)
+    assert sender.bytes_sent == 1000 and not writer.done()  # a window's worth, then it waits
+    got = [await reader.read() for _ in range(4)]
+    await settle(p.ta, p.tb)
+    assert sender.bytes_sent == 1000 and not writer.done() and not reader_end.sent("window")
+    got.append(await reader.read())
+    await settle(p.ta, p.tb)
+    assert sender.bytes_sent == 1500 and not writer.done()
+    assert [f.window.increment for f in reader_end.sent("window")] == [500]
+    got.append(await read_all(reader))
+    assert b"".join(got) == body
+
+
 @async_test
 async def test_a_request_body_larger_than_the_window_waits_for_the_reader():
     served: asyncio.Future[InboundExchange] = asyncio.get_running_loop().create_future()
@@ -291,21 +309,8 @@ async def test_a_request_body_larger_than_the_window_waits_for_the_reader():
         inbound = await served
         body = pattern(1, 3000)
         writing = asyncio.get_running_loop().create_task(ex.sender.write(body, end=True))
-        await settle(p.ta, p.tb)
-        assert ex.sender.bytes_sent == 1000 and not writing.done()  # a window's worth, then it waits
-
-        got = [await inbound.body.read() for _ in range(4)]
-        await settle(p.ta, p.tb)
-        # 400 bytes consumed: credit goes back in half windows, none yet.
-        assert ex.sender.bytes_sent == 1000 and not writing.done() and not p.tb.sent("window")
-        got.append(await inbound.body.read())
-        await settle(p.ta, p.tb)
-        assert ex.sender.bytes_sent == 1500 and not writing.done()
-        assert [f.window.increment for f in p.tb.sent("window")] == [500]
-
-        got.append(await read_all(inbound.body))
+        await read_window_by_window(p, ex.sender, inbound.body, p.tb, writing, body)
         await writing
-        assert b"".join(got) == body
         answer.set()
         assert (await ex.head).status == 200 and ex.body.at_eof
         ex.close()
@@ -325,20 +330,8 @@ async def test_a_response_body_larger_than_the_window_waits_for_the_reader():
         ex = request(p.a, "r1")
         inbound = await served
         await ex.head
-        await settle(p.ta, p.tb)
         handler = p.handler_tasks[0]
-        assert inbound.sender.bytes_sent == 1000 and not handler.done()
-
-        got = [await ex.body.read() for _ in range(4)]
-        await settle(p.ta, p.tb)
-        assert inbound.sender.bytes_sent == 1000 and not handler.done() and not p.ta.sent("window")
-        got.append(await ex.body.read())
-        await settle(p.ta, p.tb)
-        assert inbound.sender.bytes_sent == 1500 and not handler.done()
-        assert [f.window.increment for f in p.ta.sent("window")] == [500]
-
-        got.append(await read_all(ex.body))
-        assert b"".join(got) == body
+        await read_window_by_window(p, inbound.sender, ex.body, p.ta, handler, body)
         await handler
         ex.close()
 
