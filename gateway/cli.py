@@ -4,7 +4,8 @@
     tunnel-gateway check-config FILE [--flag ...]   validate, print the effective config
 
 Precedence: flag > environment (TUNNEL_GATEWAY_*) > file > default.
-Exit codes: 0 ok, 2 bad config or usage, 3 could not bind a port.
+Exit codes: 0 ok, 1 a forced stop cut requests in flight, 2 bad config or usage,
+3 could not bind a port.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import orjson
 
 from gateway import __version__
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
+from gateway.exposure import mask_settings, mask_url
+from gateway.ports import PortUnavailable, claim_ports
 from gateway.settings import ConfigError, add_arguments
-from gateway.supervisor import Supervisor
+from gateway.supervisor import EXIT_BOOT_ERROR, Supervisor
 
 __all__ = ["main", "build_parser", "effective_config"]
 
@@ -29,7 +32,7 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
         prog="tunnel-gateway check-config" if check else "tunnel-gateway",
         description="Validate a config file and print the effective config." if check else
         "Tunnel gateway: HTTP entry, tunnel endpoint, admin port; one worker process per core.",
-        epilog="Also: 'tunnel-gateway check-config FILE'. Exit codes: 0 ok, 2 bad config or usage, 3 could not bind.",
+        epilog="Also: 'tunnel-gateway check-config FILE'. Exit codes: 0 ok, 1 forced stop, 2 bad config or usage, 3 could not bind.",
     )
     if check:
         p.add_argument("config", help="TOML config file to check")
@@ -41,31 +44,33 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
 
 
 def effective_config(config: GatewayConfig) -> dict:
-    """The config as the gateway will run it, tokens left out."""
+    """The config as the gateway will run it, secrets left out: group tokens as a
+    count, admin_token and other secrets masked, passwords in URLs masked."""
 
     def rule(r) -> dict:
         out = {}
         for f in r.__dataclass_fields__:
             v = getattr(r, f)
             out[f] = sorted(v) if isinstance(v, frozenset) else v
-        return out
+        return mask_settings(out)
 
     return {
         "file": config.path,
-        "gateway": dict(config.settings),
+        "gateway": mask_settings(config.settings),
         "groups": {
             name: {
                 "tokens": len(g.tokens),
                 "balance": g.balance,
                 "config_version": g.client.version,
                 "rules": [rule(r) for r in g.client.rules],
-                "upstreams": {u: list(up.servers) for u, up in g.client.upstreams.items()},
+                "upstreams": {u: [mask_url(s) for s in up.servers] for u, up in g.client.upstreams.items()},
             }
             for name, g in config.groups.items()
         },
         "routes": [rule(r) for r in config.routes],
         "forward": [rule(r) for r in config.forward],
-        "upstreams": {u: {"servers": list(up.servers), "balance": up.balance} for u, up in config.upstreams.items()},
+        "upstreams": {u: {"servers": [mask_url(s) for s in up.servers], "balance": up.balance}
+                      for u, up in config.upstreams.items()},
     }
 
 
@@ -92,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     workers = config.workers or os.cpu_count() or 1
-    return Supervisor(config, workers, args).run()
+    try:
+        # Held while the gateway runs: its workers bind beside these, another gateway cannot (gateway/ports.py).
+        claimed = claim_ports(config.settings)
+    except PortUnavailable as exc:
+        print(f"tunnel-gateway: cannot start: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    try:
+        return Supervisor(config, workers, args).run()
+    finally:
+        for sock in claimed:
+            sock.close()
 
 
 if __name__ == "__main__":

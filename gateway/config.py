@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.balance import STREAM_POLICIES
+from gateway.exposure import is_loopback
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
+from gateway.ports import port_clash
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, port,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, networks, port,
     positive_float, positive_int, read_toml, string,
 )
 
@@ -41,14 +43,35 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("tunnel_port", 50001, port, "tunnel port (gRPC) that clients connect to"),
     Setting("admin_host", "127.0.0.1", string, "address of the admin port"),
     Setting("admin_port", 9090, port, "admin port: /healthz, /admin/status"),
+    Setting("admin_token", "", string,
+            "bearer token the admin endpoints that change something or show request data require; "
+            "required when admin_host is not loopback"),
     Setting("request_timeout", 30.0, positive_float, "default seconds to wait for a response head"),
     Setting("stream_idle_timeout", 300.0, positive_float,
             "after a response head, the longest silence between body chunks (long streams, SSE)"),
     Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),
+    Setting("header_timeout", 15.0, positive_float,
+            "HTTP entry: seconds a connection has to send a whole request head, from accept and from the "
+            "first byte after a response (then 408, or closed when it sent nothing)"),
+    Setting("keepalive_timeout", 75.0, positive_float,
+            "HTTP entry: seconds an idle keep-alive connection is kept between requests"),
+    Setting("max_connections", 10000, positive_int,
+            "HTTP entry: open connections per worker; beyond, new ones are closed at once (and counted)"),
+    Setting("trusted_proxies", (), networks,
+            "callers (addresses or CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and "
+            "appended to; anyone else's are replaced"),
     Setting("heartbeat_interval", 5.0, positive_float, "seconds between PINGs; 3 missed drop the peer"),
     Setting("hello_timeout", 10.0, positive_float, "seconds a new tunnel has to send HELLO"),
+    Setting("tunnel_connects_per_source", 300, positive_int,
+            "new tunnel connections a minute from one address, per worker (beyond: refused, RESOURCE_EXHAUSTED)"),
+    Setting("tunnel_failed_hellos_per_source", 10, positive_int,
+            "refused HELLOs a minute from one address, per worker; beyond, its new connections are refused"),
+    Setting("tunnel_connects_per_group", 600, positive_int, "new tunnel connections a minute of one group, per worker"),
+    Setting("tunnel_failed_hellos_per_group", 60, positive_int,
+            "refused HELLOs a minute naming one group, per worker; beyond, that group's new connections wait"),
+    Setting("tunnel_max_streams_per_group", 1000, positive_int, "tunnel streams one group may hold on a worker"),
     Setting("chunk_size", 65536, positive_int, "largest DATA frame payload"),
     Setting("stream_window", 262144, positive_int, "per-request flow-control window, bytes"),
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
@@ -63,6 +86,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
             "send requests through the router to another worker when one holds a stream (to measure the hop)"),
     Setting("watch_config", True, boolean, "reload when the config file changes on disk (checked every second)"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
+    Setting("worker_timeout", 30.0, positive_float,
+            "a worker whose event loop is silent this long (hung, stopped) is killed and respawned"),
     Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),
     Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
@@ -173,6 +198,14 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
         raise ConfigError(path, "gateway.tls_key", "tls_cert and tls_key go together")
     if (settings["tls_client_ca"] or settings["http_tls"]) and not settings["tls_cert"]:
         raise ConfigError(path, "gateway.tls_cert", "is required for tls_client_ca and http_tls")
+    if settings["admin_port"] and not is_loopback(settings["admin_host"]) and not settings["admin_token"]:
+        raise ConfigError(path, "gateway.admin_token",
+                          f"is required when admin_host ({settings['admin_host']}) is not a loopback address")
+    clash = port_clash(settings)
+    if clash is not None:
+        first, second = clash
+        raise ConfigError(path, f"gateway.{second}",
+                          f"port {settings[second]} is also gateway.{first} (on overlapping addresses)")
     groups = _parse_groups(doc.get("groups"), path)
     routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"])
     grpc_routes = parse_rules(doc.get("grpc_routes"), path, "grpc_routes", "group", groups,

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 from gateway.groupconfig import Upstream
 from gateway.http.headers import apply_rule
+from gateway.http.target import BadTarget, normalise_target, with_host
 from gateway.rules import Rule, first_match
 from gateway.tunnel import frames
 from gateway.http.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
@@ -113,8 +114,15 @@ class RuleDispatcher:
     async def handle(self, ex: InboundExchange) -> None:
         head = ex.head
         pairs = frames.header_list(head)
-        path_only = head.path.split("?", 1)[0]
         host = next((v for n, v in pairs if n.lower() == "host"), "") or head.authority
+        try:
+            # The peer is untrusted: the rules match the normalised target, and it is what goes on.
+            target = normalise_target(head.path, host)
+        except BadTarget as exc:
+            ex.reset("bad_target", str(exc))
+            return
+        host, path_only, path = target.host, target.path, target.path_and_query
+        pairs = with_host(pairs, host)
         lookup = CIMultiDict(pairs) if self._match_headers else _NONE
         rule = first_match(self.rules, host, path_only, head.method, lookup)
         if rule is None:
@@ -133,10 +141,10 @@ class RuleDispatcher:
         try:
             if head.scheme == "grpc":
                 ok = await call_upstream_grpc(ex, self._grpc_channel(server), apply_rule(pairs, rule),
-                                              rule.rewrite_path(head.path))
+                                              rule.rewrite_path(path))
             else:
                 ok = await call_upstream(
-                    ex, self.clients, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(head.path),
+                    ex, self.clients, server, headers=apply_rule(pairs, rule), path=rule.rewrite_path(path),
                     timeout=timeout, idle_timeout=head.idle_timeout_ms / 1000, head_timeout=head_timeout,
                 )
             pool.report(server, ok)

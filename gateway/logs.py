@@ -7,6 +7,8 @@ import time
 
 import orjson
 
+from gateway.exposure import mask_text
+
 __all__ = ["setup_logging"]
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -27,7 +29,7 @@ class JsonFormatter(logging.Formatter):
         out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return mask_text(orjson.dumps(out, default=str).decode())  # no password in a URL reaches a log
 
 
 class TextFormatter(logging.Formatter):
@@ -38,7 +40,7 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return mask_text(line)
 
 
 def setup_logging(level: str = "info", fmt: str = "json", *, prefix: dict | None = None) -> None:

@@ -57,6 +57,12 @@ class Metrics:
         self.connects = Counter("tunnel_client_connects_total", "Tunnel connections accepted (reconnects included)",
                                 ["group"], **kw)
         self.rejections = Counter("tunnel_client_rejections_total", "Tunnel connections refused", ["reason"], **kw)
+        self.dropped_connections = Counter(
+            "tunnel_http_connections_dropped_total",
+            "HTTP entry connections closed by the gateway: reason max_connections (refused at accept) or "
+            "header_timeout (no whole request head in time)", ["entry", "reason"], **kw)
+        self.admission = Counter("tunnel_admission_refused_total",
+                                 "Tunnel connections refused by admission (rate or count bounds)", ["reason"], **kw)
         self._cross_seen = (0, 0)
         self._children: dict[tuple, object] = {}  # (metric, labels) -> child
         self._pairs: dict[tuple, tuple] = {}

@@ -7,6 +7,7 @@ description); `load_section` validates a TOML table against it and
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["ConfigError", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
            "env_name",
-           "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port"]
+           "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port", "networks"]
 
 
 class ConfigError(Exception):
@@ -77,6 +78,20 @@ def host_port(v: Any) -> str:
     if not host or not p.isdigit() or not 0 <= int(p) <= 65535:
         raise ValueError("must be 'host:port'")
     return v
+
+
+def networks(v: Any) -> tuple[str, ...]:
+    """Addresses or CIDRs, as a TOML list or one comma-separated string (flag, environment)."""
+    items = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ValueError("must be a list of addresses or CIDRs")
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting], 
         if not s.flag:
             continue
         env = f", env {env_name(env_prefix, s)}" if env_prefix else ""
-        kind = type(s.default) if s.default is not None and not isinstance(s.default, bool) else str
+        kind = type(s.default) if s.default is not None and not isinstance(s.default, (bool, tuple)) else str
         if isinstance(s.default, bool):
             parser.add_argument(s.option, dest=s.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"{s.help} (default: {s.default}{env})")

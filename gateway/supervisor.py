@@ -3,10 +3,18 @@ signals them. It never imports grpc or zmq (children are started with the
 spawn context and import what they need themselves).
 
 Signal handlers only queue the signal; the main loop dispatches
-`handle_<signal>`. SIGTERM/SIGINT drain and stop (a second one forces),
+`handle_<signal>`. SIGTERM/SIGINT drain and stop (a second one forces and
+makes the exit status 1),
 SIGHUP reloads the config into every worker: the supervisor parses and
 validates the file once and hands the result to the workers (a file only it
 writes, then SIGHUP), so every worker gets the same config.
+
+Liveness: each worker's event loop stamps a shared clock (a `RawValue` the
+supervisor hands it, as gunicorn's heartbeat file) every second; a worker
+whose stamp is older than `worker_timeout` (hung, stopped, its loop blocked)
+is killed and respawned. What the supervisor makes on disk (the router's ipc
+socket, the config handoff, the metrics folder) is in folders it removes on
+exit.
 """
 from __future__ import annotations
 
@@ -26,28 +34,32 @@ from typing import Any, Callable
 from setproctitle import setproctitle
 
 from gateway.config import GatewayConfig, load_gateway_config
+from gateway.exposure import is_loopback
 from gateway.ids import new_instance_id
 from gateway.logs import setup_logging
 from gateway.router.envelope import ipc_endpoint
 from gateway.settings import ConfigError
 
-__all__ = ["Supervisor", "EXIT_OK", "EXIT_BOOT_ERROR"]
+__all__ = ["Supervisor", "EXIT_OK", "EXIT_FORCED", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("gateway.supervisor")
 
 EXIT_OK = 0
+EXIT_FORCED = 1  # a stop that cut work in flight (second signal, or the grace ran out)
 EXIT_BOOT_ERROR = 3
+# A worker not yet beating is booting (imports, binds): it gets at least this long.
+BOOT_TIMEOUT = 60.0
 # A child that lived at least this long was healthy: its next crash respawns at once.
 HEALTHY_AFTER = 10.0
 MAX_BACKOFF = 30.0
 
 
 def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
-                config_handoff: str, workers: int) -> None:
+                config_handoff: str, workers: int, heartbeat: Any) -> None:
     # Imported in the child: the worker module leads to grpc, zmq and aiohttp.
     from gateway.workers.worker import worker_main
 
-    worker_main(config, index, instance, endpoint, config_handoff, workers)
+    worker_main(config, index, instance, endpoint, config_handoff, workers, heartbeat)
 
 
 def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
@@ -74,8 +86,12 @@ class Child:
     failures: int = 0
     respawn_at: float | None = None
     ever_healthy: bool = False
+    # The worker's loop writes time.monotonic() here every second; 0 until it serves.
+    heartbeat: Any = None
 
     def start(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.value = 0.0
         self.process = self.make()
         self.process.start()
         self.started = time.monotonic()
@@ -93,7 +109,6 @@ class Supervisor:
         self.n_workers = workers
         self.overrides = overrides
         self.instance = new_instance_id()
-        self.endpoint = ipc_endpoint(self.instance) if workers > 1 else None
         self.ctx = multiprocessing.get_context("spawn")
         self.children: list[Child] = []
         self.signals: list[int] = []
@@ -106,18 +121,24 @@ class Supervisor:
         # Its folder is private (0700): the file holds the tokens, and workers unpickle it.
         self._handoff_dir = tempfile.mkdtemp(prefix=f"tunnel-gateway-{self.instance}-")
         self.config_handoff = os.path.join(self._handoff_dir, "config.pickle")
+        # The router's socket lives in the same private folder: only this user reaches it, and it
+        # goes with the folder however the gateway ends (a SIGKILLed router leaves no file behind).
+        self.endpoint = ipc_endpoint(self.instance, self._handoff_dir) if workers > 1 else None
 
     # -- children --------------------------------------------------------------
 
     def _worker_child(self, index: int) -> Child:
+        heartbeat = self.ctx.RawValue("d", 0.0)
+
         def make() -> multiprocessing.process.BaseProcess:
             # Read self.config at spawn time: a respawned worker gets the reloaded config.
             return self.ctx.Process(
                 target=_run_worker, name=f"worker-{index}",
-                args=(self.config, index, self.instance, self.endpoint, self.config_handoff, self.n_workers),
+                args=(self.config, index, self.instance, self.endpoint, self.config_handoff, self.n_workers,
+                      heartbeat),
             )
 
-        return Child(f"worker {index}", make)
+        return Child(f"worker {index}", make, heartbeat=heartbeat)
 
     def _router_child(self) -> Child:
         def make() -> multiprocessing.process.BaseProcess:
@@ -139,7 +160,10 @@ class Supervisor:
 
     def handle_term(self) -> None:
         if self.stopping:
-            log.warning("second stop signal: forcing exit")
+            cut = [c for c in self.children if c.name != "router" and c.alive]
+            log.warning("second stop signal: forcing exit", extra={"workers_cut": len(cut)})
+            if cut and self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_FORCED
             for child in self.children:
                 if child.alive:
                     child.process.kill()
@@ -214,6 +238,10 @@ class Supervisor:
     def _supervise(self) -> int:
         setproctitle("tunnel-gateway: supervisor")
         setup_logging(self.config.log_level, self.config.log_format, prefix={"process": "supervisor"})
+        if self.config.tunnel_port and not is_loopback(self.config.host) and not self.config.tls_cert:
+            log.warning("the tunnel port listens on %s without TLS: client tokens cross the network in plain "
+                        "text (set tls_cert and tls_key)", self.config.host,
+                        extra={"tunnel_port": self.config.tunnel_port})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._queue_signal)
         self._metrics_dir()
@@ -232,14 +260,16 @@ class Supervisor:
                 sig = self.signals.pop(0)
                 name = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup"}[sig]
                 getattr(self, f"handle_{name}")()
-                if self.stopping and deadline is None:
-                    deadline = time.monotonic() + self.config.shutdown_grace + 5
+            if not self.stopping:
+                self._reap_and_respawn()
+                self._murder_silent_workers()
+                self._watch_config()
             if self.stopping:
+                # Set however the stop began: a signal, or a worker that could not boot.
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.shutdown_grace + 5
                 if self._stop_step(deadline):
                     break
-                continue
-            self._reap_and_respawn()
-            self._watch_config()
         log.info("supervisor exiting", extra={"code": self.exit_code})
         return self.exit_code
 
@@ -291,6 +321,25 @@ class Supervisor:
             if child.respawn_at is not None and now >= child.respawn_at:
                 child.start()
 
+    def _murder_silent_workers(self) -> None:
+        """Kill a worker whose loop has not stamped its heartbeat for worker_timeout
+        (SIGKILL: a stopped or blocked process handles nothing gentler); the reaper
+        respawns it."""
+        if self.stopping:
+            return  # the stop's own deadline bounds it now
+        now = time.monotonic()
+        timeout = self.config.worker_timeout
+        for child in self.children:
+            if child.heartbeat is None or not child.alive:
+                continue
+            beat = child.heartbeat.value
+            silent = now - (beat or child.started)
+            if silent > (timeout if beat else max(timeout, BOOT_TIMEOUT)):
+                log.error("%s silent for %.1fs (worker_timeout %.1fs); killing it", child.name, silent, timeout,
+                          extra={"pid": child.process.pid})
+                child.process.kill()
+                child.process.join(1)
+
     def _terminate_all(self) -> None:
         for child in self.children:
             if child.alive:
@@ -303,6 +352,8 @@ class Supervisor:
             for c in workers_alive:
                 log.warning("%s did not stop in time; killing it", c.name)
                 c.process.kill()
+            if self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_FORCED
         if workers_alive:
             return False
         for c in self.children:

@@ -6,6 +6,8 @@ tolerance streams (or fewer than mean - tolerance), drains one stream from the
 most loaded worker (POST /admin/drain {"worker": N, "limit": 1}); its client
 reconnects and the kernel hands the new connection to some worker. Re-reads
 after each step. --dry-run prints the plan and changes nothing.
+--admin-token (or TUNNEL_GATEWAY_ADMIN_TOKEN, which keeps it out of `ps`) is
+sent as `Authorization: Bearer TOKEN` to a gateway with admin_token set.
 
 Exit codes: 0 balanced, 1 not balanced after --max-steps, 2 gateway unreachable.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -23,9 +26,14 @@ class Unreachable(Exception):
     pass
 
 
+# Sent with every admin request: the bearer token, when one is given.
+HEADERS: dict[str, str] = {}
+
+
 def fetch_counts(admin: str) -> dict[int, int]:
     try:
-        with urllib.request.urlopen(f"{admin}/admin/shards", timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(f"{admin}/admin/shards", headers=HEADERS),
+                                    timeout=5) as r:
             workers = json.load(r)["workers"]
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         raise Unreachable(f"cannot read {admin}/admin/shards: {exc}") from None
@@ -35,7 +43,7 @@ def fetch_counts(admin: str) -> dict[int, int]:
 def drain_one(admin: str, worker: int) -> None:
     body = json.dumps({"worker": worker, "limit": 1}).encode()
     req = urllib.request.Request(f"{admin}/admin/drain", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **HEADERS})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             r.read()
@@ -84,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--max-steps", type=int, default=50, help="drains at most (default 50)")
     p.add_argument("--settle-timeout", type=float, default=15.0, help="seconds to wait for a reconnect")
+    p.add_argument("--admin-token", default=os.environ.get("TUNNEL_GATEWAY_ADMIN_TOKEN", ""),
+                   help="the gateway's admin_token (default: $TUNNEL_GATEWAY_ADMIN_TOKEN)")
     args = p.parse_args(argv)
+    HEADERS.clear()
+    if args.admin_token:
+        HEADERS["Authorization"] = f"Bearer {args.admin_token}"
     admin = args.admin.rstrip("/")
     try:
         counts = fetch_counts(admin)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import subprocess
 from pathlib import Path
 
@@ -38,24 +39,23 @@ def token_stack(make_stack) -> Stack:
     return make_stack(edit=_token_groups, client=None)
 
 
-@pytest.mark.parametrize("token,code", [("wrong", "bad_token"), ("g2-token", "bad_token"),
-                                        ("old-token", "token_expired")])
-def test_refused_tokens(token_stack, token, code):
+@pytest.mark.parametrize("token,code,reason", [("wrong", "bad_credentials", "bad_token"),
+                                               ("g2-token", "bad_credentials", "bad_token"),
+                                               ("old-token", "token_expired", "token_expired")])
+def test_refused_tokens(token_stack, token, code, reason):
     stack = token_stack
-    # A client of g2 (g1 keeps none: see the end), whose heartbeats tell the time below.
-    stack.start_client("witness", group="g2", token="g2-token")
-    stack.start_client("bad", token=token, wait=False)
-    wait_until(lambda: _attempts(stack, "bad") >= 1, 10, what="rejection", watch=stack.clients["bad"][0])
-    out = stack.clients["bad"][0].output()
-    assert code in out
-    # A refused client must not hammer the gateway: over four of the gateway's heartbeat
-    # intervals (as long as the pause this was) it tries once per tunnel connection.
-    wait_heartbeats(stack, 4, "witness")
-    assert _attempts(stack, "bad") <= 2
+    bad = stack.start_client("bad", token=token, wait=False)
+    # A refusal no retry mends: the client says why and stops, with status 1, at its first
+    # answer (one attempt per tunnel connection at most): it cannot hammer the gateway.
+    wait_until(lambda: not bad.alive(), 15, what="the refused client to exit")
+    out = bad.output()
+    assert bad.popen.returncode == 1, out
+    assert code in out and "it stops" in out
+    assert 1 <= _attempts(stack, "bad") <= 2
     assert "bad" not in _connected_ids(stack)
-    # The gateway logs the attempt, never the token.
+    # The gateway logs the attempt and why, never the token.
     log = stack.gateway.output()
-    assert "tunnel rejected" in log and code in log and token not in log
+    assert "tunnel rejected" in log and f'"reason":"{reason}"' in log and token not in log
     # Nothing reaches a refused client: the group has no client at all.
     r = http("GET", f"{stack.url}/hello")
     assert r.status == 503 and r.json()["error"] == "no_client_available"
@@ -79,7 +79,13 @@ def test_missing_token_and_unknown_group_are_refused(token_stack):
             return welcome.code, welcome.message
 
     assert asyncio.run(hello("g1", ""))[0] == "missing_token"
-    assert asyncio.run(hello("nope", "new-token"))[0] == "unknown_group"
+    # An unknown group and a wrong token answer alike: nothing tells which groups exist.
+    unknown, wrong = asyncio.run(hello("nope", "new-token")), asyncio.run(hello("g1", "not-a-token"))
+    assert unknown == wrong and unknown[0] == "bad_credentials" and "nope" not in unknown[1], unknown
+    # The gateway's log keeps the detail.
+    log = token_stack.gateway.output()
+    assert "group 'nope' is not configured" in log and '"reason":"unknown_group"' in log
+    assert '"reason":"bad_token"' in log and "not-a-token" not in log
     assert http("GET", f"http://127.0.0.1:{token_stack.admin_port}/healthz").status == 200
 
 
@@ -148,9 +154,11 @@ def test_mtls_rejects_a_certificate_of_the_wrong_name(make_stack, pki):
                                  "tls_client_ca": str(pki / "ca.pem")}, edit=agents_only, client="good",
                        client_extra=[*tls, "--tls-cert", str(pki / "good.pem"), "--tls-key", str(pki / "good.key")])
     assert http("GET", f"{stack.url}/hello").status == 200
-    stack.start_client("evil", wait=False,
-                       extra=[*tls, "--tls-cert", str(pki / "evil.pem"), "--tls-key", str(pki / "evil.key")])
-    wait_until(lambda: "bad_certificate" in stack.clients["evil"][0].output(), 15, what="evil rejected")
+    evil = stack.start_client("evil", wait=False,
+                              extra=[*tls, "--tls-cert", str(pki / "evil.pem"), "--tls-key", str(pki / "evil.key")])
+    # bad_certificate is fatal: the client stops with status 1.
+    wait_until(lambda: not evil.alive(), 15, what="evil rejected and stopped")
+    assert "bad_certificate" in evil.output() and evil.popen.returncode == 1
     assert "evil" not in _connected_ids(stack)
     # No certificate at all: the TLS handshake itself fails.
     stack.start_client("anon", wait=False, extra=tls)
@@ -163,7 +171,14 @@ def test_duplicate_client_id_newest_wins(make_stack):
     first = stack.clients["c1"][0]
     stack.clients["old"] = stack.clients.pop("c1")
     second = stack.start_client("c1", extra=["--connections", "1"])
-    wait_until(lambda: "took over connection" in first.output(), 10, what="old connection told to go")
+    # Two processes with one identity are a deployment error: the replaced one names the
+    # duplicate in an error and exits with status 1 (not 0, not a silent stop).
+    wait_until(lambda: not first.alive(), 15, what="the replaced client to exit")
+    out = first.output()
+    assert first.popen.returncode == 1, out
+    assert re.search(r'"level":"error".*took over connection 0.*"group":"g1"', out), out
+    assert "client_id 'c1'" in out and "group 'g1'" in out
+    assert "duplicate client identity" in stack.gateway.output()
     clients = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
     assert len(clients) == 1 and clients[0]["client_id"] == "c1"
     assert http("GET", f"{stack.url}/hello").status == 200

@@ -48,6 +48,8 @@ def test_compose_structure():
     gateway = svc["gateway"]
     assert gateway["command"][:3] == ["tunnel-gateway", "--workers", "2"]
     assert set(published(gateway)) == GATEWAY_PORTS and set(published(gateway).values()) == GATEWAY_PORTS
+    # The admin port is this host's only (issue 17): published on 127.0.0.1, not every interface.
+    assert [str(p) for p in gateway["ports"] if str(p).endswith(":9090")] == ["127.0.0.1:9090:9090"]
     ids = set()
     for name in ("client-a", "client-b"):
         client = svc[name]
@@ -87,6 +89,7 @@ def _rewrite_gateway(doc: dict, ports: dict[int, int], backend: str) -> dict:
     """Compose addresses -> loopback: service names, 0.0.0.0, published ports."""
     g = doc["gateway"]
     g["host"] = g["admin_host"] = "127.0.0.1"
+    g.pop("admin_token", None)  # on loopback here: the harness reads the admin port without it
     for key in ("http_port", "grpc_port", "tunnel_port", "admin_port"):
         g[key] = ports[g[key]]
     text = to_toml(doc).replace("http://backend:8080", backend)

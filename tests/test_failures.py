@@ -52,6 +52,7 @@ def _stack(procs, tmp_path, settings: dict | None = None, client_extra: list[str
     stack.start_gateway(settings={"workers": 1, **(settings or {})}, groups=groups, routes=routes, forward=forward,
                         upstreams=upstreams)
     stack.start_client("c1", extra=["--connections", "1", *(client_extra or [])])
+    stack.dead = dead
     return stack
 
 
@@ -180,7 +181,8 @@ def test_overloaded_503_immediately_when_the_stream_is_full(procs, tmp_path):
 def test_timeout_504_removes_the_waiter_and_resets_the_upstream_call(fstack, way, prefix):
     before = backend_stats(fstack)["cancelled"]
     r, took = _timed(http, "GET", f"{_base(fstack, way)}{prefix}/slow?ms=4000")
-    assert_error(r, 504, "timeout", client_id="c1")
+    body = assert_error(r, 504, "timeout", client_id="c1")
+    assert fstack.backend_url.split("//")[1] not in body["message"], body
     assert 0.9 <= took < 3.0, f"504 after {took:.2f}s for a 1 s timeout"
     # The RESET reached whoever calls the backend: the call is cancelled long before its 4 s.
     wait_until(lambda: backend_stats(fstack)["cancelled"] == before + 1, 2.0, what="upstream call cancelled")
@@ -259,12 +261,23 @@ def test_client_killed_mid_request_502_within_1s_and_traffic_resumes_after_resta
 # -- 502 upstream_unavailable -------------------------------------------------------------
 
 
+def _no_internal_address(stack: Stack, way: str, body: dict, upstream: str) -> None:
+    """The caller's error body never shows the upstream's address; the log of whoever called
+    it (the client for ingress, the gateway for egress) has it, with the request id."""
+    address = upstream.split("//")[1]
+    assert address not in body["message"] and address.split(":")[1] not in body["message"], body
+    proc = stack.clients["c1"][0] if way == "ingress" else stack.gateway
+    wait_until(lambda: any(body["request_id"] in line and address in line for line in proc.output().splitlines()),
+               what="the upstream's address in the log", watch=proc)
+
+
 @pytest.mark.parametrize("way", ["ingress", "egress"])
 def test_dead_upstream_502_upstream_unavailable(fstack, way):
     for _ in range(2):  # also once the upstream is marked down by passive health
         r, took = _timed(http, "GET", f"{_base(fstack, way)}/dead/hello")
-        assert_error(r, 502, "upstream_unavailable", client_id="c1")
+        body = assert_error(r, 502, "upstream_unavailable", client_id="c1")
         assert took < 3.0
+        _no_internal_address(fstack, way, body, fstack.dead)
     # The live upstream still answers.
     assert http("GET", f"{_base(fstack, way)}/hello").status == 200
     fstack.wait_idle()

@@ -226,3 +226,23 @@ def test_plain_requests_stay_fast_beside_a_slow_grpc_stream_and_a_busy_websocket
     # Within 2x, with a 3 ms floor: at ~1 ms medians on a loaded 2-core machine (seven processes
     # on two cores) that much is scheduling noise; head-of-line blocking would cost tens of ms.
     assert busy <= max(2 * alone, alone + 0.003), f"plain median {alone*1000:.1f} ms alone, {busy*1000:.1f} ms busy"
+
+
+def test_an_unreachable_upstream_is_unavailable_without_its_address(grpc_stack, echo_gen):
+    """gRPC's own text for an unreachable upstream names its address: the client's log keeps
+    it (with the request id), the caller's details never show it."""
+    pb = echo_gen[1]
+    grpc_stack.echo.kill()
+
+    async def main() -> grpc.aio.AioRpcError:
+        channel, stub = _stub(grpc_stack, echo_gen)
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Unary(pb.Msg(text="hi"), timeout=15)
+            return err.value
+
+    err = asyncio.run(main())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert str(grpc_stack.echo_port) not in err.details() and "127.0.0.1" not in err.details(), err.details()
+    wait_until(lambda: f"127.0.0.1:{grpc_stack.echo_port}" in grpc_stack.clients["c1"][0].output(),
+               what="the upstream's address in the client's log")

@@ -141,22 +141,43 @@ def test_hop_by_hop_headers_are_removed(stack, way):
     ]
     echo = _echo(stack, way, headers=headers)
     names = {n.lower() for n, _ in echo["headers"]}
-    for gone in ("x-hop-a", "x-hop-b", "keep-alive", "te", "upgrade", "proxy-authorization", "proxy-connection",
-                 "proxy-anything", "trailer"):
+    for gone in ("x-hop-a", "x-hop-b", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-anything",
+                 "trailer"):
         assert gone not in names, (gone, echo["headers"])
+    # Proxy-Authorization goes on like any end-to-end header (as nginx passes it).
+    assert _sent(echo, "Proxy-Authorization") == ["Basic c2VjcmV0"]
     # The proxy's own connection to the backend may say keep-alive; never what the caller listed.
     for v in _sent(echo, "Connection"):
         assert "x-hop" not in v.lower()
     assert _sent(echo, "X-Kept") == ["yes"]
 
 
+SPOOFED = [("Host", "svc.example:8443"), ("X-Forwarded-For", "10.1.2.3"), ("X-Forwarded-Proto", "https"),
+           ("X-Forwarded-Host", "spoofed.example")]
+
+
 @BOTH
-def test_x_forwarded_headers_added_and_host_kept(stack, way):
-    echo = _echo(stack, way, headers=[("Host", "svc.example:8443"), ("X-Forwarded-For", "10.1.2.3")])
+def test_x_forwarded_headers_are_set_by_the_proxy_for_an_untrusted_caller(stack, way):
+    echo = _echo(stack, way, headers=SPOOFED)
     assert _sent(echo, "Host") == ["svc.example:8443"]
-    assert _sent(echo, "X-Forwarded-For") == ["10.1.2.3, 127.0.0.1"]
+    assert _sent(echo, "X-Forwarded-For") == ["127.0.0.1"]
     assert _sent(echo, "X-Forwarded-Proto") == ["http"]
     assert _sent(echo, "X-Forwarded-Host") == ["svc.example:8443"]
+
+
+@pytest.fixture(scope="module")
+def trusting(make_module_stack) -> Stack:
+    """A stack whose gateway and client trust the callers on 127.0.0.0/8 as proxies."""
+    return make_module_stack(settings={"workers": 1, "trusted_proxies": ["127.0.0.0/8"]}, routes=ROUTES,
+                             client_extra=["--trusted-proxies", "127.0.0.1"])
+
+
+@BOTH
+def test_x_forwarded_headers_of_a_trusted_proxy_are_kept_and_appended_to(trusting, way):
+    echo = _echo(trusting, way, headers=SPOOFED)
+    assert _sent(echo, "X-Forwarded-For") == ["10.1.2.3, 127.0.0.1"]
+    assert _sent(echo, "X-Forwarded-Proto") == ["https"]
+    assert _sent(echo, "X-Forwarded-Host") == ["spoofed.example"]
 
 
 def test_set_host_replaces_host_and_forwarded_host_keeps_the_original(stack):

@@ -558,3 +558,30 @@ def test_grpc_io_an_experiment_the_user_names_is_theirs():
     env = {"GRPC_EXPERIMENTS": "event_engine_client"}
     assert choose_grpc_io(False, env) == "event_engine_client,-event_engine_listener"
     assert grpc_io_in_use(env) == "event_engine"  # the user kept EventEngine for clients
+
+
+# -- trusted_proxies: whose X-Forwarded-* are kept, in both programs ----------------------
+
+
+def test_trusted_proxies_load_from_file_env_and_flag(tmp_path, monkeypatch):
+    path = write(tmp_path, gateway_toml(gateway='trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]'))
+    assert load_gateway_config(path).trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert load_gateway_config(write(tmp_path, gateway_toml(), "plain.toml")).trusted_proxies == ()
+    args = parse_flags(["--trusted-proxies", "192.0.2.0/24,::1"])
+    assert load_gateway_config(path, args).trusted_proxies == ("192.0.2.0/24", "::1/128")
+    monkeypatch.setenv("TUNNEL_CLIENT_GROUP", "g")
+    monkeypatch.setenv("TUNNEL_CLIENT_TOKEN", "t")
+    monkeypatch.setenv("TUNNEL_CLIENT_TRUSTED_PROXIES", "127.0.0.0/8")
+    assert load_client_config(None).trusted_proxies == ("127.0.0.0/8",)
+
+
+@pytest.mark.parametrize("value", ['["10.0.0.300"]', '["proxy.example"]', '"1.2.3.4/40"', "5", "[1]"])
+def test_a_bad_trusted_proxy_names_the_key(tmp_path, value):
+    path = write(tmp_path, gateway_toml(gateway=f"trusted_proxies = {value}"))
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert info.value.key == "gateway.trusted_proxies"
+    cpath = write(tmp_path, f'[client]\ngroup = "g"\ntoken = "t"\ntrusted_proxies = {value}\n', "client.toml")
+    with pytest.raises(ConfigError) as info:
+        load_client_config(cpath)
+    assert info.value.key == "client.trusted_proxies"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from gateway.http.headers import HOP_BY_HOP, apply_rule, end_to_end, forwarded, has_body_response, header_bytes
+from gateway.http.headers import (
+    HOP_BY_HOP, apply_rule, end_to_end, forwarded, has_body_response, header_bytes, is_trusted,
+)
+from gateway.settings import networks
 from gateway.rules import Rule, first_match, host_matches, parse_rules, path_matches, strip_port
 from gateway.settings import ConfigError
 
@@ -247,9 +250,19 @@ def test_end_to_end_drops_fixed_hop_by_hop(name):
     assert end_to_end(_raw([("Accept", "*/*"), (name, "x"), ("X-A", "1")])) == [("Accept", "*/*"), ("X-A", "1")]
 
 
-@pytest.mark.parametrize("name", ["Proxy-Foo", "proxy-authorization", "PROXY-X-Whatever"])
+@pytest.mark.parametrize("name", ["Proxy-Foo", "proxy-connection", "PROXY-X-Whatever"])
 def test_end_to_end_drops_proxy_star(name):
     assert end_to_end(_raw([(name, "v"), ("Host", "h")])) == [("Host", "h")]
+
+
+def test_end_to_end_forwards_a_requests_proxy_authorization():
+    headers = [("Proxy-Authorization", "Basic c2VjcmV0"), ("Host", "h")]
+    assert end_to_end(_raw(headers)) == headers
+
+
+@pytest.mark.parametrize("name", ["Proxy-Authorization", "proxy-authenticate", "Proxy-Foo"])
+def test_end_to_end_drops_a_responses_proxy_star(name):
+    assert end_to_end(_raw([(name, "v"), ("X-A", "1")]), response=True) == [("X-A", "1")]
 
 
 def test_end_to_end_drops_headers_named_in_connection():
@@ -283,16 +296,25 @@ def test_forwarded_adds_all_three():
                    ("X-Forwarded-Host", "public.example")]
 
 
-def test_forwarded_appends_to_existing_x_forwarded_for():
-    headers = [("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("Host", "h"), ("X-Forwarded-For", "3.3.3.3")]
-    out = forwarded(headers, remote="10.0.0.1", proto="http", host="h")
+SPOOFED = [("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("Host", "h"), ("X-Forwarded-For", "3.3.3.3"),
+           ("X-Forwarded-Proto", "https"), ("x-forwarded-host", "orig.example")]
+
+
+def test_forwarded_replaces_what_an_untrusted_caller_sent():
+    out = forwarded(SPOOFED, remote="10.0.0.1", proto="http", host="mine.example")
+    assert out == [("Host", "h"), ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "http"),
+                   ("X-Forwarded-Host", "mine.example")]
+
+
+def test_forwarded_appends_to_a_trusted_proxys_x_forwarded_for():
+    out = forwarded(SPOOFED, remote="10.0.0.1", proto="http", host="h", trusted=True)
     xff = [v for n, v in out if n.lower() == "x-forwarded-for"]
     assert xff == ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.1"]
 
 
-def test_forwarded_keeps_existing_proto_and_host():
+def test_forwarded_keeps_a_trusted_proxys_proto_and_host():
     headers = [("X-Forwarded-Proto", "https"), ("x-forwarded-host", "orig.example")]
-    out = forwarded(headers, remote="10.0.0.1", proto="http", host="mine.example")
+    out = forwarded(headers, remote="10.0.0.1", proto="http", host="mine.example", trusted=True)
     assert ("X-Forwarded-Proto", "https") in out and ("x-forwarded-host", "orig.example") in out
     assert [n.lower() for n, _ in out].count("x-forwarded-proto") == 1
     assert [n.lower() for n, _ in out].count("x-forwarded-host") == 1
@@ -301,8 +323,29 @@ def test_forwarded_keeps_existing_proto_and_host():
 
 def test_forwarded_without_remote_or_host():
     assert forwarded([], remote="", proto="http", host="") == [("X-Forwarded-Proto", "http")]
-    assert forwarded([("X-Forwarded-For", "1.1.1.1")], remote="", proto="http", host="") == [
+    assert forwarded([("X-Forwarded-For", "1.1.1.1")], remote="", proto="http", host="", trusted=True) == [
         ("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-Proto", "http")]
+    assert forwarded([("X-Forwarded-For", "1.1.1.1")], remote="", proto="http", host="") == [
+        ("X-Forwarded-Proto", "http")]
+
+
+@pytest.mark.parametrize("remote,trusted", [
+    ("10.1.2.3", True), ("10.255.0.1", True), ("11.0.0.1", False), ("192.0.2.7", True), ("192.0.2.8", False),
+    ("::ffff:10.0.0.9", True), ("2001:db8::1", True), ("2001:db9::1", False), ("fe80::1%eth0", False),
+    ("", False), ("not-an-ip", False),
+])
+def test_is_trusted_by_address_or_cidr(remote, trusted):
+    assert is_trusted(remote, ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32")) is trusted
+    assert is_trusted(remote, ()) is False
+
+
+def test_networks_setting_validates_and_normalises():
+    assert networks(["10.0.0.0/8", "127.0.0.1", "::1"]) == ("10.0.0.0/8", "127.0.0.1/32", "::1/128")
+    assert networks("10.1.0.0/16, 127.0.0.1") == ("10.1.0.0/16", "127.0.0.1/32")
+    assert networks([]) == () and networks("") == ()
+    for bad in (["10.0.0.300"], ["example.com"], "1.2.3.4/40", [1], 5):
+        with pytest.raises(ValueError):
+            networks(bad)
 
 
 # -- rule header edits ---------------------------------------------------------------

@@ -398,7 +398,8 @@ async def test_response_data_past_the_window_fails_that_exchange_only():
         assert info.value.code == "protocol_error"
         # The originator tells the serving end to stop: its handler is cancelled.
         await cancelled.wait()
-        assert [(f.request_id, f.reset.code) for f in p.ta.sent("reset")] == [("r1", "cancelled")]
+        # ... with the real reason: protocol_error, not cancelled.
+        assert [(f.request_id, f.reset.code) for f in p.ta.sent("reset")] == [("r1", "protocol_error")]
         assert "r1" not in p.a.pending and "r1" not in p.b.serving
 
         after = request(p.a, "r2", path="/after")

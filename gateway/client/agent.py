@@ -29,13 +29,18 @@ from gateway.tunnel.stream import StreamLimits, TunnelStream
 from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
                                       open_client_call)
 
-__all__ = ["Agent", "Connection", "Backoff"]
+__all__ = ["Agent", "Connection", "Backoff", "FATAL_REFUSALS"]
 
 log = logging.getLogger("gateway.client")
 
 # A connection that stayed up this long resets the back-off.
 HEALTHY_AFTER = 10.0
 REJECTED_MIN_DELAY = 15.0
+# Refusals no retry can mend: the client stops (exit status 1). `draining` is not
+# one (another worker or server takes the client); bad_token and unknown_group
+# are what gateways before bad_credentials said.
+FATAL_REFUSALS = frozenset({"bad_credentials", "missing_token", "token_expired", "bad_certificate",
+                            "bad_token", "unknown_group"})
 
 
 class Backoff:
@@ -89,10 +94,11 @@ class Connection:
                 if stop.is_set():
                     break
                 if outcome == "goaway" and self.goaway_reason == "replaced_by_newer_connection":
-                    # Another process runs with our client id and took this connection over;
-                    # taking it back would only make the two fight. Stay down: fix the ids.
-                    log.error("another client with id %r took over connection %d; it stays closed here",
-                              cfg.client_id, self.index)
+                    # Another process runs with our identity and took this connection over;
+                    # taking it back would only make the two fight. A deployment error: stop.
+                    self.agent.fail(f"another tunnel-client with this identity (group {cfg.group!r}, client_id "
+                                    f"{cfg.client_id!r}) took over connection {self.index}: two processes share "
+                                    f"one client id; this one stops")
                     return
                 if outcome == "goaway":
                     backoff.reset()
@@ -100,8 +106,8 @@ class Connection:
                 if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
                     backoff.reset()
                 delay = backoff.next_delay()
-                if outcome == "rejected":
-                    # Retrying a refused token fast helps nobody: a few attempts a minute at most.
+                if outcome == "rejected" and self.agent.last_rejection != "draining":
+                    # Retrying a refusal fast helps nobody: a few attempts a minute at most.
                     delay = max(delay, REJECTED_MIN_DELAY)
                 log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome,
                                                 "connection": self.index})
@@ -130,8 +136,12 @@ class Connection:
         if not welcome.accepted:
             self.agent.last_rejection = welcome.code
             # The token is never logged.
-            log.error("gateway rejected this client: %s: %s", welcome.code, welcome.message,
-                      extra={"code": welcome.code, "group": cfg.group, "connection": self.index})
+            level = logging.WARNING if welcome.code == "draining" else logging.ERROR
+            log.log(level, "gateway rejected this client: %s: %s", welcome.code, welcome.message,
+                    extra={"code": welcome.code, "group": cfg.group, "connection": self.index})
+            if welcome.code in FATAL_REFUSALS:
+                self.agent.fail(f"the gateway refused this client ({welcome.code}: {welcome.message}): "
+                                f"check its group, token and certificate; it stops")
             return None
         return welcome
 
@@ -224,6 +234,8 @@ class Agent:
         self.dispatcher: RuleDispatcher | None = None
         self.config_version = ""
         self.last_rejection = ""
+        self.fatal = ""  # why the agent stopped by itself (the process exits 1)
+        self._stop: asyncio.Event | None = None
         self.connections = [Connection(self, i) for i in range(config.connections)]
         self._rr = itertools.count()
 
@@ -314,7 +326,17 @@ class Agent:
     def connected(self) -> int:
         return sum(1 for c in self.connections if c.stream is not None)
 
+    def fail(self, message: str) -> None:
+        """Stop every connection for an error no retry mends; the process exits 1."""
+        if not self.fatal:
+            self.fatal = message
+            log.error(message, extra={"group": self.config.group})
+        if self._stop is not None:
+            self._stop.set()
+
     async def run_forever(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set: by a signal, or by `fail`."""
+        self._stop = stop
         await asyncio.gather(*(c.run_forever(stop) for c in self.connections))
 
 

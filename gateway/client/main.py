@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import uvloop
@@ -9,6 +10,7 @@ from setproctitle import setproctitle
 
 from gateway import __version__
 from gateway.client.config import CLIENT_SETTINGS, ENV_PREFIX, load_client_config
+from gateway.exposure import is_loopback
 from gateway.grpc_io import choose_grpc_io
 from gateway.logs import setup_logging
 from gateway.settings import ConfigError, add_arguments
@@ -20,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunnel-client",
         description="Tunnel client: connects out to a tunnel-gateway, serves its group, runs the local egress entry.",
-        epilog="Precedence: flag > environment (TUNNEL_CLIENT_*) > file > default. Exit codes: 0 ok, 2 bad config.",
+        epilog=("Precedence: flag > environment (TUNNEL_CLIENT_*) > file > default. Exit codes: 0 stopped by "
+                "SIGTERM/SIGINT, 1 refused by the gateway or replaced by another process with its identity, "
+                "2 bad config."),
     )
     p.add_argument("--config", "-c", default=None, help="TOML config file with a [client] table")
     p.add_argument("--version", action="version", version=f"tunnel-client {__version__}")
@@ -37,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setproctitle(f"tunnel-client: {config.client_id}")
     setup_logging(config.log_level, config.log_format, prefix={"client_id": config.client_id})
+    if not (config.tls or config.tls_ca or config.insecure) and not is_loopback(config.server.rpartition(":")[0]):
+        logging.getLogger("gateway.client").warning(
+            "connecting to %s without TLS: the token crosses the network in plain text (set tls)", config.server)
     choose_grpc_io(config.grpc_event_engine)
     # Imported only now: it loads grpc, which reads the I/O engine chosen above once, at import.
     from gateway.client.serve import serve
 
-    uvloop.run(serve(config))
-    return 0
+    return uvloop.run(serve(config))
 
 
 if __name__ == "__main__":

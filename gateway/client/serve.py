@@ -14,6 +14,7 @@ from gateway.client.agent import Agent
 from gateway.client.config import ClientConfig
 from gateway.client.local_entry import LocalEntry
 from gateway.grpc_io import grpc_io_in_use
+from gateway.http.connections import EntryLimits
 from gateway.http.entry import entry_runner
 from gateway.http.upstream import UpstreamClients
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, render
@@ -22,8 +23,9 @@ from gateway.observe import AccessLog
 __all__ = ["serve"]
 
 
-async def serve(config: ClientConfig) -> None:
-    """Run the agent (and the local entry and admin port when configured) until SIGTERM or SIGINT."""
+async def serve(config: ClientConfig) -> int:
+    """Run the agent (and the local entry and admin port when configured) until SIGTERM or
+    SIGINT (exit status 0), or until it fails for good (1: a refused HELLO, a duplicate identity)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -37,7 +39,9 @@ async def serve(config: ClientConfig) -> None:
     access_log = AccessLog(config.access_log)
     if config.local_port:
         entry = LocalEntry(agent, access_log=access_log, metrics=metrics)
-        runner = entry_runner(entry.handle, config.max_header_bytes)
+        dropped = metrics.dropped_connections
+        runner = entry_runner(entry.handle, config.max_header_bytes, EntryLimits.of(config),
+                              on_drop=lambda reason: dropped.labels("local", reason).inc())
         await runner.setup()
         await web.TCPSite(runner, config.local_host, config.local_port).start()
         runners.append(runner)
@@ -50,6 +54,7 @@ async def serve(config: ClientConfig) -> None:
             await runner.cleanup()
         await upstreams.close()
         access_log.close()
+    return 1 if agent.fatal else 0
 
 
 async def _start_admin(agent: Agent, config: ClientConfig, registry: CollectorRegistry) -> web.BaseRunner:

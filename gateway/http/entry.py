@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from gateway.http.headers import end_to_end, forwarded, header_bytes
+from gateway.http.connections import BoundedServer, EntryLimits
+from gateway.http.headers import end_to_end, forwarded, header_bytes, is_trusted
 from gateway.http.relay import error_response, expectation
 from gateway.ids import RequestIds
 from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
@@ -26,13 +27,16 @@ _ANSWERED_HERE = frozenset({b"expect"})
 Problem = tuple[str, str]  # (error code, message)
 
 
-def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: int) -> web.BaseRunner:
+def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: int, limits: EntryLimits,
+                 on_drop: Callable[[str], None] | None = None) -> web.BaseRunner:
     """The runner of an entry: aiohttp's low-level server calling `handler` for
-    every request (no application, router or middlewares: every path is ours)."""
+    every request (no application, router or middlewares: every path is ours),
+    its connections bounded by `limits` (`on_drop(reason)` counts those it closes)."""
     # aiohttp's own limits sit above ours so oversize heads reach the
     # handler and get our 431 with a JSON body.
     limit = max(8190, max_header_bytes * 2)
-    server = web.Server(handler, handler_cancellation=True, access_log=None, max_line_size=limit, max_field_size=limit)
+    server = BoundedServer(handler, limits=limits, on_drop=on_drop, handler_cancellation=True, access_log=None,
+                           max_line_size=limit, max_field_size=limit)
     return web.ServerRunner(server, handle_signals=False)
 
 
@@ -130,8 +134,10 @@ def body_problem(request: web.BaseRequest, max_body: int) -> Problem | None:
     return None
 
 
-def forward_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
-    """The caller's end-to-end headers with X-Forwarded-* added."""
+def forward_headers(request: web.BaseRequest, trusted_proxies: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The caller's end-to-end headers with X-Forwarded-* set (appended to
+    when the caller is in `trusted_proxies`)."""
     # The entry answers Expect itself (100 Continue, or 417 in head_problem), so it goes no further.
-    return forwarded(end_to_end(request.raw_headers, _ANSWERED_HERE),
-                     remote=request.remote or "", proto=request.scheme, host=request.host)
+    remote = request.remote or ""
+    return forwarded(end_to_end(request.raw_headers, _ANSWERED_HERE), remote=remote, proto=request.scheme,
+                     host=request.host, trusted=is_trusted(remote, trusted_proxies))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 from typing import Any, Iterable, Sequence
 
 import grpc
@@ -23,7 +24,7 @@ from gateway.tunnel.body import BodyReader, BodyWriter
 from gateway.tunnel.exchange import InboundExchange
 
 __all__ = ["MESSAGE", "TRAILERS", "metadata_to_pairs", "pairs_to_metadata", "encode_trailers", "decode_trailers",
-           "grpc_timeout", "parse_grpc_timeout", "call_upstream_grpc", "MAX_MESSAGE", "status_for"]
+           "grpc_timeout", "parse_grpc_timeout", "checked_metadata", "call_upstream_grpc", "MAX_MESSAGE", "status_for"]
 
 log = logging.getLogger("gateway.grpc")
 
@@ -54,6 +55,24 @@ def pairs_to_metadata(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, Any]
     return tuple(out)
 
 
+_METADATA_KEY = re.compile(r"[0-9a-z_.\-]+")
+_METADATA_TEXT = re.compile(r"[\x20-\x7e]*")
+
+
+def checked_metadata(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, Any], ...]:
+    """`pairs_to_metadata` of metadata a tunnel client sent: TunnelError("bad_response")
+    for a key or value gRPC cannot carry (or a -bin value that is not base64)."""
+    pairs = list(pairs)
+    for key, value in pairs:
+        low = key.lower()
+        if not _METADATA_KEY.fullmatch(low) or (not low.endswith("-bin") and not _METADATA_TEXT.fullmatch(value)):
+            raise TunnelError("bad_response", "the tunnel client sent metadata gRPC cannot carry")
+    try:
+        return pairs_to_metadata(pairs)
+    except ValueError:  # binascii.Error
+        raise TunnelError("bad_response", "the tunnel client sent a -bin metadata value that is not base64") from None
+
+
 def encode_trailers(code: int, details: str, md: Iterable[Any]) -> bytes:
     lines = [f"grpc-status: {code}", f"grpc-message: {details}".replace("\r", " ").replace("\n", " ")]
     lines += [f"{k}: {v}" for k, v in metadata_to_pairs(md)]
@@ -61,6 +80,7 @@ def encode_trailers(code: int, details: str, md: Iterable[Any]) -> bytes:
 
 
 def decode_trailers(raw: bytes) -> tuple[int, str, tuple[tuple[str, Any], ...]]:
+    """The trailers record a tunnel client sent (TunnelError("bad_response") when gRPC cannot carry them)."""
     code, details, pairs = 2, "", []
     for line in raw.decode(errors="replace").split("\r\n"):
         key, _, value = line.partition(": ")
@@ -70,7 +90,7 @@ def decode_trailers(raw: bytes) -> tuple[int, str, tuple[tuple[str, Any], ...]]:
             details = value
         elif key:
             pairs.append((key, value))
-    return code, details, pairs_to_metadata(pairs)
+    return code, details, checked_metadata(pairs)
 
 
 def grpc_timeout(seconds: float) -> str:
@@ -129,18 +149,26 @@ async def call_upstream_grpc(ex: InboundExchange, channel: grpc.aio.Channel, hea
 
     pump = asyncio.get_running_loop().create_task(requests())
     responded = False
+    relayed = 0
     try:
         try:
             initial = await call.initial_metadata()
             ex.respond(200, "", metadata_to_pairs(initial), end_stream=False)
             responded = True
             while (msg := await call.read()) is not grpc.aio.EOF:
+                relayed += 1
                 await ex.sender.write(length_prefixed.encode(MESSAGE, msg))
             code, details, trailing = await call.code(), await call.details(), await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details() or "", exc.trailing_metadata()
             if not responded:
                 ex.respond(200, "", metadata_to_pairs(exc.initial_metadata()), end_stream=False)
+        if code == grpc.StatusCode.UNAVAILABLE and not relayed:
+            # Mostly the channel's own failure to reach the upstream, whose text
+            # names the upstream's address: the log keeps it, the caller never sees it.
+            log.warning("upstream grpc call %s unavailable: %s", path, details,
+                        extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
+            details = f"the upstream is unavailable; the log has the detail under request_id {ex.request_id}"
         await ex.sender.write(length_prefixed.encode(TRAILERS, encode_trailers(code.value[0], details, trailing)))
         ex.sender.end()
         return code not in (grpc.StatusCode.UNAVAILABLE,)

@@ -1,15 +1,16 @@
 """What a proxy changes in an HTTP message, and nothing more. Pure logic."""
 from __future__ import annotations
 
+import functools
+import ipaddress
 from typing import Iterable
 
 from gateway.rules import Rule
 
-__all__ = ["HOP_BY_HOP", "end_to_end", "forwarded", "apply_rule", "header_bytes", "has_body_response"]
+__all__ = ["HOP_BY_HOP", "end_to_end", "forwarded", "is_trusted", "apply_rule", "header_bytes", "has_body_response"]
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer", "proxy-connection",
-     "proxy-authenticate", "proxy-authorization"}
+    {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer", "proxy-connection"}
 )
 
 _HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP)
@@ -17,15 +18,19 @@ _HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP)
 Pairs = list[tuple[str, str]]
 
 
-def end_to_end(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()) -> Pairs:
+def end_to_end(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset(), *,
+               response: bool = False) -> Pairs:
     """aiohttp's raw headers as str pairs (latin-1; order, case and repeats
     kept) without the hop-by-hop ones: the fixed set, Proxy-*, and those
-    Connection names; nor the lower-case names in `drop`."""
+    Connection names; nor the lower-case names in `drop`. A request's
+    Proxy-Authorization goes on like any end-to-end header (as nginx passes
+    it to its upstream); a `response`'s Proxy-* never do."""
     out = []
     named: set[str] = set()
     for n, v in raw:
         low = n.lower()
-        if low in _HOP_BY_HOP_RAW or low.startswith(b"proxy-") or low in drop:
+        if low in _HOP_BY_HOP_RAW or low in drop or (
+                low.startswith(b"proxy-") and (response or low != b"proxy-authorization")):
             if low == b"connection":
                 named.update(t.strip().lower() for t in v.decode("latin-1").split(",") if t.strip())
             continue
@@ -36,18 +41,28 @@ def end_to_end(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = froz
     return out
 
 
-def forwarded(headers: Pairs, *, remote: str, proto: str, host: str) -> Pairs:
-    """Append the caller to X-Forwarded-For; set X-Forwarded-Proto/-Host if absent."""
+def forwarded(headers: Pairs, *, remote: str, proto: str, host: str, trusted: bool = False) -> Pairs:
+    """X-Forwarded-For, -Proto and -Host. A `trusted` caller (a proxy in
+    trusted_proxies) has the caller appended to its X-Forwarded-For and its
+    -Proto and -Host kept (set when absent); anyone else's are dropped and
+    set here, so a caller cannot make an upstream believe another address."""
     xff = None
     out = []
     have_proto = have_host = False
     for n, v in headers:
         low = n.lower()
         if low == "x-forwarded-for":
-            xff = f"{xff}, {v}" if xff else v
+            if trusted:
+                xff = f"{xff}, {v}" if xff else v
             continue
-        have_proto |= low == "x-forwarded-proto"
-        have_host |= low == "x-forwarded-host"
+        if low == "x-forwarded-proto":
+            if not trusted:
+                continue
+            have_proto = True
+        elif low == "x-forwarded-host":
+            if not trusted:
+                continue
+            have_host = True
         out.append((n, v))
     if remote:
         xff = f"{xff}, {remote}" if xff else remote
@@ -58,6 +73,24 @@ def forwarded(headers: Pairs, *, remote: str, proto: str, host: str) -> Pairs:
     if not have_host and host:
         out.append(("X-Forwarded-Host", host))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(trusted_proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
+
+
+def is_trusted(remote: str | None, trusted_proxies: tuple[str, ...]) -> bool:
+    """Whether a caller's address is in `trusted_proxies` (addresses or CIDRs, as validated at load)."""
+    if not remote or not trusted_proxies:
+        return False
+    try:
+        ip = ipaddress.ip_address(remote.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _networks(trusted_proxies))
 
 
 def apply_rule(headers: Pairs, rule: Rule) -> Pairs:

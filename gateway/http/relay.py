@@ -11,6 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.http.headers import has_body_response
+from gateway.http.response_head import check_response_head
 from gateway.http.websocket import MAX_MESSAGE, bridge_entry, is_websocket
 from gateway.observe import AccessRecord
 from gateway.tunnel import frames
@@ -123,41 +124,65 @@ async def relay_request(
         if not ex.head.done():
             _expire(ex, timeout)
         head = ex.head.result()  # raises the TunnelError of a RESET, a lost stream or the timeout
-        if websocket and head.status == 101:
+        try:
+            checked = check_response_head(head.status, head.reason, frames.header_list(head), upgrade=websocket)
+        except TunnelError as exc:
+            _untrusted(stream, group, request_id, trace_id, exc.message)
+            ex.close("bad_response", exc.message)
+            raise
+        if checked.status == 101:  # only when the caller asked for a WebSocket (checked)
             ex.websocket = True
             if record is not None:
                 record.status = 101
-            return await bridge_entry(request, ex, head, MAX_MESSAGE)
+            return await bridge_entry(request, ex, checked.headers, MAX_MESSAGE)
         if record is not None:
-            record.status = head.status
-        with_body = has_body_response(request.method, head.status)
+            record.status = checked.status
+        with_body = has_body_response(request.method, checked.status)
+        # The gateway frames the body: the declared length when there is one
+        # (aiohttp sends no byte past it), else chunked; a body that does not
+        # match it cuts the caller's connection, so nothing reads on from it.
+        length = checked.length if with_body else None
         whole = ex.body.take_complete() if with_body else None
         if whole is not None:
             # The whole body came with the head (a small response): one
             # Response, so head and body leave in one write.
+            wrong = length is not None and len(whole) != length
+            if wrong:
+                _untrusted(stream, group, request_id, trace_id,
+                           f"a body of {len(whole)} bytes with Content-Length {length}")
+                whole = whole[:length]
+                if record is not None:
+                    record.error = "bad_response"
             if record is not None:
                 record.bytes_out = len(whole)
-            resp = web.Response(status=head.status, reason=head.reason or None, body=whole,
-                                headers=frames.header_list(head))
+            resp = web.Response(status=checked.status, reason=checked.reason or None, body=whole,
+                                headers=checked.headers)
             _stamp_ids(resp.headers, request_id, trace_id)
+            if wrong:
+                resp.force_close()
             return resp
-        resp = web.StreamResponse(status=head.status, reason=head.reason or None, headers=frames.header_list(head))
+        resp = web.StreamResponse(status=checked.status, reason=checked.reason or None, headers=checked.headers)
         _stamp_ids(resp.headers, request_id, trace_id)
-        content_length = resp.headers.get("Content-Length")
-        if content_length is not None and content_length.isdigit():
-            resp.content_length = int(content_length)
         await resp.prepare(request)
         sent = 0
         if with_body:
             try:
                 while (chunk := await ex.body.read(idle_timeout)) is not None:
+                    if length is not None and sent + len(chunk) > length:
+                        await resp.write(chunk[:length - sent])
+                        sent = length
+                        raise _overrun(stream, group, request_id, trace_id, f"more body than Content-Length {length}")
                     sent += len(chunk)
                     await resp.write(chunk)
+                if length is not None and sent < length:
+                    raise _overrun(stream, group, request_id, trace_id,
+                                   f"a body of {sent} bytes with Content-Length {length}")
             except TunnelError as exc:
                 # The head is out; the only honest signal left is a cut connection.
                 log.warning("response body cut: %s", exc.code, extra={"request_id": request_id, "trace_id": trace_id})
                 if record is not None:
                     record.error = exc.code
+                ex.close(exc.code, exc.message)
                 resp.force_close()
                 if request.transport is not None:
                     request.transport.close()
@@ -191,6 +216,18 @@ async def send_continue(request: web.BaseRequest) -> None:
 def _expire(ex: OutboundExchange, timeout: float) -> None:
     if not ex.head.done():
         ex.close("timeout", f"no response head within {timeout:g}s")
+
+
+def _untrusted(stream: TunnelStream, group: str, request_id: str, trace_id: str, problem: str) -> None:
+    """The log line of a response a tunnel client got wrong, naming the client."""
+    log.warning("bad response from tunnel client %s (group %s): %s", stream.peer_id, group or "-", problem,
+                extra={"request_id": request_id, "trace_id": trace_id, "client_id": stream.peer_id,
+                       "code": "bad_response"})
+
+
+def _overrun(stream: TunnelStream, group: str, request_id: str, trace_id: str, problem: str) -> TunnelError:
+    _untrusted(stream, group, request_id, trace_id, problem)
+    return TunnelError("bad_response", problem)
 
 
 def _stamp_ids(headers: CIMultiDict[str], request_id: str, trace_id: str) -> None:

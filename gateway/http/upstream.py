@@ -69,12 +69,14 @@ async def call_upstream(
             resp = await clients.http.request(server, method, path, headers, body,
                                               read_timeout=max(timeout, idle_timeout), head_timeout=head_timeout)
         except UpstreamTimeout as exc:
+            # The log has the upstream's address; the caller's answer never does.
             log.warning("upstream %s: %s", server, exc, extra={"request_id": ex.request_id, "trace_id": ex.trace_id})
-            ex.reset("timeout", str(exc))
+            ex.reset("timeout", "the upstream did not answer in time")
             return False
         try:
             with_body = has_body_response(method, resp.status)
-            ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers), end_stream=not with_body)
+            ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers, response=True),
+                       end_stream=not with_body)
             if with_body:
                 while (chunk := await resp.read()) is not None:
                     # The last chunk carries the end of the body: one frame fewer.
@@ -88,5 +90,6 @@ async def call_upstream(
             "upstream %s failed: %s", server, exc or type(exc).__name__,
             extra={"request_id": ex.request_id, "trace_id": ex.trace_id},
         )
-        ex.reset("upstream_unavailable", f"{server}: {exc}")
+        ex.reset("upstream_unavailable", f"the upstream refused or failed ({type(exc).__name__}); "
+                                         f"the log has the detail under request_id {ex.request_id}")
         return False

@@ -18,7 +18,6 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
 from gateway.http.length_prefixed import Decoder, encode
 from gateway.tunnel.body import BodyReader, BodyWriter
@@ -135,9 +134,11 @@ async def _bridge(ws: Any, body: BodyReader, sender: BodyWriter, max_message: in
                 t.cancel()
 
 
-async def bridge_entry(request: web.Request, ex: Any, head: Any, max_message: int) -> web.WebSocketResponse:
-    """The entry's side: answer the caller's upgrade, then pump messages."""
-    protocols = [v for n, v in frames.header_list(head) if n.lower() == "sec-websocket-protocol"]
+async def bridge_entry(request: web.Request, ex: Any, headers: list[tuple[str, str]],
+                       max_message: int) -> web.WebSocketResponse:
+    """The entry's side: answer the caller's upgrade, then pump messages.
+    `headers`: the 101's, checked (`gateway.http.response_head`)."""
+    protocols = [v for n, v in headers if n.lower() == "sec-websocket-protocol"]
     ws = web.WebSocketResponse(protocols=protocols, autoping=False, max_msg_size=max_message)
     ws.headers["x-request-id"] = ex.request_id
     ws.headers["x-trace-id"] = ex.trace_id
@@ -161,7 +162,9 @@ async def bridge_upstream(ex: Any, session: aiohttp.ClientSession, url: str, hea
         return True
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         log.warning("upstream websocket %s failed: %s", url, exc, extra={"request_id": ex.request_id})
-        ex.reset("upstream_unavailable", f"{url}: {type(exc).__name__}: {exc}")
+        # The log has the upstream's address; the caller's answer never does.
+        ex.reset("upstream_unavailable", f"the upstream refused or failed ({type(exc).__name__}); "
+                                         f"the log has the detail under request_id {ex.request_id}")
         return False
     async with ws:
         reply = [("Upgrade", "websocket"), ("Connection", "Upgrade")]

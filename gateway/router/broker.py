@@ -5,6 +5,11 @@ Workers announce themselves every HEARTBEAT_INTERVAL; the router broadcasts
 the table as often, which is also its own heartbeat. A worker that stops
 announcing (or comes back with a new pid) is reported LOST to every other
 worker, so requests waiting on it fail at once instead of timing out.
+
+A batch for a worker whose queue is at its high-water mark is an overload,
+not a loss: it goes back to its sender as FULL (whose requests in it fail
+with 503 `overloaded`), and the channel between the two workers stays open.
+LOST is for a destination the router cannot reach at all.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ class Broker:
         self.running = True
         self.forwarded = 0
         self.unroutable = 0
+        self.overloaded = 0
+        self._full_logged = 0.0  # a full queue is logged at most once a second (with the count)
+        self._full_since_log = 0
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pids: dict[bytes, int] = {}
@@ -52,13 +60,14 @@ class Broker:
     def stop(self, *_: object) -> None:
         self.running = False
 
-    def _send(self, msg: list[bytes]) -> bool:
+    def _send(self, msg: list[bytes]) -> bool | None:
+        """True when queued; None when the destination's queue is full (never
+        block everyone for one slow worker); False when it is unreachable."""
         try:
             self._sock.send_multipart(msg, zmq.NOBLOCK)
             return True
         except zmq.Again:
-            # The destination's queue is full: it is stuck; say so rather than block everyone.
-            return False
+            return None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return False
@@ -73,8 +82,18 @@ class Broker:
     def handle(self, msg: list[bytes]) -> None:
         src, kind, dest, payload = env.from_worker(msg)
         if kind == env.FRAMES or kind == env.COMMAND:
-            if self._send(env.to_worker(dest, src, kind, payload)):
+            sent = self._send(env.to_worker(dest, src, kind, payload))
+            if sent:
                 self.forwarded += 1
+            elif sent is None:
+                self.overloaded += 1
+                if kind == env.FRAMES:  # its requests fail with 503; a COMMAND is only dropped
+                    self._send(env.to_worker(src, dest, env.FULL, payload))
+                self._full_since_log += 1
+                if time.monotonic() - self._full_logged >= 1.0:
+                    log.warning("worker queue full: batches refused", extra={
+                        "worker": dest.decode(errors="replace"), "refused": self._full_since_log})
+                    self._full_logged, self._full_since_log = time.monotonic(), 0
             else:
                 self.unroutable += 1
                 self._send(env.to_worker(src, env.ROUTER_ID, env.LOST, dest))

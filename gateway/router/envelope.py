@@ -10,6 +10,9 @@ Kinds:
   ANNOUNCE  payload is JSON: the worker's shard info (also its heartbeat)
   TABLE     payload is JSON: the whole shard table (also the router's heartbeat)
   LOST      a worker is gone (dead, or unroutable); payload is its identity
+  FULL      a FRAMES batch the router could not queue for a worker whose
+            high-water mark is full (an overload, not a loss): sent back to
+            the batch's sender with `src` the full worker and the batch as payload
   COMMAND   payload is JSON: an admin command for `dest` (e.g. drain)
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import tempfile
 
 __all__ = [
-    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "COMMAND", "ROUTER_ID",
+    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "FULL", "COMMAND", "ROUTER_ID",
     "worker_identity", "worker_index", "ipc_endpoint",
     "to_router", "from_worker", "to_worker", "from_router",
     "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS",
@@ -28,6 +31,7 @@ FRAMES = b"F"
 ANNOUNCE = b"A"
 TABLE = b"T"
 LOST = b"L"
+FULL = b"O"
 COMMAND = b"C"
 ROUTER_ID = b"router"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import orjson
 
-__all__ = ["TunnelError", "STATUS", "error_body"]
+__all__ = ["TunnelError", "TransportClosed", "STATUS", "error_body"]
 
 # code -> HTTP status, as in the failure table of DESIGN.md.
 STATUS: dict[str, int] = {
@@ -19,10 +19,13 @@ STATUS: dict[str, int] = {
     "headers_too_large": 431,
     "body_too_large": 413,
     "bad_request": 400,
+    "bad_target": 400,
+    "method_not_allowed": 405,
     "cancelled": 502,
     "tunnel_unavailable": 503,
     "rate_limited": 429,
     "expectation_failed": 417,
+    "bad_response": 502,
 }
 
 MESSAGES: dict[str, str] = {
@@ -34,6 +37,7 @@ MESSAGES: dict[str, str] = {
     "upstream_unavailable": "the upstream refused or failed",
     "headers_too_large": "request headers are larger than allowed",
     "body_too_large": "request body is larger than allowed",
+    "bad_response": "the tunnel client sent an invalid response",
 }
 
 
@@ -60,3 +64,14 @@ def error_body(code: str, message: str, *, request_id: str, trace_id: str, clien
             "client_id": client_id,
         }
     )
+
+
+class TransportClosed(Exception):
+    """The transport under a stream ended for a known reason other than the peer
+    closing it: `reason` is the word the stream closes with and logs
+    (`message_too_large`, `heartbeat_timeout`, `connection_lost`)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

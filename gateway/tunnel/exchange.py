@@ -50,6 +50,8 @@ class OutboundExchange:
             if self.head.done():
                 self._protocol_violation("second response HEADERS")
                 return
+            if f.headers.status == 103 and not f.headers.end_stream:
+                return  # Early Hints: an interim head, dropped; the final one follows
             self.head.set_result(f.headers)
             if f.headers.end_stream:
                 self.body.feed(b"", True)
@@ -58,8 +60,11 @@ class OutboundExchange:
             self._forget()
 
     def _protocol_violation(self, message: str) -> None:
+        """The peer broke the protocol on this request: it is reset with that reason (not `cancelled`)."""
         self.fail(TunnelError("protocol_error", message))
-        self.close()
+        if not self._closed:
+            self.stream.push(frames.reset(self.request_id, self.trace_id, "protocol_error", message, reply=False))
+        self._forget()
 
     def fail(self, error: TunnelError) -> None:
         if not self.head.done():

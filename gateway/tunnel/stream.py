@@ -17,8 +17,9 @@ import time
 from typing import Any, Awaitable, Callable
 
 from gateway.tunnel import frames
-from gateway.tunnel.errors import TunnelError
+from gateway.tunnel.errors import TransportClosed, TunnelError
 from gateway.tunnel.exchange import InboundExchange, OutboundExchange
+from gateway.tunnel.stream_limits import StreamLimits
 from gateway.tunnel.transport import Transport
 
 __all__ = ["StreamLimits", "TunnelStream", "RequestHandler"]
@@ -26,29 +27,10 @@ __all__ = ["StreamLimits", "TunnelStream", "RequestHandler"]
 log = logging.getLogger("gateway.tunnel")
 
 RequestHandler = Callable[[InboundExchange], Awaitable[None]]
+# Close reasons that are a fault (logged at warning); the rest are an orderly end.
+_FAULTS = ("heartbeat_timeout", "message_too_large", "protocol_error", "transport_error", "write_failed",
+           "connection_lost")
 
-
-class StreamLimits:
-    """Sizes and bounds of one stream; both ends use the same defaults."""
-
-    __slots__ = ("max_inflight", "window", "chunk_size", "max_batch_bytes", "max_queue_bytes", "heartbeat_interval")
-
-    def __init__(
-        self,
-        *,
-        max_inflight: int = 1000,
-        window: int = 256 * 1024,
-        chunk_size: int = 64 * 1024,
-        max_batch_bytes: int = 1024 * 1024,
-        max_queue_bytes: int = 8 * 1024 * 1024,
-        heartbeat_interval: float = 5.0,
-    ) -> None:
-        self.max_inflight = max_inflight
-        self.window = window
-        self.chunk_size = chunk_size
-        self.max_batch_bytes = max_batch_bytes
-        self.max_queue_bytes = max_queue_bytes
-        self.heartbeat_interval = heartbeat_interval
 
 class TunnelStream:
     """Multiplexes requests in both directions over one transport."""
@@ -311,7 +293,11 @@ class TunnelStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = f"transport_error: {type(exc).__name__}"
+            explain = getattr(self.transport, "known_end", None)
+            known = exc if isinstance(exc, TransportClosed) else explain(exc) if explain else None
+            reason = known.reason if known else f"transport_error: {type(exc).__name__}"
+            if known:  # the transport knows why: the log says it, not "closed_by_peer"
+                log.warning("tunnel transport ended: %s", known, extra={"peer": self.peer_id})
         self.close(reason)
 
     async def _heartbeat(self) -> None:
@@ -395,5 +381,6 @@ class TunnelStream:
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        log.info("tunnel closed", extra={"peer": self.peer_id, "reason": self.close_reason})
+        log.log(logging.WARNING if self.close_reason.startswith(_FAULTS) else logging.INFO, "tunnel closed",
+                extra={"peer": self.peer_id, "reason": self.close_reason})
 

@@ -1,7 +1,12 @@
 """The admin port. Any worker answers for all: its own live state plus the
-other workers' from the shard table the router broadcasts."""
+other workers' from the shard table the router broadcasts.
+
+With `admin_token` set (required when admin_host is not loopback), every
+endpoint but /healthz asks for `Authorization: Bearer TOKEN` (401 without it):
+they change something (drain) or show clients, streams and request counts."""
 from __future__ import annotations
 
+import hmac
 import os
 import socket
 import time
@@ -69,6 +74,25 @@ def status(worker: "Worker") -> dict[str, Any]:
     }
 
 
+# Open without the token: the liveness probe (container health checks).
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def _token_gate(worker: "Worker") -> Any:
+    @web.middleware
+    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        token = worker.config.admin_token  # read each time: a reload may change it
+        if token and request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):  # constant time
+                return web.Response(
+                    body=orjson.dumps({"error": "unauthorized", "message": "send Authorization: Bearer <admin_token>"}),
+                    status=401, content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return gate
+
+
 def admin_app(worker: "Worker") -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return _json({"status": "draining" if worker.stopping else "ok", "worker": worker.index},
@@ -86,7 +110,8 @@ def admin_app(worker: "Worker") -> web.Application:
         return _json({"answered_by": worker.index, "workers": all_workers(worker)})
 
     async def drain(request: web.Request) -> web.Response:
-        """Body: {"worker": N} and/or {"client_id": ID} / {"connection": LABEL}, optional "limit"."""
+        """Body: {"worker": N} and/or {"client_id": ID} / {"connection": LABEL}, optional "group"
+        (client ids and connection labels are per group) and "limit"."""
         try:
             body = await request.json(loads=orjson.loads) if request.can_read_body else {}
         except orjson.JSONDecodeError:
@@ -94,7 +119,7 @@ def admin_app(worker: "Worker") -> web.Application:
         if not isinstance(body, dict) or not ({"worker", "client_id", "connection"} & set(body)):
             return _json({"error": "bad_request", "message": "give worker, client_id or connection"}, 400)
         command: dict[str, Any] = {"op": "drain"}
-        for key in ("client_id", "connection", "limit"):
+        for key in ("client_id", "connection", "group", "limit"):
             if key in body:
                 command[key] = body[key]
         targets = [w["worker"] for w in all_workers(worker) if body.get("worker") in (None, w["worker"])]
@@ -116,7 +141,7 @@ def admin_app(worker: "Worker") -> web.Application:
                                   worker.link.router_ok if worker.link else None)
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[_token_gate(worker)])
     app.router.add_get("/", page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

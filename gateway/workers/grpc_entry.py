@@ -18,9 +18,10 @@ from multidict import CIMultiDict
 
 from gateway.http.entry import EntryLog
 from gateway.http.grpc_bridge import (
-    MESSAGE, TRAILERS, decode_trailers, grpc_timeout, metadata_to_pairs, pairs_to_metadata, read_records,
+    MESSAGE, TRAILERS, checked_metadata, decode_trailers, grpc_timeout, metadata_to_pairs, read_records,
     status_for, write_messages,
 )
+from gateway.http.response_head import check_response_head
 from gateway.ids import RequestIds, trace_id_from
 from gateway.observe import AccessLog, AccessRecord, RequestMetrics
 from gateway.rules import first_match
@@ -99,7 +100,8 @@ class GrpcEntry(grpc.GenericRpcHandler):
                 ex.close("timeout", "no response head in time")
                 return self._fail(rec, TunnelError("timeout", f"no response within {head_timeout:g}s"))
             head = ex.head.result()
-            await context.send_initial_metadata(pairs_to_metadata(frames.header_list(head)))
+            checked = check_response_head(head.status, head.reason, frames.header_list(head))
+            await context.send_initial_metadata(checked_metadata(checked.headers))
             async for kind, payload in read_records(ex.body, rule.idle_timeout or cfg.stream_idle_timeout):
                 if kind == MESSAGE:
                     await context.write(payload)
@@ -109,6 +111,11 @@ class GrpcEntry(grpc.GenericRpcHandler):
                     return _status(code), details
             return self._fail(rec, TunnelError("protocol_error", "the call ended without trailers"))
         except TunnelError as exc:
+            if exc.code == "bad_response":
+                log.warning("bad response from tunnel client %s (group %s): %s", rec.client_id, spec.name,
+                            exc.message, extra={"request_id": rec.request_id, "trace_id": rec.trace_id,
+                                                "client_id": rec.client_id, "code": exc.code})
+                ex.close(exc.code, exc.message)
             return self._fail(rec, exc)
         finally:
             if not pump.done():

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.http.entry import EntryLog, body_problem, forward_headers, head_problem
 from gateway.http.headers import apply_rule
 from gateway.http.relay import relay_request
+from gateway.http.target import BadTarget, Target, normalise_target, with_host
 from gateway.ids import RequestIds, trace_id_from
 from gateway.limits import LimitGate
 from gateway.observe import AccessLog, AccessRecord, RequestMetrics
@@ -73,24 +74,43 @@ class HttpEntry:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         book = self.book
-        rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=request.host,
-                          path=request.raw_path)
+        try:
+            # Normalised once: the routes match it and it is what goes on (gateway/http/target.py).
+            target = normalise_target(request.raw_path, request.host)
+        except BadTarget as exc:
+            return self._bad_target(request, str(exc))
+        rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=target.host,
+                          path=target.path_and_query)
         with book.track(rec):
-            resp = await self._admit(request, rec)
+            resp = await self._admit(request, rec, target)
             rec.status = resp.status
             return resp
 
-    async def _admit(self, request: web.BaseRequest, rec: AccessRecord) -> web.StreamResponse:
+    def _bad_target(self, request: web.BaseRequest, message: str) -> web.StreamResponse:
+        """400 `bad_target`, recorded with the target as it was sent."""
+        book = self.book
+        rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=request.host,
+                          path=request.raw_path)
+        with book.track(rec):
+            resp = book.fail(rec, "bad_target", message, status=400)
+            rec.status = resp.status
+            return resp
+
+    async def _admit(self, request: web.BaseRequest, rec: AccessRecord, target: Target) -> web.StreamResponse:
         """Route the request and hold its limits' gates while it is relayed."""
         cfg = self.routing.config
         refused = head_problem(request, cfg.max_header_bytes)
         if refused is not None:
             return self.book.fail(rec, *refused)
-        path_only = request.raw_path.split("?", 1)[0]
-        rule = first_match(cfg.routes, request.host, path_only, request.method, request.headers)
+        routes = cfg.routes
+        if request.method == "TRACE":  # only a route that names TRACE in its methods takes it
+            routes = tuple(r for r in routes if "TRACE" in r.methods)
+        rule = first_match(routes, target.host, target.path, request.method, request.headers)
         if rule is None:
+            if request.method == "TRACE":
+                return self.book.fail(rec, "method_not_allowed", "TRACE is not allowed here", status=405)
             return self.book.fail(rec, "no_matching_rule",
-                                  f"no route matches {request.method} {request.host}{path_only}")
+                                  f"no route matches {request.method} {target.host}{target.path}")
         rec.rule = rule.name
         rec.group = rule.target
         plan = self.plan(rule)
@@ -106,15 +126,16 @@ class HttpEntry:
                     return self.book.fail(rec, code, f"{code.replace('_', ' ')} by the limits of {rule.name!r}",
                                           retry_after=max(1, math.ceil(wait)))
                 admitted.append(gate)
-            return await self._relay(request, rec, plan)
+            return await self._relay(request, rec, plan, target)
         finally:
             for gate in admitted:
                 gate.release()
 
-    async def _relay(self, request: web.BaseRequest, rec: AccessRecord, plan: RoutePlan) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, rec: AccessRecord, plan: RoutePlan,
+                     target: Target) -> web.StreamResponse:
         rule, spec = plan.rule, plan.spec
-        path = rule.rewrite_path(request.raw_path)
-        authority = rule.set_host or request.host
+        path = rule.rewrite_path(target.path_and_query)
+        authority = rule.set_host or target.host
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
         chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
                                      headers=request.headers, key=key)
@@ -122,10 +143,12 @@ class HttpEntry:
             return self.book.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
                                   retry_after=1)
         stream, rec.client_id = chosen
+        headers = forward_headers(request, self.routing.config.trusted_proxies)
+        headers = apply_rule(with_host(headers, target.host), rule)  # an absolute-form target's host goes on as Host
         try:
             return await relay_request(
                 request, stream, request_id=rec.request_id, trace_id=rec.trace_id,
-                headers=apply_rule(forward_headers(request), rule), path=path, authority=authority,
+                headers=headers, path=path, authority=authority,
                 timeout=rule.timeout, max_body=plan.max_body, group=spec.name, target_client=rec.client_id,
                 idle_timeout=plan.idle_timeout, record=rec,
             )

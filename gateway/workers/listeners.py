@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import grpc.aio
 from aiohttp import web
 
+from gateway.http.connections import EntryLimits
 from gateway.http.entry import entry_runner
 from gateway.http.grpc_bridge import MAX_MESSAGE
 from gateway.tls import http_ssl_context, server_credentials
@@ -49,7 +50,7 @@ class Listeners:
         self.tunnel = grpc.aio.server(
             options=grpc_options(max_message, int(cfg.heartbeat_interval * 1000), server=True),
         )
-        self.tunnel.add_generic_rpc_handlers([tunnel_handler(worker.endpoint.serve)])
+        self.tunnel.add_generic_rpc_handlers([tunnel_handler(worker.endpoint.serve, max_message)])
         tunnel_creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
         _bind(self.tunnel, f"{cfg.host}:{cfg.tunnel_port}", tunnel_creds, "tunnel port")
         if cfg.grpc_port:
@@ -66,7 +67,9 @@ class Listeners:
         if self.grpc_entry is not None:
             await self.grpc_entry.start()
 
-        self.http = entry_runner(worker.http_entry.handle, cfg.max_header_bytes)
+        dropped = worker.metrics.dropped_connections
+        self.http = entry_runner(worker.http_entry.handle, cfg.max_header_bytes, EntryLimits.of(cfg),
+                                 on_drop=lambda reason: dropped.labels("http", reason).inc())
         await self.http.setup()
         ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
         self.http_site = web.TCPSite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,

@@ -1,23 +1,35 @@
 """Which tunnel streams this worker holds, by group and by connection. No I/O: `Routing` decides which one a request takes."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Hashable, Iterator
 
 from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["StreamRegistry"]
+__all__ = ["StreamRegistry", "connection_key"]
+
+
+def connection_key(group: str, client_id: str, connection: int, certificate: Hashable = None) -> tuple:
+    """What one connection of one client is: its identity (group, client id and,
+    with mTLS, the certificate's names) and its connection index. A client id
+    alone names nothing: another group may use the same one."""
+    return (group, client_id, certificate, connection)
 
 
 class StreamRegistry:
     def __init__(self) -> None:
         self._by_group: dict[str, list[TunnelStream]] = {}
-        self._by_client: dict[str, TunnelStream] = {}
+        self._by_key: dict[tuple, TunnelStream] = {}
+        self._keys: dict[TunnelStream, tuple] = {}
 
-    def add(self, stream: TunnelStream) -> TunnelStream | None:
-        """Register `stream`; returns the older stream of the same client id, if any."""
+    def add(self, stream: TunnelStream, key: tuple | None = None) -> TunnelStream | None:
+        """Register `stream` under `key` (`connection_key`; default: its group and
+        label); returns the older stream of the same key (same identity, same
+        connection index), if any: only that one may be replaced."""
+        key = key if key is not None else (stream.group, stream.label)
         self._by_group.setdefault(stream.group, []).append(stream)
-        old = self._by_client.get(stream.label)
-        self._by_client[stream.label] = stream
+        old = self._by_key.get(key)
+        self._by_key[key] = stream
+        self._keys[stream] = key
         if old is None or old is stream or old.draining:
             return None
         return old
@@ -28,8 +40,13 @@ class StreamRegistry:
             streams.remove(stream)
             if not streams:
                 del self._by_group[stream.group]
-        if self._by_client.get(stream.label) is stream:
-            del self._by_client[stream.label]
+        key = self._keys.pop(stream, None)
+        if key is not None and self._by_key.get(key) is stream:
+            del self._by_key[key]
+
+    def count(self, group: str) -> int:
+        """Streams of `group` this worker holds, draining ones included."""
+        return len(self._by_group.get(group, ()))
 
     def usable(self, group: str) -> list[TunnelStream]:
         """Streams of `group` that take new requests."""

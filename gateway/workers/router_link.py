@@ -30,7 +30,9 @@ log = logging.getLogger("gateway.worker.link")
 
 class LinkTransport:
     """A channel's transport: writes go through the router; reads are fed by
-    the link's receive loop, so `read` only waits for the end."""
+    the link's receive loop, so `read` only waits for the end. A batch the link
+    cannot queue (the high-water mark is full) fails its requests with
+    `overloaded`; the channel stays open."""
 
     __slots__ = ("link", "dest", "_closed")
 
@@ -45,7 +47,10 @@ class LinkTransport:
 
     async def write(self, raw: bytes) -> None:
         self.link.frames_out += 1
-        await self.link.sock.send_multipart(env.to_router(env.FRAMES, self.dest, raw))
+        try:
+            await self.link.sock.send_multipart(env.to_router(env.FRAMES, self.dest, raw), zmq.NOBLOCK)
+        except zmq.Again:
+            self.link.undelivered(self.dest, raw)
 
     def peer(self) -> str:
         return self.dest.decode()
@@ -70,6 +75,8 @@ class RouterLink:
         self.table: dict[str, dict[str, Any]] = {}
         self.frames_in = 0
         self.frames_out = 0
+        self.overloaded = 0  # batches refused at a full high-water mark (here or at the router)
+        self._full_logged = 0.0  # logged at most once a second
         self.router_ok = False
         self._last_table = 0.0
         self._announce_now = asyncio.Event()
@@ -122,6 +129,30 @@ class RouterLink:
         if self.channels.get(peer) is ch:
             del self.channels[peer]
 
+    def undelivered(self, peer: bytes, raw: bytes) -> None:
+        """A batch for `peer` that no queue would take (a full high-water mark
+        here or at the router): each request with a frame in it fails with
+        `overloaded` (503 to its caller), the peer told by a RESET; the channel
+        and its other requests go on. (LOST is for a peer that is gone.)"""
+        self.overloaded += 1
+        ch = self.channels.get(peer)
+        try:
+            batch = frames.decode_frames(raw) if ch is not None else ()
+        except frames.ProtocolError:
+            return
+        message = f"the queue to worker {peer.decode()} is full"
+        for rid, reply in {(f.request_id, f.reply) for f in batch if f.request_id}:
+            if reply:
+                inbound = ch.serving.get(rid)
+                if inbound is not None:
+                    inbound.reset("overloaded", message)
+            elif (out := ch.pending.get(rid)) is not None:
+                out.close("overloaded", message)
+        if time.monotonic() - self._full_logged >= 1.0:
+            self._full_logged = time.monotonic()
+            log.warning("batches to %s refused: queue full", peer.decode(),
+                        extra={"peer": peer.decode(), "refused_total": self.overloaded})
+
     def lose(self, peer: bytes, reason: str) -> None:
         self.table.pop(peer.decode(), None)
         ch = self.channels.pop(peer, None)
@@ -155,6 +186,8 @@ class RouterLink:
             elif kind == env.LOST:
                 log.warning("worker lost", extra={"peer": payload.decode()})
                 self.lose(payload, "worker_lost")
+            elif kind == env.FULL:
+                self.undelivered(src, payload)
             elif kind == env.COMMAND:
                 try:
                     self.on_command(orjson.loads(payload))

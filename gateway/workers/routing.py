@@ -48,6 +48,8 @@ class PeerLink(Protocol):
 
     def announce_soon(self) -> None: ...
 
+    async def send_command(self, worker: str, command: dict) -> None: ...
+
 
 def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
     """A client stream as the shard table and the admin port show it."""
@@ -55,6 +57,7 @@ def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
         "client_id": s.peer_id,
         "connection": s.label,
         "group": s.group,
+        "certificate": list(getattr(s, "certificate", ())),  # with mTLS: part of the client's identity
         "worker": worker,
         "remote": getattr(s, "remote", ""),
         "connected_at": s.connected_at,
@@ -162,13 +165,56 @@ class Routing:
 
     # -- this worker's streams -------------------------------------------------
 
-    def add_stream(self, stream: TunnelStream) -> None:
-        """A client stream is ready to take requests."""
-        old = self.registry.add(stream)
+    def add_stream(self, stream: TunnelStream, key: tuple | None = None) -> None:
+        """A client stream is ready to take requests; `key` is its identity and
+        connection index (`registry.connection_key`)."""
+        old = self.registry.add(stream, key)
         self.streams_changed()
         if old is not None:
-            # The newest connection of a client id wins; the old one is told to go.
-            self._spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
+            # The newest connection of one identity wins; the old one is told to go (and
+            # its process stops: two processes sharing an identity is a deployment error).
+            self._replace(old, getattr(stream, "remote", ""))
+        self._replace_elsewhere(stream)
+
+    def _replace(self, old: TunnelStream, newer_remote: str) -> None:
+        log.warning("duplicate client identity: a newer connection replaces an older one",
+                    extra={"group": old.group, "client_id": old.peer_id, "connection": old.label,
+                           "remote": newer_remote, "replaced_remote": getattr(old, "remote", "")})
+        self._spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
+
+    def _replace_elsewhere(self, stream: TunnelStream) -> None:
+        """An older stream of the same identity and connection on another worker (by
+        the shard table): that worker is told to replace it."""
+        link = self.link
+        if link is None or not link.router_ok:
+            return
+        certificate = list(getattr(stream, "certificate", ()))
+        command = {"op": "replace", "group": stream.group, "connection": stream.label, "certificate": certificate,
+                   "before": stream.connected_at, "remote": getattr(stream, "remote", "")}
+        for info in link.table.values():
+            if info.get("worker") == self.index:
+                continue
+            if any(c["group"] == stream.group and c["connection"] == stream.label and not c["draining"]
+                   and c.get("certificate", []) == certificate and c["connected_at"] < stream.connected_at
+                   for c in info.get("clients", ())):
+                self._spawn(self._send_command(link, info["worker"], command))
+
+    async def _send_command(self, link: PeerLink, worker: int, command: dict) -> None:
+        try:
+            await link.send_command(f"w{worker}", command)
+        except Exception as exc:  # a worker gone meanwhile: its streams went with it
+            log.warning("cannot send a command to worker %s: %s", worker, exc, extra={"command": command})
+
+    def replace(self, command: Mapping[str, Any]) -> int:
+        """Another worker holds a newer connection of this identity: ours of it goes."""
+        n = 0
+        for s in list(self.registry):
+            if (s.group == command.get("group") and s.label == command.get("connection") and not s.draining
+                    and list(getattr(s, "certificate", ())) == command.get("certificate", [])
+                    and s.connected_at < command.get("before", 0)):
+                self._replace(s, command.get("remote", ""))
+                n += 1
+        return n
 
     def remove_stream(self, stream: TunnelStream) -> None:
         self.registry.remove(stream)
@@ -191,6 +237,8 @@ class Routing:
                 continue
             if "connection" in command and s.label != command["connection"]:
                 continue
+            if "group" in command and s.group != command["group"]:
+                continue
             if limit is not None and n >= limit:
                 break
             self._spawn(s.goaway("drain", self.config.shutdown_grace))
@@ -202,7 +250,10 @@ class Routing:
 
     def run_command(self, command: Mapping[str, Any]) -> int:
         """An admin command sent to this worker; returns how many streams it touched."""
-        return self.drain(command) if command.get("op") == "drain" else 0
+        op = command.get("op")
+        if op == "replace":
+            return self.replace(command)
+        return self.drain(command) if op == "drain" else 0
 
     def apply_config(self, new: "GatewayConfig") -> int:
         """Route by `new` from now on; push each client whose group config

@@ -14,17 +14,34 @@ from gateway.http.upstream import UpstreamClients
 from gateway.metrics import Metrics
 from gateway.tls import name_allowed, peer_names
 from gateway.tunnel import frames
+from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.exchange import InboundExchange
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import ServerTransport
+from gateway.workers.admission import Admission, source_address
+from gateway.workers.registry import connection_key
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, Token
     from gateway.workers.routing import Routing
 
-__all__ = ["TunnelEndpoint"]
+__all__ = ["TunnelEndpoint", "check_token", "REFUSALS"]
 
 log = logging.getLogger("gateway.tunnel")
+
+# The codes a refused HELLO answers, and what the client is told. An unknown
+# group and a wrong token answer alike (the log says which), so an
+# unauthenticated client learns nothing of which groups exist. All but
+# `draining` are fatal for the client; `protocol_error` answers what is no HELLO.
+REFUSALS = {
+    "bad_credentials": "group or token not accepted",
+    "missing_token": "HELLO carries no token",
+    "token_expired": "token expired",
+    "bad_certificate": "client certificate not allowed for this group",
+    "draining": "this gateway worker is shutting down",
+}
+# Seconds between two log lines about refusals of one (reason, source or group).
+ADMISSION_LOG_EVERY = 10.0
 
 
 def check_token(given: str, allowed: tuple["Token", ...], now: float) -> str | None:
@@ -35,8 +52,21 @@ def check_token(given: str, allowed: tuple["Token", ...], now: float) -> str | N
         if hmac.compare_digest(given.encode(), token.value.encode()):
             matched = token
     if matched is None:
-        return "missing_token" if not given else "bad_token"
+        return "missing_token" if not given else "bad_credentials"
     return None if matched.valid_at(now) else "token_expired"
+
+
+def _admission(cfg: "GatewayConfig") -> Admission:
+    return Admission(connects_per_source=cfg.tunnel_connects_per_source,
+                     failed_hellos_per_source=cfg.tunnel_failed_hellos_per_source,
+                     connects_per_group=cfg.tunnel_connects_per_group,
+                     failed_hellos_per_group=cfg.tunnel_failed_hellos_per_group,
+                     max_streams_per_group=cfg.tunnel_max_streams_per_group, clock=time.monotonic)
+
+
+def _admission_settings(cfg: "GatewayConfig") -> tuple:
+    return (cfg.tunnel_connects_per_source, cfg.tunnel_failed_hellos_per_source, cfg.tunnel_connects_per_group,
+            cfg.tunnel_failed_hellos_per_group, cfg.tunnel_max_streams_per_group)
 
 
 class TunnelEndpoint:
@@ -47,6 +77,9 @@ class TunnelEndpoint:
         self.stopping = False
         cfg = routing.config
         self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, upstreams)
+        self.admission = _admission(cfg)
+        self._admission_of = _admission_settings(cfg)
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, key) -> (at, refused since)
 
     def start(self) -> None:
         self.egress.start()
@@ -56,6 +89,10 @@ class TunnelEndpoint:
         self.egress.close()
         self.egress = RuleDispatcher(new.forward, new.upstreams, self.upstreams)
         self.egress.start()
+        if _admission_settings(new) != self._admission_of:
+            # New bounds start with full buckets; unchanged ones keep what they counted.
+            self.admission = _admission(new)
+            self._admission_of = _admission_settings(new)
 
     def close(self) -> None:
         self.egress.close()
@@ -64,10 +101,33 @@ class TunnelEndpoint:
         """A request a client sent up its tunnel: serve it by the forward rules."""
         await self.egress.handle(ex)
 
-    async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str) -> None:
-        self.metrics.rejections.labels(code).inc()
-        log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code})
-        await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=message)))
+    async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str, *,
+                      reason: str = "", group: str | None = None) -> None:
+        """Refuse a HELLO: the client gets `code` (and, for the codes of REFUSALS, only
+        their fixed message); the log and the metric keep `message` and `reason`."""
+        reason = reason or code
+        self.metrics.rejections.labels(reason).inc()
+        log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code, "reason": reason})
+        if code != "draining":
+            self.admission.failed(source_address(peer), group)
+        told = REFUSALS.get(code, message)
+        await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=told)))
+
+    def _refuse(self, transport: ServerTransport, reason: str, key: str, peer: str) -> None:
+        """Admission turns the connection away: RESOURCE_EXHAUSTED, a metric, and a
+        log line at most every ADMISSION_LOG_EVERY seconds per reason and key."""
+        self.metrics.admission.labels(reason).inc()
+        transport.refuse(f"tunnel admission: too many {reason.replace('_', ' ')}; retry later")
+        now = time.monotonic()
+        at, count = self._logged.get((reason, key), (0.0, 0))
+        if now - at < ADMISSION_LOG_EVERY:
+            self._logged[(reason, key)] = (at, count + 1)
+            return
+        if len(self._logged) > 1000:
+            self._logged.clear()
+        self._logged[(reason, key)] = (now, 0)
+        log.warning("tunnel admission refused a connection", extra={"peer": peer, "reason": reason, "key": key,
+                                                                    "refused_before": count})
 
     def _on_control(self, stream: TunnelStream, f: frames.Frame, kind: str) -> None:
         if kind == "config":
@@ -89,10 +149,18 @@ class TunnelEndpoint:
         routing = self.routing
         cfg = routing.config
         peer = transport.peer()
+        source = source_address(peer)
+        refused_by = self.admission.connect(source)
+        if refused_by is not None:
+            self._refuse(transport, refused_by, source, peer)
+            return
         try:
             raw = await asyncio.wait_for(transport.read(), cfg.hello_timeout)
         except asyncio.TimeoutError:
             log.warning("tunnel closed: no HELLO in time", extra={"peer": peer})
+            return
+        except TransportClosed as exc:  # e.g. an oversize first message
+            log.warning("tunnel closed before HELLO: %s", exc, extra={"peer": peer, "reason": exc.reason})
             return
         if raw is None:
             return
@@ -108,29 +176,42 @@ class TunnelEndpoint:
         if self.stopping:
             await self._reject(transport, "draining", "this gateway worker is shutting down", peer)
             return
+        if not hello.token:
+            await self._reject(transport, "missing_token", f"HELLO without a token (group {hello.group!r})", peer)
+            return
         group = cfg.groups.get(hello.group)
         if group is None:
-            await self._reject(transport, "unknown_group", f"group {hello.group!r} is not configured", peer)
+            await self._reject(transport, "bad_credentials", f"group {hello.group!r} is not configured", peer,
+                               reason="unknown_group")
             return
-        if cfg.tls_client_ca and group.client_cert_names:
-            names = peer_names(transport.auth_context())
-            if not name_allowed(names, group.client_cert_names):
-                await self._reject(transport, "bad_certificate",
-                                   f"client certificate {names} not allowed for group {hello.group!r}", peer)
-                return
+        refused_by = self.admission.hello(hello.group, routing.registry.count(hello.group))
+        if refused_by is not None:
+            self._refuse(transport, refused_by, hello.group, peer)
+            return
+        names = peer_names(transport.auth_context()) if cfg.tls_client_ca else []
+        if cfg.tls_client_ca and group.client_cert_names and not name_allowed(names, group.client_cert_names):
+            await self._reject(transport, "bad_certificate",
+                               f"client certificate {names} not allowed for group {hello.group!r}", peer,
+                               group=hello.group)
+            return
         refused = check_token(hello.token, group.tokens, time.time())
         if refused is not None:
-            await self._reject(transport, refused, f"token not valid for group {hello.group!r} ({refused})", peer)
+            await self._reject(transport, refused, f"token not valid for group {hello.group!r} ({refused})", peer,
+                               reason="bad_token" if refused == "bad_credentials" else refused, group=hello.group)
             return
         if not hello.client_id:
-            await self._reject(transport, "protocol_error", "HELLO without client_id", peer)
+            await self._reject(transport, "protocol_error", "HELLO without client_id", peer, group=hello.group)
             return
         label = f"{hello.client_id}/{hello.connection_index}"
+        # Its identity: group, client id and (with mTLS) certificate; only a connection
+        # of the same identity and index is replaced by this one.
+        key = connection_key(hello.group, hello.client_id, hello.connection_index, frozenset(names) or None)
         stream = TunnelStream(
             transport, limits=routing.stream_limits(), on_request=self.handle_egress, peer_id=hello.client_id,
             group=hello.group, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
         )
         stream.remote = peer  # type: ignore[attr-defined]
+        stream.certificate = sorted(names)  # type: ignore[attr-defined]
         stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
         stream.config_version = group.client.version
         await transport.write(
@@ -148,7 +229,7 @@ class TunnelEndpoint:
             )
         )
         self.metrics.connects.labels(hello.group).inc()
-        routing.add_stream(stream)
+        routing.add_stream(stream, key)
         log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": hello.group,
                                               "connection": hello.connection_index})
         try:

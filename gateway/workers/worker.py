@@ -45,8 +45,11 @@ class Worker:
         router_endpoint: str | None = None,
         config_handoff: str | None = None,
         workers: int = 1,
+        heartbeat: Any = None,
     ) -> None:
         self._config = config
+        # A shared double the supervisor watches (multiprocessing RawValue): the loop stamps it.
+        self.heartbeat = heartbeat
         self.routing: Any = None
         self.index = index
         self.instance = instance or new_instance_id()
@@ -107,6 +110,14 @@ class Worker:
         self.metrics.set_config_versions(self.routing.config_versions(), old_versions)
         log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
 
+    async def _beat(self) -> None:
+        """Tell the supervisor this loop runs: a stamp each second (a blocked or
+        stopped loop stops stamping, and the supervisor kills it after worker_timeout)."""
+        interval = min(1.0, self.config.worker_timeout / 4)
+        while True:
+            self.heartbeat.value = time.monotonic()
+            await asyncio.sleep(interval)
+
     async def _sample_metrics(self) -> None:
         routing = self.routing
         while True:
@@ -149,6 +160,8 @@ class Worker:
         self.endpoint = TunnelEndpoint(self.routing, self.upstreams, self.metrics)
         self.endpoint.start()
         self.spawn(self._sample_metrics())
+        if self.heartbeat is not None:
+            self.spawn(self._beat())
         if self.router_endpoint:
             # zmq is loaded only by workers that have a router to talk to.
             from gateway.workers.router_link import RouterLink
@@ -209,7 +222,7 @@ def read_handoff(path: str) -> GatewayConfig:
 
 def worker_main(
     config: GatewayConfig, index: int, instance: str, router_endpoint: str | None,
-    config_handoff: str | None, workers: int = 1,
+    config_handoff: str | None, workers: int = 1, heartbeat: Any = None,
 ) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
-    Worker(config, index, instance, router_endpoint, config_handoff, workers).run()
+    Worker(config, index, instance, router_endpoint, config_handoff, workers, heartbeat).run()

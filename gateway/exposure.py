@@ -1,0 +1,59 @@
+"""What is exposed and what is secret: loopback addresses, and masking secrets
+(tokens, keys, passwords in URLs) before anything is printed or logged. Pure
+logic, no I/O."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Mapping
+
+__all__ = ["MASK", "is_loopback", "is_secret_name", "mask_url", "mask_text", "mask_settings"]
+
+MASK = "***"
+
+# A setting whose name says it holds a secret (admin_token, a password, a secret key).
+# Paths to key files (tls_key) name a file, not its content, and are shown.
+_SECRET_NAME = re.compile(r"(^|_)(token|password|passwd|secret|secret_key|private_key|curve_secret)($|_)")
+# scheme://user:password@host -> scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):(?P<pw>[^@\s/]+)@")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1, `localhost`.
+    Anything else (0.0.0.0, ::, a name, an interface's address) is not."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name.lower()))
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password (if any) masked."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{MASK}@", url)
+
+
+def mask_text(text: str) -> str:
+    """Any text (a log line) with passwords in the URLs it holds masked."""
+    return mask_url(text) if "@" in text else text
+
+
+def _mask_value(v: Any) -> Any:
+    if isinstance(v, str):
+        return mask_url(v)
+    if isinstance(v, (list, tuple)):
+        return [_mask_value(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: MASK if is_secret_name(str(k)) and x else _mask_value(x) for k, x in v.items()}
+    return v
+
+
+def mask_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as they may be printed: secrets (by name) masked when set, passwords in URLs masked."""
+    return {k: (MASK if v else v) if is_secret_name(k) else _mask_value(v) for k, v in settings.items()}

@@ -1,0 +1,215 @@
+"""Every connection to an HTTP entry is bounded (issue 17, item 3): in time
+(header_timeout from accept and from the first byte after a response,
+keepalive_timeout when idle) and in count (max_connections), on the
+gateway's public entry and on the client's local entry alike."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+
+import pytest
+
+from tests.harness import Stack
+
+HEADER_TIMEOUT = 2.0
+KEEPALIVE_TIMEOUT = 4.0
+LIMITS = {"header_timeout": HEADER_TIMEOUT, "keepalive_timeout": KEEPALIVE_TIMEOUT}
+CLIENT_LIMITS = ["--header-timeout", str(HEADER_TIMEOUT), "--keepalive-timeout", str(KEEPALIVE_TIMEOUT)]
+REQUEST = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _dropped(url: str, entry: str, reason: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    m = re.search(rf'tunnel_http_connections_dropped_total{{entry="{entry}",reason="{reason}"}} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    """One whole response (with a Content-Length) off a keep-alive connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return head + await reader.readexactly(int(length.group(1)) if length else 0)
+
+
+async def _closed_after(reader: asyncio.StreamReader, t0: float) -> tuple[float, bytes]:
+    """(seconds from t0 until the server closed the connection, what it sent)."""
+    got = await asyncio.wait_for(reader.read(), 30)
+    return time.monotonic() - t0, got
+
+
+async def _dribbler(port: int) -> tuple[float, bytes]:
+    """A head that never ends: one byte every 0.5 s."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.monotonic()
+    closed = asyncio.ensure_future(_closed_after(reader, t0))
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    try:
+        while not closed.done():
+            writer.write(b"a")
+            await asyncio.wait([closed], timeout=0.5)
+    except ConnectionError:
+        pass
+    writer.close()
+    return await closed
+
+
+async def _silent(port: int) -> tuple[float, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await _closed_after(reader, time.monotonic())
+    finally:
+        writer.close()
+
+
+async def _request(port: int) -> tuple[float, bytes]:
+    """One request on a fresh connection: (seconds, the response)."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return time.monotonic() - t0, got
+
+
+async def _attack(port: int, dribblers: int, silent: int) -> dict:
+    baseline = [await _request(port) for _ in range(10)]
+    attack = [asyncio.ensure_future(_dribbler(port)) for _ in range(dribblers)]
+    attack += [asyncio.ensure_future(_silent(port)) for _ in range(silent)]
+    await asyncio.sleep(0)
+    during = []
+    while not all(t.done() for t in attack) and len(during) < 200:
+        during.append(await _request(port))
+        await asyncio.sleep(0.02)
+    results = await asyncio.gather(*attack)
+    return {"baseline": baseline, "during": during, "dribblers": results[:dribblers], "silent": results[dribblers:]}
+
+
+@pytest.fixture(scope="module")
+def stack(make_module_stack) -> Stack:
+    return make_module_stack(settings={"workers": 1, "max_body_bytes": 1000, **LIMITS}, client_extra=CLIENT_LIMITS)
+
+
+def _check_attack(outcome: dict) -> None:
+    for took, got in outcome["dribblers"]:
+        assert HEADER_TIMEOUT - 0.2 < took < HEADER_TIMEOUT + 1.0, took
+        assert got.startswith(b"HTTP/1.1 408 "), got[:100]  # it sent part of a head: 408, then closed
+    for took, got in outcome["silent"]:
+        assert HEADER_TIMEOUT - 0.2 < took < HEADER_TIMEOUT + 1.0, took
+        assert got == b""  # it sent nothing: closed without a word
+    assert outcome["during"], "no legitimate request ran during the attack"
+    for took, got in outcome["baseline"] + outcome["during"]:
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+    base = sorted(t for t, _ in outcome["baseline"])[-1]
+    worst = sorted(t for t, _ in outcome["during"])[-1]
+    assert worst < max(2 * base, 0.25), (worst, base)
+
+
+def test_slowloris_closed_after_header_timeout(stack):
+    """50 connections dribbling a head and 20 silent ones, at the public entry and at the
+    client's local entry at once: each closed within header_timeout + 1 s, while legitimate
+    requests go on as fast as before; the metric counts them."""
+    local = stack.clients["c1"][1]
+    admin = f"http://127.0.0.1:{stack.admin_port}"
+    client_admin = f"http://127.0.0.1:{stack.clients['c1'][2]}"
+    before = _dropped(admin, "http", "header_timeout"), _dropped(client_admin, "local", "header_timeout")
+
+    async def both() -> list[dict]:
+        return await asyncio.gather(_attack(stack.http_port, 50, 20), _attack(local, 20, 10))
+
+    public, egress = asyncio.run(both())
+    _check_attack(public)
+    _check_attack(egress)
+    assert _dropped(admin, "http", "header_timeout") - before[0] == 70
+    assert _dropped(client_admin, "local", "header_timeout") - before[1] == 30
+
+
+def test_idle_keepalive_outlives_header_timeout_then_ends(stack):
+    """After a response, an idle connection is kept for keepalive_timeout (not cut at
+    header_timeout); a head begun after a response gets header_timeout from its first byte."""
+
+    async def run() -> None:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", stack.http_port)
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", stack.http_port)
+        for w in (idle_w, slow_w):
+            w.write(REQUEST)
+        for r in (idle_r, slow_r):
+            assert (await _response(r)).startswith(b"HTTP/1.1 200 ")
+        # A fresh silent connection, opened now, is cut at header_timeout: wait for that ...
+        took, got = await _silent(stack.http_port)
+        assert got == b"" and took < HEADER_TIMEOUT + 1.0
+        # ... the idle keep-alive connection lives on and serves the next request.
+        idle_w.write(REQUEST)
+        assert (await _response(idle_r)).startswith(b"HTTP/1.1 200 ")
+        answered = time.monotonic()
+        # The other starts its next head, then stalls: 408 at header_timeout from that byte.
+        slow_w.write(b"GET /hel")
+        t0 = time.monotonic()
+        took, got = await _closed_after(slow_r, t0)
+        assert got.startswith(b"HTTP/1.1 408 ") and HEADER_TIMEOUT - 0.2 < took < HEADER_TIMEOUT + 1.0, (took, got)
+        # And the idle one ends at keepalive_timeout after its last response.
+        took, got = await _closed_after(idle_r, answered)
+        assert got == b"" and KEEPALIVE_TIMEOUT - 0.2 < took < KEEPALIVE_TIMEOUT + 1.0, took
+        for w in (idle_w, slow_w):
+            w.close()
+
+    asyncio.run(run())
+
+
+def test_the_rest_of_a_refused_body_is_no_head(stack):
+    """A body the entry refused (413) that goes on arriving slowly is read away (aiohttp
+    lingers) and never taken for a late head: no 408 after the 413."""
+
+    async def run() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.http_port)
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100)
+        answer = await _response(reader)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        after = b""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < HEADER_TIMEOUT + 1.0 and not reader.at_eof():
+            writer.write(b"x" * 10)
+            try:
+                after += await asyncio.wait_for(reader.read(4096), 0.3)
+            except asyncio.TimeoutError:
+                pass
+        writer.close()
+        return after
+
+    assert b"408" not in asyncio.run(run())
+
+
+def test_max_connections_refuses_and_counts(make_stack):
+    limit = 10
+    stack = make_stack(settings={"workers": 1, "max_connections": limit},
+                       client_extra=["--max-connections", str(limit)])
+    for port, admin, entry in ((stack.http_port, f"http://127.0.0.1:{stack.admin_port}", "http"),
+                               (stack.clients["c1"][1], f"http://127.0.0.1:{stack.clients['c1'][2]}", "local")):
+
+        async def run() -> None:
+            held = []
+            for _ in range(limit):  # each serves a request, so the server has surely counted it
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(REQUEST)
+                assert (await _response(r)).startswith(b"HTTP/1.1 200 ")
+                held.append((r, w))
+            for _ in range(3):  # one too many: closed at once, whatever it sends
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                t0 = time.monotonic()
+                took, got = await _closed_after(r, t0)
+                assert got == b"" and took < 1.0, (took, got)
+                w.close()
+            _, w = held.pop()
+            w.close()
+            await w.wait_closed()
+            # One closed: a new connection gets in again (once the server has seen the close).
+            deadline = time.monotonic() + 5
+            while not (await _request(port))[1].startswith(b"HTTP/1.1 200 "):
+                assert time.monotonic() < deadline, "no connection accepted after one closed"
+                await asyncio.sleep(0.05)
+            for _, w in held:
+                w.close()
+
+        asyncio.run(run())
+        assert _dropped(admin, entry, "max_connections") == 3

@@ -1,0 +1,275 @@
+"""Who a tunnel client is, and how many may knock: a client's identity is (group,
+client_id[, certificate]), so a client of one group cannot evict another's; a refused
+HELLO tells an unauthenticated client nothing about which groups exist, and the
+refusals that no retry mends stop the client (exit 1); tunnel admission bounds new
+connections and failed HELLOs per source address and per group."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+import time
+
+import grpc
+import grpc.aio
+import pytest
+
+from gateway.tunnel import frames
+from gateway.tunnel.transport import ServerTransport, tunnel_handler
+from tests.harness import Stack, get_json, http, wait_heartbeats, wait_until
+
+CONNECT = "/tunnel.v1.Tunnel/Connect"
+EVIL_TOKEN = "evil-group-token"
+OTHER_TOKEN = "other-group-token"
+
+
+def _tenants(stack: Stack, doc: dict) -> None:
+    """Groups "other" (its own route, /echo/other) and "evil", beside g1."""
+    web = {"web": {"servers": [stack.backend_url]}}
+    rules = [{"path_prefix": "/", "upstream": "web"}]
+    doc["groups"]["other"] = {"tokens": [OTHER_TOKEN], "upstreams": web, "rules": rules}
+    doc["groups"]["evil"] = {"tokens": [EVIL_TOKEN], "upstreams": web, "rules": rules}
+    doc["routes"] = [{"path_prefix": "/echo/other", "group": "other", "timeout": 10.0}, *doc["routes"]]
+
+
+class FakeClient:
+    """A tunnel connection built from the proto by hand: HELLO, then PINGs answered
+    in the background so the gateway keeps the stream, until close()."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.call = self.channel.stream_stream(CONNECT)()
+        self.frames: list[frames.Frame] = []
+        self._pump: asyncio.Task | None = None
+
+    async def hello(self, client_id: str, group: str, token: str, connection: int = 0) -> frames.pb.Welcome:
+        await self.call.write(frames.encode_frame(frames.hello(
+            client_id=client_id, group=group, token=token, version="test", capabilities=["http"],
+            connection_index=connection)))
+        raw = await asyncio.wait_for(self.call.read(), 10)
+        assert raw is not grpc.aio.EOF, "the gateway ended the call without WELCOME"
+        first = frames.decode_batch(raw)[0]
+        assert first.WhichOneof("kind") == "welcome", first
+        if first.welcome.accepted:
+            self._pump = asyncio.get_running_loop().create_task(self._answer_pings())
+        return first.welcome
+
+    async def _answer_pings(self) -> None:
+        while True:
+            raw = await self.call.read()
+            if raw is grpc.aio.EOF:
+                return
+            for f in frames.decode_batch(raw):
+                self.frames.append(f)
+                if f.WhichOneof("kind") == "ping" and not f.ping.ack:
+                    await self.call.write(frames.encode_frame(frames.ping(f.ping.nonce, ack=True, inflight=0)))
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        self.call.cancel()
+        await self.channel.close()
+
+
+def _status(stack: Stack) -> str:
+    return str(http("GET", f"{stack.url}/echo/other").status)
+
+
+def test_another_groups_client_id_evicts_nothing(make_stack):
+    stack = make_stack(settings={"workers": 1}, edit=_tenants)
+    victim = stack.start_client("victim", group="other", token=OTHER_TOKEN)
+    assert http("GET", f"{stack.url}/echo/other").status == 200
+
+    async def attack() -> list[str]:
+        # Group evil's valid token, the victim's client id, both its connection indexes.
+        evil = [FakeClient(stack.tunnel_port) for _ in range(2)]
+        try:
+            for i, fake in enumerate(evil):
+                assert (await fake.hello("victim", "evil", EVIL_TOKEN, connection=i)).accepted
+            # A prober on group other while the evil streams are up, over several heartbeats.
+            seen = [await asyncio.to_thread(_status, stack) for _ in range(20)]
+            await asyncio.to_thread(wait_heartbeats, stack, 3, "c1")
+            seen += [await asyncio.to_thread(_status, stack) for _ in range(20)]
+            assert not any(f.WhichOneof("kind") == "goaway" for fake in evil for f in fake.frames)
+            return seen
+        finally:
+            for fake in evil:
+                await fake.close()
+
+    seen = asyncio.run(attack())
+    assert set(seen) == {"200"}, seen
+    # The victim keeps both connections, never heard of a takeover, and runs on.
+    assert victim.alive(), victim.output()
+    assert stack.client_status("victim")["connections"] == 2
+    assert "took over" not in victim.output()
+    assert "duplicate client identity" not in stack.gateway.output()
+    rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
+    assert sorted(r["connection"] for r in rows if r["group"] == "other") == ["victim/0", "victim/1"]
+    assert http("GET", f"{stack.url}/echo/other").status == 200
+
+
+# -- refusals as a client process sees them: fatal ones stop it, draining does not ----------
+
+
+async def _fake_gateway(code: str, hellos: list[str]) -> tuple[grpc.aio.Server, int]:
+    """A gateway that answers every HELLO with a refusal `code`, counting the HELLOs."""
+
+    async def serve(transport: ServerTransport) -> None:
+        raw = await transport.read()
+        if raw is None:
+            return
+        hellos.append(frames.decode_batch(raw)[0].hello.client_id)
+        await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message="refused")))
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([tunnel_handler(serve)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _client(procs, port: int, name: str):
+    return procs.start(name, [
+        sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{port}", "--group", "g1",
+        "--token", "sekrit-client-token", "--client-id", name, "--local-port", "0", "--connections", "1",
+        "--reconnect-initial", "0.1", "--reconnect-max", "0.2"])
+
+
+async def _poll(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("code", ["bad_credentials", "missing_token", "token_expired", "bad_certificate"])
+def test_fatal_refusal_stops_the_client_with_status_1(procs, code):
+    async def main() -> None:
+        hellos: list[str] = []
+        server, port = await _fake_gateway(code, hellos)
+        try:
+            proc = _client(procs, port, "refused")
+            await _poll(lambda: not proc.alive(), 20, "the refused client to exit")
+            assert proc.popen.returncode == 1, proc.output()
+            out = proc.output()
+            assert re.search(rf'"level":"error".*gateway refused this client \({code}: refused\).*stops', out), out
+            assert "sekrit-client-token" not in out
+            assert len(hellos) == 1
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_draining_refusal_is_retried_and_only_a_signal_exits_0(procs):
+    async def main() -> None:
+        hellos: list[str] = []
+        server, port = await _fake_gateway("draining", hellos)
+        try:
+            proc = _client(procs, port, "patient")
+            # Not fatal: it tries again, at its usual back-off (0.1-0.2 s here), and runs on.
+            await _poll(lambda: len(hellos) >= 3 or not proc.alive(), 20, "three attempts")
+            assert proc.alive(), proc.output()
+            proc.popen.send_signal(signal.SIGTERM)
+            await _poll(lambda: not proc.alive(), 20, "the client to stop")
+            assert proc.popen.returncode == 0, proc.output()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+# -- tunnel admission ------------------------------------------------------------------------
+
+
+def _metric(stack: Stack, name: str, reason: str) -> float:
+    text = http("GET", f"http://127.0.0.1:{stack.admin_port}/metrics").body.decode()
+    m = re.search(rf'^{name}\{{reason="{reason}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+ADMISSION = {"workers": 1, "tunnel_failed_hellos_per_source": 3, "tunnel_max_streams_per_group": 2}
+
+
+def test_admission_bounds_failed_hellos_per_source_and_streams_per_group(make_stack):
+    # c1 of g1 holds its two connections: g1's bound here.
+    stack = make_stack(settings=ADMISSION, edit=_tenants)
+
+    async def refused(fake: FakeClient, *hello: str) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await fake.hello(*hello)
+        return info.value
+
+    async def main() -> None:
+        # One group cannot take every stream: a third of g1's is turned away, valid token and all,
+        # while another group's client still gets in.
+        fake = FakeClient(stack.tunnel_port)
+        try:
+            err = await refused(fake, "c9", "g1", "sekrit-client-token")
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "admission" in err.details()
+        finally:
+            await fake.close()
+        ok = FakeClient(stack.tunnel_port)
+        try:
+            assert (await ok.hello("o1", "other", OTHER_TOKEN)).accepted
+        finally:
+            await ok.close()
+        # A token guesser gets three tries a minute from its address...
+        for i in range(3):
+            guess = FakeClient(stack.tunnel_port)
+            try:
+                welcome = await guess.hello("guesser", "evil", f"guess-{i}")
+                assert not welcome.accepted and welcome.code == "bad_credentials"
+            finally:
+                await guess.close()
+        # ... and the fourth connection is refused before it may send a HELLO.
+        guess = FakeClient(stack.tunnel_port)
+        try:
+            err = await refused(guess, "guesser", "evil", EVIL_TOKEN)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await guess.close()
+
+    asyncio.run(main())
+    assert _metric(stack, "tunnel_admission_refused_total", "group_streams") == 1
+    assert _metric(stack, "tunnel_admission_refused_total", "source_failed_hellos") == 1
+    log = stack.gateway.output()
+    assert log.count("tunnel admission refused a connection") == 2
+    assert '"reason":"group_streams"' in log and '"reason":"source_failed_hellos"' in log
+    # Connected clients are not touched: c1 serves on.
+    assert http("GET", f"{stack.url}/hello").status == 200
+    assert stack.client_status("c1")["connections"] == 2
+
+
+# -- a duplicate identity across workers ------------------------------------------------------
+
+
+def _worker_of(proc) -> str:
+    lines = [json.loads(line) for line in proc.output().splitlines() if '"msg":"tunnel connected"' in line]
+    assert lines, proc.output()
+    return lines[-1]["worker"]
+
+
+def test_duplicate_identity_on_another_worker_is_replaced_too(make_stack):
+    # The kernel spreads connections over the two workers at random: start duplicates
+    # until one lands on the other worker than the process it replaces (each does so with
+    # probability 1/2); every replaced process, whichever worker, must exit 1.
+    stack = make_stack(settings={"workers": 2}, client_extra=["--connections", "1"])
+    old = stack.clients["c1"][0]
+    crossed = False
+    for attempt in range(12):
+        stack.clients[f"old{attempt}"] = stack.clients.pop("c1")
+        new = stack.start_client("c1", extra=["--connections", "1"])
+        wait_until(lambda: not old.alive(), 15, what="the replaced client to exit", watch=new)
+        assert old.popen.returncode == 1, old.output()
+        assert "took over connection 0" in old.output()
+        crossed = _worker_of(old) != _worker_of(new)
+        if crossed:
+            break
+        old = new
+    assert crossed, "no duplicate landed on the other worker in 12 tries"
+    rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
+    assert [r["connection"] for r in rows if not r["draining"]] == ["c1/0"]
+    assert http("GET", f"{stack.url}/hello").status == 200
