@@ -17,7 +17,7 @@ import orjson
 
 from gateway import __version__
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
-from gateway.exposure import mask_settings, mask_url
+from gateway.exposure import mask_headers, mask_settings, mask_url
 from gateway.ports import PortUnavailable, claim_ports
 from gateway.settings import ConfigError, add_arguments
 from gateway.supervisor import EXIT_BOOT_ERROR, Supervisor
@@ -52,6 +52,7 @@ def effective_config(config: GatewayConfig) -> dict:
         for f in r.__dataclass_fields__:
             v = getattr(r, f)
             out[f] = sorted(v) if isinstance(v, frozenset) else v
+        out["headers"], out["add_headers"] = mask_headers(r.headers), mask_headers(r.add_headers)
         return mask_settings(out)
 
     return {

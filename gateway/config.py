@@ -21,13 +21,14 @@ from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.ports import port_clash
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, load_section, networks, port,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, entry_settings, load_section, port,
     positive_float, positive_int, read_toml, string,
 )
 
 ENV_PREFIX = "TUNNEL_GATEWAY_"
 
-__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "GroupSpec", "Token", "GatewayConfig", "load_gateway_config"]
+__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "RESTART_ONLY", "GroupSpec", "Token", "GatewayConfig", "load_gateway_config",
+           "restart_only_change"]
 
 def worker_count(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -52,16 +53,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),
-    Setting("header_timeout", 15.0, positive_float,
-            "HTTP entry: seconds a connection has to send a whole request head, from accept and from the "
-            "first byte after a response (then 408, or closed when it sent nothing)"),
-    Setting("keepalive_timeout", 75.0, positive_float,
-            "HTTP entry: seconds an idle keep-alive connection is kept between requests"),
-    Setting("max_connections", 10000, positive_int,
-            "HTTP entry: open connections per worker; beyond, new ones are closed at once (and counted)"),
-    Setting("trusted_proxies", (), networks,
-            "callers (addresses or CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and "
-            "appended to; anyone else's are replaced"),
+    *entry_settings("HTTP entry", 10000, " per worker"),
     Setting("heartbeat_interval", 5.0, positive_float, "seconds between PINGs; 3 missed drop the peer"),
     Setting("hello_timeout", 10.0, positive_float, "seconds a new tunnel has to send HELLO"),
     Setting("tunnel_connects_per_source", 300, positive_int,
@@ -92,6 +84,24 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
 )
+
+
+# Settings read once at start: the ports claimed and bound, the worker count, TLS, the
+# gRPC engine. A reload that changes one is rejected whole, so what runs is never
+# half the old file and half the new one.
+RESTART_ONLY: tuple[str, ...] = (
+    "workers", "host", "http_port", "grpc_port", "tunnel_port", "admin_host", "admin_port",
+    "tls_cert", "tls_key", "tls_client_ca", "http_tls", "grpc_event_engine",
+)
+
+
+def restart_only_change(old: "GatewayConfig", new: "GatewayConfig") -> ConfigError | None:
+    """The first setting a reload from `old` to `new` cannot apply, as an error naming it."""
+    for key in RESTART_ONLY:
+        if old.settings.get(key) != new.settings.get(key):
+            return ConfigError(new.path, key, f"takes a restart (running with {old.settings.get(key)!r}, "
+                                              f"the file says {new.settings.get(key)!r}); nothing reloaded")
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,17 @@ import ipaddress
 import re
 from typing import Any, Mapping
 
-__all__ = ["MASK", "is_loopback", "is_secret_name", "mask_url", "mask_text", "mask_settings"]
+__all__ = ["MASK", "is_loopback", "is_secret_name", "is_secret_header", "mask_headers", "mask_url", "mask_text",
+           "mask_settings"]
 
 MASK = "***"
 
 # A setting whose name says it holds a secret (admin_token, a password, a secret key).
 # Paths to key files (tls_key) name a file, not its content, and are shown.
 _SECRET_NAME = re.compile(r"(^|_)(token|password|passwd|secret|secret_key|private_key|curve_secret)($|_)")
+# Header values that are credentials: a route's add_headers or match headers may carry them.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+_SECRET_HEADER_WORD = re.compile(r"token|secret|password|passwd|api-?key|auth|session|signature")
 # scheme://user:password@host -> scheme://user:***@host
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):(?P<pw>[^@\s/]+)@")
 
@@ -32,6 +36,17 @@ def is_loopback(host: str) -> bool:
 
 def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name.lower()))
+
+
+def is_secret_header(name: str) -> bool:
+    """True for a header whose value is a credential (Authorization, Cookie, X-Api-Key, *-Token...)."""
+    name = name.lower()
+    return name in _SECRET_HEADERS or bool(_SECRET_HEADER_WORD.search(name))
+
+
+def mask_headers(pairs: Any) -> list[list[str]]:
+    """(name, value) pairs as they may be printed: credential values masked."""
+    return [[k, MASK if is_secret_header(k) and v else mask_url(v)] for k, v in pairs]
 
 
 def mask_url(url: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["ConfigError", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
-           "env_name",
+           "env_name", "entry_settings",
            "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port", "networks"]
 
 
@@ -105,6 +105,23 @@ class Setting:
     @property
     def option(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def entry_settings(entry: str, max_connections: int, per: str) -> tuple[Setting, ...]:
+    """The connection bounds and forwarding trust of an HTTP entry (the gateway's
+    public entry, the client's local entry): one declaration for both."""
+    return (
+        Setting("header_timeout", 15.0, positive_float,
+                f"{entry}: seconds a connection has to send a whole request head, from accept and from the "
+                "first byte after a response (then 408, or closed when it sent nothing)"),
+        Setting("keepalive_timeout", 75.0, positive_float,
+                f"{entry}: seconds an idle keep-alive connection is kept between requests"),
+        Setting("max_connections", max_connections, positive_int,
+                f"{entry}: open connections{per}; beyond, new ones are closed at once (and counted)"),
+        Setting("trusted_proxies", (), networks,
+                "callers (addresses or CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and "
+                "appended to; anyone else's are replaced"),
+    )
 
 
 class SettingsAccess:

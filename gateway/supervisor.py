@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from setproctitle import setproctitle
 
-from gateway.config import GatewayConfig, load_gateway_config
+from gateway.config import GatewayConfig, load_gateway_config, restart_only_change
 from gateway.exposure import is_loopback
 from gateway.ids import new_instance_id
 from gateway.logs import setup_logging
@@ -179,6 +179,8 @@ class Supervisor:
     def handle_hup(self) -> None:
         try:
             new = load_gateway_config(self.config.path, self.overrides)
+            if (restart := restart_only_change(self.config, new)) is not None:
+                raise restart
         except ConfigError as exc:
             log.error("config reload rejected: %s", exc, extra={"file": exc.file, "key": exc.key})
             return

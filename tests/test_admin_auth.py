@@ -92,16 +92,23 @@ def test_check_config_masks_every_secret(tmp_path):
                             upstreams={"backend": {"servers": ["http://svc:pw-Upstream9@127.0.0.1:9"]}})
     doc["groups"]["g1"]["tokens"] = ["grp-Token-5e2"]
     doc["groups"]["g1"]["upstreams"]["web"]["servers"] = ["http://u:pw-Group4@127.0.0.1:9"]
+    # Credentials a route adds to or matches on a request are secrets too; other headers are shown.
+    doc["groups"]["g1"]["rules"][0]["add_headers"] = {"X-Api-Key": "grp-Key-3", "X-Env": "staging"}
+    doc["routes"][0]["headers"] = {"X-Auth-Token": "rt-Match-4"}
+    doc["forward"][0]["add_headers"] = {"Authorization": "Bearer fw-Secret-7", "Cookie": "sid=fw-Cookie-2"}
     path = tmp_path / "gateway.toml"
     path.write_text(to_toml(doc))
     out = _cli("check-config", str(path))
     assert out.returncode == 0, out.stderr
-    for secret in (TOKEN_VALUE, "pw-Upstream9", "pw-Group4", "grp-Token-5e2"):
+    for secret in (TOKEN_VALUE, "pw-Upstream9", "pw-Group4", "grp-Token-5e2", "grp-Key-3", "rt-Match-4",
+                   "fw-Secret-7", "fw-Cookie-2"):
         assert secret not in out.stdout + out.stderr, secret
     effective = json.loads(out.stdout)
     assert effective["gateway"]["admin_token"] == "***"
     assert effective["upstreams"]["backend"]["servers"] == ["http://svc:***@127.0.0.1:9"]
     assert effective["groups"]["g1"]["tokens"] == 1
+    assert ["x-env", "staging"] in effective["groups"]["g1"]["rules"][0]["add_headers"]
+    assert ["authorization", "***"] in effective["forward"][0]["add_headers"]
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])

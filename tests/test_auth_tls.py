@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -138,11 +140,17 @@ def test_https_entry(make_stack, pki):
     import urllib.request
 
     stack = make_stack(settings={"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
-                                 "http_tls": True},
+                                 "http_tls": True, "header_timeout": 1.0},
                        client_extra=["--tls", "--tls-ca", str(pki / "ca.pem")])
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     with urllib.request.urlopen(f"https://127.0.0.1:{stack.http_port}/hello", context=ctx, timeout=10) as r:
         assert r.status == 200 and len(r.read()) == 100
+    # A connection that never starts its TLS handshake is closed after header_timeout (1 s here),
+    # not after asyncio's 60 s: the handshake is part of the head's time.
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=20) as s:
+        assert s.recv(1) == b""
+    assert time.monotonic() - t0 < 5
 
 
 def test_mtls_rejects_a_certificate_of_the_wrong_name(make_stack, pki):

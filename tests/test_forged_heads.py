@@ -319,3 +319,22 @@ def test_a_forged_head_to_a_grpc_call_is_unavailable_bad_response(forged, name):
     md = {k: v for k, v in (err.initial_metadata() or ())}
     assert "x-injected" not in md and "x injected" not in md
     assert http("GET", f"{stack.url}/hello").status == 200
+
+
+def test_a_forged_head_through_another_worker_names_the_client_not_the_channel(make_stack):
+    """With two workers, a caller on the worker without the forger's stream reaches it through the
+    router: the log line still names the client, never the channel between workers."""
+    stack = make_stack(settings={"workers": 2}, edit=_with_raw)
+    forger = Forger(stack.tunnel_port)
+    try:
+        wait_until(lambda: stack.streams("raw") == 1 and stack.routable(), what="forger's stream",
+                   watch=stack.gateway)
+        # New connections land on either worker; enough of them make both serve some.
+        for _ in range(16):
+            assert _is_bad_response(_one(RecordingConnection(stack.http_port), "/forged/status-999", "forged.test"))
+        lines = [json.loads(line) for line in stack.gateway.output().splitlines()
+                 if line.startswith("{") and "bad response from tunnel client" in line]
+        assert len({line.get("worker") for line in lines}) == 2, lines
+        assert {line["client_id"] for line in lines} == {"forger"}, lines
+    finally:
+        forger.close()

@@ -81,3 +81,15 @@ def test_workers_take_the_supervisors_parse_not_the_file(procs, tmp_path):
     out = stack.gateway.output()
     assert out.count("config reloaded; telling the workers") == 1
     assert out.count("config reload rejected") == 0
+
+    # A file that also moves a port is rejected whole: the port is bound until a restart, and the
+    # rest of the file (a route dropped here) is not applied either.
+    doc["routes"] = [{"path_prefix": "/", "group": "g1"}]
+    doc["gateway"]["admin_port"] = stack.admin_port + 1
+    stack.gateway_config.write_text(to_toml(doc))
+    stack.gateway.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config reload rejected" in stack.gateway.output(), 10, what="the rejection")
+    line = next(line for line in stack.gateway.output().splitlines() if "config reload rejected" in line)
+    assert "admin_port: takes a restart" in line and str(stack.gateway_config) in line, line
+    assert all(http("GET", url, headers={"Connection": "close"}).status == 200 for _ in range(6))
+    assert get_json(f"http://127.0.0.1:{stack.admin_port}/healthz") is not None

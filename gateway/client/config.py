@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, host_port, load_section, networks, port, positive_float,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, entry_settings, host_port, load_section, port,
+    positive_float,
     positive_int, read_toml, string,
 )
 
@@ -41,16 +42,7 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
             "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),
-    Setting("header_timeout", 15.0, positive_float,
-            "local entry: seconds a connection has to send a whole request head, from accept and from the "
-            "first byte after a response (then 408, or closed when it sent nothing)"),
-    Setting("keepalive_timeout", 75.0, positive_float,
-            "local entry: seconds an idle keep-alive connection is kept between requests"),
-    Setting("max_connections", 4096, positive_int,
-            "local entry: open connections; beyond, new ones are closed at once (and counted)"),
-    Setting("trusted_proxies", (), networks,
-            "local callers (addresses or CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and "
-            "appended to; anyone else's are replaced"),
+    *entry_settings("local entry", 4096, ""),
     Setting("connect_timeout", 10.0, positive_float, "seconds to wait for the gateway's WELCOME"),
     Setting("reconnect_initial", 0.5, positive_float, "first reconnect delay, seconds"),
     Setting("reconnect_max", 30.0, positive_float, "reconnect delay cap, seconds"),

@@ -124,10 +124,12 @@ async def relay_request(
         if not ex.head.done():
             _expire(ex, timeout)
         head = ex.head.result()  # raises the TunnelError of a RESET, a lost stream or the timeout
+        # Across workers `stream` is a channel: the client is the one the request was sent to.
+        client = target_client or stream.peer_id
         try:
             checked = check_response_head(head.status, head.reason, frames.header_list(head), upgrade=websocket)
         except TunnelError as exc:
-            _untrusted(stream, group, request_id, trace_id, exc.message)
+            _untrusted(client, group, request_id, trace_id, exc.message)
             ex.close("bad_response", exc.message)
             raise
         if checked.status == 101:  # only when the caller asked for a WebSocket (checked)
@@ -148,7 +150,7 @@ async def relay_request(
             # Response, so head and body leave in one write.
             wrong = length is not None and len(whole) != length
             if wrong:
-                _untrusted(stream, group, request_id, trace_id,
+                _untrusted(client, group, request_id, trace_id,
                            f"a body of {len(whole)} bytes with Content-Length {length}")
                 whole = whole[:length]
                 if record is not None:
@@ -171,11 +173,11 @@ async def relay_request(
                     if length is not None and sent + len(chunk) > length:
                         await resp.write(chunk[:length - sent])
                         sent = length
-                        raise _overrun(stream, group, request_id, trace_id, f"more body than Content-Length {length}")
+                        raise _overrun(client, group, request_id, trace_id, f"more body than Content-Length {length}")
                     sent += len(chunk)
                     await resp.write(chunk)
                 if length is not None and sent < length:
-                    raise _overrun(stream, group, request_id, trace_id,
+                    raise _overrun(client, group, request_id, trace_id,
                                    f"a body of {sent} bytes with Content-Length {length}")
             except TunnelError as exc:
                 # The head is out; the only honest signal left is a cut connection.
@@ -218,15 +220,15 @@ def _expire(ex: OutboundExchange, timeout: float) -> None:
         ex.close("timeout", f"no response head within {timeout:g}s")
 
 
-def _untrusted(stream: TunnelStream, group: str, request_id: str, trace_id: str, problem: str) -> None:
+def _untrusted(client: str, group: str, request_id: str, trace_id: str, problem: str) -> None:
     """The log line of a response a tunnel client got wrong, naming the client."""
-    log.warning("bad response from tunnel client %s (group %s): %s", stream.peer_id, group or "-", problem,
-                extra={"request_id": request_id, "trace_id": trace_id, "client_id": stream.peer_id,
+    log.warning("bad response from tunnel client %s (group %s): %s", client, group or "-", problem,
+                extra={"request_id": request_id, "trace_id": trace_id, "client_id": client,
                        "code": "bad_response"})
 
 
-def _overrun(stream: TunnelStream, group: str, request_id: str, trace_id: str, problem: str) -> TunnelError:
-    _untrusted(stream, group, request_id, trace_id, problem)
+def _overrun(client: str, group: str, request_id: str, trace_id: str, problem: str) -> TunnelError:
+    _untrusted(client, group, request_id, trace_id, problem)
     return TunnelError("bad_response", problem)
 
 

@@ -4,7 +4,7 @@ the HTTP entry and the admin port (aiohttp)."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 from aiohttp import web
@@ -72,8 +72,8 @@ class Listeners:
                                  on_drop=lambda reason: dropped.labels("http", reason).inc())
         await self.http.setup()
         ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
-        self.http_site = web.TCPSite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,
-                                     ssl_context=ssl_context)
+        self.http_site = _EntrySite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,
+                                    ssl_context=ssl_context, handshake_timeout=cfg.header_timeout)
         await self.http_site.start()
 
         self.admin = web.AppRunner(admin_app(worker), handle_signals=False, access_log=None)
@@ -99,3 +99,25 @@ class Listeners:
         for runner in (self.http, self.admin):
             if runner is not None:
                 await runner.cleanup()
+
+
+class _EntrySite(web.TCPSite):
+    """aiohttp's TCP site with the TLS handshake bounded by header_timeout: our
+    connection limits start once a connection is made, which with TLS is after
+    the handshake, and asyncio's own bound is 60 s (a TLS slowloris)."""
+
+    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            return await super().start()
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would create the server without the bound
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
