@@ -2,7 +2,8 @@
 client_id[, certificate]), so a client of one group cannot evict another's; a refused
 HELLO tells an unauthenticated client nothing about which groups exist, and the
 refusals that no retry mends stop the client (exit 1); tunnel admission bounds new
-connections and failed HELLOs per source address and per group."""
+connections and failed HELLOs per source address, and charges a group only for
+authenticated HELLOs."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ import pytest
 
 from gateway.tunnel import frames
 from gateway.tunnel.transport import ServerTransport, tunnel_handler
-from tests.harness import Stack, get_json, http, wait_heartbeats, wait_until
+from tests.harness import TOKEN, Stack, get_json, http, wait_heartbeats, wait_until
 
 CONNECT = "/tunnel.v1.Tunnel/Connect"
 EVIL_TOKEN = "evil-group-token"
@@ -193,21 +194,32 @@ def _metric(stack: Stack, name: str, reason: str) -> float:
 ADMISSION = {"workers": 1, "tunnel_failed_hellos_per_source": 3, "tunnel_max_streams_per_group": 2}
 
 
+async def _refused(fake: FakeClient, *hello: str) -> grpc.aio.AioRpcError:
+    """The call a HELLO gets when admission turns the connection away."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await fake.hello(*hello)
+    return info.value
+
+
+async def _guess(port: int, group: str, token: str) -> frames.pb.Welcome:
+    """One HELLO on a connection of its own, closed after the answer."""
+    fake = FakeClient(port)
+    try:
+        return await fake.hello("guesser", group, token)
+    finally:
+        await fake.close()
+
+
 def test_admission_bounds_failed_hellos_per_source_and_streams_per_group(make_stack):
     # c1 of g1 holds its two connections: g1's bound here.
     stack = make_stack(settings=ADMISSION, edit=_tenants)
-
-    async def refused(fake: FakeClient, *hello: str) -> grpc.aio.AioRpcError:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await fake.hello(*hello)
-        return info.value
 
     async def main() -> None:
         # One group cannot take every stream: a third of g1's is turned away, valid token and all,
         # while another group's client still gets in.
         fake = FakeClient(stack.tunnel_port)
         try:
-            err = await refused(fake, "c9", "g1", "sekrit-client-token")
+            err = await _refused(fake, "c9", "g1", TOKEN)
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "admission" in err.details()
         finally:
             await fake.close()
@@ -218,16 +230,12 @@ def test_admission_bounds_failed_hellos_per_source_and_streams_per_group(make_st
             await ok.close()
         # A token guesser gets three tries a minute from its address...
         for i in range(3):
-            guess = FakeClient(stack.tunnel_port)
-            try:
-                welcome = await guess.hello("guesser", "evil", f"guess-{i}")
-                assert not welcome.accepted and welcome.code == "bad_credentials"
-            finally:
-                await guess.close()
+            welcome = await _guess(stack.tunnel_port, "evil", f"guess-{i}")
+            assert not welcome.accepted and welcome.code == "bad_credentials"
         # ... and the fourth connection is refused before it may send a HELLO.
         guess = FakeClient(stack.tunnel_port)
         try:
-            err = await refused(guess, "guesser", "evil", EVIL_TOKEN)
+            err = await _refused(guess, "guesser", "evil", EVIL_TOKEN)
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         finally:
             await guess.close()
@@ -241,6 +249,70 @@ def test_admission_bounds_failed_hellos_per_source_and_streams_per_group(make_st
     # Connected clients are not touched: c1 serves on.
     assert http("GET", f"{stack.url}/hello").status == 200
     assert stack.client_status("c1")["connections"] == 2
+
+
+async def _relay_from(address: str, port: int) -> tuple[asyncio.AbstractServer, int]:
+    """A TCP relay on 127.0.0.1 whose connections reach `port` from `address` (a
+    gRPC channel binds no local address): the gateway sees that source."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+# Group bounds that three HELLOs would spend (and 20 s to refill one), were
+# unauthenticated ones charged to the group they name.
+PER_GROUP = {"workers": 1, "tunnel_failed_hellos_per_source": 100, "tunnel_failed_hellos_per_group": 3,
+             "tunnel_connects_per_group": 3}
+
+
+def test_a_guesser_naming_a_group_locks_out_only_its_own_address(make_stack):
+    stack = make_stack(settings=PER_GROUP, edit=_tenants)
+
+    async def flood(port: int, group: str) -> grpc.aio.AioRpcError:
+        # Wrong tokens naming `group` until admission refuses: three tries a minute.
+        for i in range(3):
+            welcome = await _guess(port, group, f"guess-{i}")
+            assert not welcome.accepted and welcome.code == "bad_credentials"
+        fake = FakeClient(port)
+        try:
+            return await _refused(fake, "guesser", group, OTHER_TOKEN)
+        finally:
+            await fake.close()
+
+    async def attack(group: str) -> grpc.aio.AioRpcError:
+        relay, port = await _relay_from("127.0.0.2", stack.tunnel_port)
+        try:
+            return await flood(port, group)
+        finally:
+            relay.close()
+            await relay.wait_closed()
+
+    on_other = asyncio.run(attack("other"))
+    assert on_other.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert '"peer":"ipv4:127.0.0.2:' in stack.gateway.output()  # the relay's source, not 127.0.0.1
+    # Group other's client, valid token, from 127.0.0.1: in at once, both connections, and serving.
+    victim = stack.start_client("victim", group="other", token=OTHER_TOKEN)
+    assert http("GET", f"{stack.url}/echo/other").status == 200
+    assert "refused" not in victim.output()
+    assert _metric(stack, "tunnel_admission_refused_total", "group_failed_hellos") == 1
+    assert _metric(stack, "tunnel_admission_refused_total", "group_connects") == 0
+    # A group that does not exist is refused alike: nothing tells the guesser which one is real.
+    on_nothing = asyncio.run(attack("nothing"))
+    assert (on_nothing.code(), on_nothing.details()) == (on_other.code(), on_other.details())
 
 
 # -- a duplicate identity across workers ------------------------------------------------------

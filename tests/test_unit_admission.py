@@ -1,5 +1,6 @@
-"""Tunnel admission's buckets and checks, on a clock the test turns; the
-stream registry's identities (group, client id, certificate, connection)."""
+"""Tunnel admission's buckets and checks, on a clock the test turns (failed
+HELLOs charged to sources, never to a group alone); the stream registry's
+identities (group, client id, certificate, connection)."""
 from __future__ import annotations
 
 from gateway.workers import admission as admission_module
@@ -42,6 +43,19 @@ def test_bucket_table_is_bounded(monkeypatch):
     assert len(b) == 100
 
 
+def test_bucket_table_forgets_refilled_buckets():
+    # However many sources came and went, only about a minute of them is remembered.
+    clock = Clock()
+    b = Buckets(6, clock)
+    for i in range(500):
+        b.take(f"10.0.{i // 256}.{i % 256}")
+    assert len(b) == 500
+    clock.now += 10  # one token back each: full again
+    b.take("10.9.9.9")
+    assert len(b) == 1
+    assert b.take("10.0.0.0")  # a forgotten key starts full, as it had refilled
+
+
 def test_failed_hellos_per_source_refuse_new_connections_until_a_refill():
     clock = Clock()
     a = _admission(clock)
@@ -58,19 +72,64 @@ def test_connects_per_source_and_per_group():
     clock = Clock()
     a = _admission(clock)
     assert [a.connect("10.0.0.1") for _ in range(6)] == [None] * 5 + ["source_connects"]
-    assert [a.hello("g", 0) for _ in range(5)] == [None] * 4 + ["group_connects"]
-    assert a.hello("h", 0) is None  # another group's budget is its own
+    assert [a.admit("g", 0) for _ in range(5)] == [None] * 4 + ["group_connects"]
+    assert a.admit("h", 0) is None  # another group's budget is its own
 
 
-def test_group_failures_and_stream_cap():
+def test_stream_cap_per_group():
+    a = _admission(Clock(), connects_per_group=100)
+    assert a.admit("g", 9) is None
+    assert a.admit("g", 10) == "group_streams"
+    assert a.admit("h", 10) == "group_streams" and a.admit("h", 0) is None
+
+
+def test_failed_hellos_are_charged_to_the_source_never_to_the_group_alone():
     clock = Clock()
-    a = _admission(clock, connects_per_group=100)
-    assert a.hello("g", 9) is None
-    assert a.hello("g", 10) == "group_streams"
-    for i in range(6):
-        a.failed(f"10.0.1.{i}", "g")  # a guesser spread over addresses
-    assert a.hello("g", 0) == "group_failed_hellos"
-    assert a.hello("h", 0) is None
+    a = _admission(clock, failed_hellos_per_source=100, failed_hellos_per_group=3)
+    for _ in range(3):
+        assert a.hello("10.0.0.9", "g") is None
+        a.failed("10.0.0.9", "g")  # a guesser naming g, wrong tokens
+    assert a.hello("10.0.0.9", "g") == "group_failed_hellos"
+    # Its address may still name other groups (its per-source bound is the guess bound) ...
+    assert a.hello("10.0.0.9", "h") is None
+    # ... and another address's HELLO for g goes on, to be charged only once authenticated.
+    assert a.hello("10.0.0.1", "g") is None
+    assert a.connect("10.0.0.1") is None and a.admit("g", 0) is None
+    clock.now += 20  # 3 a minute: one more try after 20 s
+    assert a.hello("10.0.0.9", "g") is None
+
+
+def test_failures_spread_over_addresses_refuse_no_one_else():
+    a = _admission(Clock(), failed_hellos_per_source=2, failed_hellos_per_group=2)
+    for i in range(50):
+        for _ in range(2):
+            a.failed(f"10.0.1.{i}", "g")
+    assert a.connect("10.0.0.1") is None and a.hello("10.0.0.1", "g") is None
+    assert [a.admit("g", 0) for _ in range(4)] == [None] * 4  # connects_per_group untouched
+
+
+def test_unauthenticated_hellos_spend_nothing_of_the_group():
+    a = _admission(Clock(), connects_per_group=1, failed_hellos_per_source=1000, failed_hellos_per_group=1000)
+    for _ in range(100):
+        assert a.hello("10.0.0.9", "g") is None
+        a.failed("10.0.0.9", "g")
+    assert a.admit("g", 0) is None and a.admit("g", 0) == "group_connects"
+
+
+def test_a_source_out_of_failures_is_refused_at_its_hello_too():
+    # Connections opened at once all pass `connect` before any of them fails.
+    a = _admission(Clock(), failed_hellos_per_source=2)
+    assert all(a.connect("10.0.0.9") is None for _ in range(4))
+    a.failed("10.0.0.9", "g")
+    a.failed("10.0.0.9", "h")
+    assert a.hello("10.0.0.9", "x") == "source_failed_hellos"
+    assert a.hello("10.0.0.1", "x") is None
+
+
+def test_group_names_are_not_kept_whole():
+    a = _admission(Clock())
+    a.failed("10.0.0.9", "x" * 1_000_000)  # a name is the peer's, up to a whole message
+    assert all(len(repr(key)) < 200 for key in a.named_failures._table)
 
 
 def test_source_address_of_grpc_peers():

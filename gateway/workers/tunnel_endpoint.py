@@ -104,11 +104,14 @@ class TunnelEndpoint:
     async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str, *,
                       reason: str = "", group: str | None = None) -> None:
         """Refuse a HELLO: the client gets `code` (and, for the codes of REFUSALS, only
-        their fixed message); the log and the metric keep `message` and `reason`."""
+        their fixed message); the log and the metric keep `message` and `reason`.
+        `group` is the name the HELLO gave, configured or not."""
         reason = reason or code
         self.metrics.rejections.labels(reason).inc()
         log.warning("tunnel rejected: %s", message, extra={"peer": peer, "code": code, "reason": reason})
         if code != "draining":
+            # Counted before the first await: admission.hello's check and this
+            # charge are then one step, however many HELLOs arrive at once.
             self.admission.failed(source_address(peer), group)
         told = REFUSALS.get(code, message)
         await transport.write(frames.encode_frame(frames.welcome(accepted=False, code=code, message=told)))
@@ -176,17 +179,21 @@ class TunnelEndpoint:
         if self.stopping:
             await self._reject(transport, "draining", "this gateway worker is shutting down", peer)
             return
+        # Failures are counted per source and per (group named, source), whether the
+        # group exists or not: a guesser's refusals neither reveal groups nor touch
+        # another address's clients of the group it names.
+        refused_by = self.admission.hello(source, hello.group)
+        if refused_by is not None:
+            self._refuse(transport, refused_by, source, peer)
+            return
         if not hello.token:
-            await self._reject(transport, "missing_token", f"HELLO without a token (group {hello.group!r})", peer)
+            await self._reject(transport, "missing_token", f"HELLO without a token (group {hello.group!r})", peer,
+                               group=hello.group)
             return
         group = cfg.groups.get(hello.group)
         if group is None:
             await self._reject(transport, "bad_credentials", f"group {hello.group!r} is not configured", peer,
-                               reason="unknown_group")
-            return
-        refused_by = self.admission.hello(hello.group, routing.registry.count(hello.group))
-        if refused_by is not None:
-            self._refuse(transport, refused_by, hello.group, peer)
+                               reason="unknown_group", group=hello.group)
             return
         names = peer_names(transport.auth_context()) if cfg.tls_client_ca else []
         if cfg.tls_client_ca and group.client_cert_names and not name_allowed(names, group.client_cert_names):
@@ -201,6 +208,12 @@ class TunnelEndpoint:
             return
         if not hello.client_id:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer, group=hello.group)
+            return
+        # Authenticated: only now is the group charged, so no one without its
+        # credentials can spend its connections or streams.
+        refused_by = self.admission.admit(hello.group, routing.registry.count(hello.group))
+        if refused_by is not None:
+            self._refuse(transport, refused_by, hello.group, peer)
             return
         label = f"{hello.client_id}/{hello.connection_index}"
         # Its identity: group, client id and (with mTLS) certificate; only a connection
