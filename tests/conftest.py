@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.harness import STOP_TIMEOUT, Processes, Stack, standard_stack
+from tests.redis_server import RedisServer
 
 
 def _stop(procs: Processes, failed: bool) -> None:
@@ -74,3 +75,13 @@ def stack(make_stack) -> Stack:
 @pytest.fixture
 def empty_stack(procs, tmp_path) -> Stack:
     return Stack(procs, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for the module's tests (tests/redis_server.py),
+    stopped after its last test; the tests are skipped, saying why, where redis-server is not
+    installed (CI installs it). Tests sharing it keep apart by key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    with server:
+        yield server
