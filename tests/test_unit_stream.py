@@ -8,6 +8,7 @@ exchange was answered, reset or closed, and no handler task is left running."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import functools
 from typing import Awaitable, Callable
 
@@ -806,3 +807,26 @@ async def test_a_serving_stream_lets_answers_of_consecutive_loop_turns_share_a_m
     # A full message goes at once: the next turn's frame does not hold it back.
     full = await frames_over_turns(serving=True, turns=3, max_batch_bytes=2)
     assert full[0] == (1, b"01")
+
+
+def test_a_peers_faults_are_all_counted_but_logged_within_bounds(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from gateway.tunnel import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
+    log = faults.FaultLog()
+    peer = SimpleNamespace(peer_id="evil", group="g", label="evil/0")
+    with caplog.at_level(logging.INFO, logger="gateway.tunnel"):
+        for i in range(50):
+            log.report(peer, "flow control window exceeded", f"r{i}")
+        assert log.count == 50 and len(caplog.records) == faults.BURST
+        clock[0] += 2.5  # two more lines' worth
+        for i in range(5):
+            log.report(peer, "flow control window exceeded", f"s{i}")
+    assert log.count == 55 and len(caplog.records) == faults.BURST + 2
+    # The first line after the quiet says how many were left out.
+    after = caplog.records[faults.BURST]
+    assert after.client_id == "evil" and after.request_id == "s0" and after.suppressed == 40
+    assert caplog.records[-1].request_id == "s1" and caplog.records[-1].suppressed == 0

@@ -61,6 +61,7 @@ class OutboundExchange:
 
     def _protocol_violation(self, message: str) -> None:
         """The peer broke the protocol on this request: it is reset with that reason (not `cancelled`)."""
+        self.stream.faults.report(self.stream, message, self.request_id, self.trace_id)
         self.fail(TunnelError("protocol_error", message))
         if not self._closed:
             self.stream.push(frames.reset(self.request_id, self.trace_id, "protocol_error", message, reply=False))
@@ -92,7 +93,8 @@ class OutboundExchange:
 class InboundExchange:
     """A request the peer originated: read its body, send a response."""
 
-    __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "task", "responded", "_closed", "started")
+    __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "task", "responded", "_closed", "started",
+                 "cause")
 
     def __init__(self, stream: "TunnelStream", request_id: str, trace_id: str, head: frames.pb.Headers) -> None:
         self.stream = stream
@@ -105,15 +107,17 @@ class InboundExchange:
         self.responded = False
         self._closed = False
         self.started = time.monotonic()
+        self.cause: TunnelError | None = None  # the peer's RESET, passed on by whoever relays this request
 
     def on_frame(self, f: frames.Frame | frames.DataFrame, kind: str) -> None:
         if kind == "data":
             if not self.body.feed(f.data, f.end_stream):
+                self.stream.faults.report(self.stream, "flow control window exceeded", self.request_id, self.trace_id)
                 self.reset("protocol_error", "flow control window exceeded")
         elif kind == "window":
             self.sender.grant(f.window.increment)
         elif kind == "reset":
-            error = TunnelError(f.reset.code or "cancelled", f.reset.message)
+            error = self.cause = TunnelError(f.reset.code or "cancelled", f.reset.message)
             self.body.fail(error)
             self.sender.fail(error)
             self._forget()

@@ -53,4 +53,6 @@ async def relay_exchange(inbound: InboundExchange, stream: TunnelStream) -> None
     finally:
         if pump is not None and not pump.done():
             pump.cancel()
-        out.close()
+        # The origin's RESET goes on with its reason (a timeout, a bad response), not as `cancelled`.
+        cause = inbound.cause
+        out.close(cause.code, cause.message) if cause is not None else out.close()

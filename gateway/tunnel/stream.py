@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TransportClosed, TunnelError
 from gateway.tunnel.exchange import InboundExchange, OutboundExchange
+from gateway.tunnel.faults import FaultLog
 from gateway.tunnel.stream_limits import StreamLimits
 from gateway.tunnel.transport import Transport
 
@@ -69,6 +70,7 @@ class TunnelStream:
         self.requests_originated = 0
         self.requests_served = 0
         self.unknown_frames = 0
+        self.faults = FaultLog()  # what the peer got wrong, logged within bounds
         self.batches_out = 0
         self.frames_out = 0
         self.bytes_out = 0  # of gRPC messages sent
@@ -202,7 +204,7 @@ class TunnelStream:
         if f.reply:
             ex = self.pending.get(rid)
             if ex is None:
-                self.unknown_frames += 1
+                self._stray(f, kind)
                 return
             ex.on_frame(f, kind)
             return
@@ -211,7 +213,7 @@ class TunnelStream:
             return
         inbound = self.serving.get(rid)
         if inbound is None:
-            self.unknown_frames += 1
+            self._stray(f, kind)
             return
         inbound.on_frame(f, kind)
 
@@ -219,6 +221,7 @@ class TunnelStream:
         rid = f.request_id
         if rid in self.serving or not f.headers.method:
             self.unknown_frames += 1
+            self.faults.report(self, "bad or duplicate request head", rid, f.trace_id)
             self.push(frames.reset(rid, f.trace_id, "protocol_error", "bad or duplicate request head", reply=True))
             return
         if self.draining or self.closed:
@@ -246,6 +249,13 @@ class TunnelStream:
             ex.reset("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             ex.finish()
+
+    def _stray(self, f: frames.Frame | frames.DataFrame, what: str) -> None:
+        """A frame for no request of ours: counted and logged within bounds, at info, for most
+        are a race (sent before the peer read our RESET or our early answer), not a fault."""
+        self.unknown_frames += 1
+        self.faults.report(self, f"ignored a {what} frame for a request that ended or never was", f.request_id,
+                           f.trace_id, logging.INFO)
 
     def _control(self, f: frames.Frame, kind: str) -> None:
         if kind == "ping":
