@@ -19,11 +19,13 @@ from multidict import CIMultiDict
 
 from gateway.groupconfig import Upstream
 from gateway.http.headers import apply_rule
+from gateway.http.request_head import check_request_head
 from gateway.http.target import BadTarget, normalise_target, with_host
 from gateway.rules import Rule, first_match
 from gateway.tunnel import frames
 from gateway.http.grpc_bridge import MAX_MESSAGE, call_upstream_grpc
-from gateway.http.upstream import UpstreamClients, call_upstream
+from gateway.http.upstream import UpstreamClients, call_upstream, refuse_bad_request
+from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.exchange import InboundExchange
 
 __all__ = ["RuleDispatcher"]
@@ -113,7 +115,13 @@ class RuleDispatcher:
 
     async def handle(self, ex: InboundExchange) -> None:
         head = ex.head
-        pairs = frames.header_list(head)
+        try:
+            # The peer is untrusted: nothing it sent reaches an upstream unchecked.
+            # (The upstream client reads the declared length from the headers it sends: a rule may edit them.)
+            pairs, _ = check_request_head(head.method, head.path, frames.header_list(head))
+        except TunnelError as exc:
+            refuse_bad_request(ex, exc.message)
+            return
         host = next((v for n, v in pairs if n.lower() == "host"), "") or head.authority
         try:
             # The peer is untrusted: the rules match the normalised target, and it is what goes on.

@@ -180,6 +180,30 @@ def test_x_forwarded_headers_of_a_trusted_proxy_are_kept_and_appended_to(trustin
     assert _sent(echo, "X-Forwarded-Host") == ["spoofed.example"]
 
 
+# RFC 7239's Forwarded, and X-Forwarded-* spelt with `_` (a CGI or WSGI backend reads X_Forwarded_For
+# as X-Forwarded-For): what a caller says of where it is from, never what the backend gets from an untrusted one.
+OTHER_SPOOFS = [("Host", "svc.example:8443"), ("Forwarded", "for=6.6.6.6;proto=https;host=spoofed.example"),
+                ("X_Forwarded_For", "6.6.6.6"), ("X-Forwarded_Host", "spoofed.example"),
+                ("x_forwarded_proto", "https")]
+
+
+@BOTH
+def test_forwarded_and_underscore_spellings_from_an_untrusted_caller_are_dropped(stack, way):
+    echo = _echo(stack, way, headers=OTHER_SPOOFS)
+    sent = {n.lower() for n, _ in echo["headers"]}
+    assert not sent & {"forwarded", "x_forwarded_for", "x-forwarded_host", "x_forwarded_proto"}, echo["headers"]
+    assert _sent(echo, "X-Forwarded-For") == ["127.0.0.1"]
+    assert _sent(echo, "X-Forwarded-Host") == ["svc.example:8443"]
+
+
+@BOTH
+def test_a_trusted_proxys_forwarded_is_kept_but_not_underscore_spellings(trusting, way):
+    echo = _echo(trusting, way, headers=OTHER_SPOOFS)
+    assert _sent(echo, "Forwarded") == ["for=6.6.6.6;proto=https;host=spoofed.example"]
+    sent = {n.lower() for n, _ in echo["headers"]}
+    assert not sent & {"x_forwarded_for", "x-forwarded_host", "x_forwarded_proto"}, echo["headers"]
+
+
 def test_set_host_replaces_host_and_forwarded_host_keeps_the_original(stack):
     echo = _echo(stack, "ingress", target="/sethost/echo/x?q=1", headers=[("Host", "public.example")])
     assert echo["raw_path"] == "/echo/x?q=1"  # strip_prefix

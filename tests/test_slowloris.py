@@ -10,7 +10,9 @@ import time
 import urllib.request
 
 import pytest
+from aiohttp import web
 
+from gateway.http.connections import BoundedServer, EntryLimits
 from tests.harness import Stack
 
 HEADER_TIMEOUT = 2.0
@@ -213,3 +215,81 @@ def test_max_connections_refuses_and_counts(make_stack):
 
         asyncio.run(run())
         assert _dropped(admin, entry, "max_connections") == 3
+
+
+# -- one BoundedServer in this process ---------------------------------------------------
+
+
+async def _bounded(limits: EntryLimits) -> tuple[BoundedServer, asyncio.AbstractServer, int]:
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="hi")
+
+    bounded = BoundedServer(hello, limits=limits, access_log=None)
+    server = await asyncio.get_running_loop().create_server(bounded, "127.0.0.1", 0)
+    return bounded, server, server.sockets[0].getsockname()[1]
+
+
+async def _answered(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A keep-alive connection that has had one response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(REQUEST)
+    assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+    return reader, writer
+
+
+def test_keepalive_shorter_than_header_timeout_each_rules_its_wait():
+    """The two timeouts share aiohttp's one timer, armed for the nearer: with keepalive_timeout
+    the shorter, a new silent connection still has header_timeout, an idle one keepalive_timeout,
+    and a head begun after a response header_timeout from its first byte."""
+    header, keepalive = 1.2, 0.4
+
+    async def run() -> None:
+        bounded, server, port = await _bounded(EntryLimits(header, keepalive, 100))
+        try:
+            silent = asyncio.ensure_future(_silent(port))
+            idle_r, idle_w = await _answered(port)
+            slow_r, slow_w = await _answered(port)
+            slow_w.write(b"GET /hel")
+            t0 = time.monotonic()
+            took, got = await _closed_after(idle_r, t0)
+            assert got == b"" and keepalive - 0.1 < took < keepalive + 0.5, took
+            took, got = await _closed_after(slow_r, t0)
+            assert got.startswith(b"HTTP/1.1 408 ") and header - 0.1 < took < header + 0.5, (took, got)
+            took, got = await silent
+            assert got == b"" and header - 0.1 < took < header + 0.5, took
+            assert bounded.dropped == {"max_connections": 0, "header_timeout": 2}  # idle ones are not counted
+            for w in (idle_w, slow_w):
+                w.close()
+        finally:
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_a_head_that_comes_whole_costs_no_timer_call():
+    """Requests whose heads arrive in one read (most do) neither arm nor re-arm a timer."""
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        armed = []
+        call_at = loop.call_at
+
+        def counting(when, callback, *args, **kw):  # type: ignore[no-untyped-def]
+            if isinstance(getattr(callback, "__self__", None), web.RequestHandler):
+                armed.append(callback)
+            return call_at(when, callback, *args, **kw)
+
+        bounded, server, port = await _bounded(EntryLimits(30.0, 60.0, 100))
+        try:
+            reader, writer = await _answered(port)
+            loop.call_at = counting  # type: ignore[method-assign]
+            for _ in range(20):
+                writer.write(REQUEST)
+                assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        finally:
+            loop.call_at = call_at  # type: ignore[method-assign]
+            server.close()
+        return len(armed)
+
+    assert asyncio.run(run()) == 0

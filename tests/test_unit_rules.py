@@ -329,6 +329,37 @@ def test_forwarded_without_remote_or_host():
         ("X-Forwarded-Proto", "http")]
 
 
+def test_forwarded_drops_an_untrusted_callers_rfc7239_forwarded():
+    headers = [("Forwarded", "for=6.6.6.6;proto=https"), ("Host", "h"), ("forwarded", 'for="[2001:db8::6]"')]
+    out = forwarded(headers, remote="10.0.0.1", proto="http", host="h")
+    assert out == [("Host", "h"), ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "http"),
+                   ("X-Forwarded-Host", "h")]
+    # A trusted proxy's passes on.
+    trusted = forwarded(headers, remote="10.0.0.1", proto="http", host="h", trusted=True)
+    assert [p for p in trusted if p[0].lower() == "forwarded"] == [headers[0], headers[2]]
+
+
+# A CGI or WSGI backend reads `_` and `-` as one (HTTP_X_FORWARDED_FOR): these are the real ones to it.
+UNDERSCORED = [("X_Forwarded_For", "6.6.6.6"), ("X-Forwarded_For", "6.6.6.7"), ("x_forwarded-for", "6.6.6.8"),
+               ("X_FORWARDED_PROTO", "https"), ("X-Forwarded_Host", "evil.example"), ("x_forwarded_host", "evil2")]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_drops_underscore_variants_of_x_forwarded(trusted):
+    out = forwarded([("Host", "h"), *UNDERSCORED, ("X_Other", "kept")], remote="10.0.0.1", proto="http",
+                    host="h", trusted=trusted)
+    assert out == [("Host", "h"), ("X_Other", "kept"), ("X-Forwarded-For", "10.0.0.1"),
+                   ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "h")]
+
+
+def test_is_trusted_answers_from_its_cache_as_it_would_without():
+    proxies = ("10.0.0.0/8",)
+    for _ in range(3):  # the second and third from the cache
+        assert is_trusted("10.1.2.3", proxies) is True and is_trusted("11.1.2.3", proxies) is False
+    # The answer is per setting: another trusted_proxies (a reload) is asked anew.
+    assert is_trusted("11.1.2.3", ("11.0.0.0/8",)) is True and is_trusted("10.1.2.3", ("11.0.0.0/8",)) is False
+
+
 @pytest.mark.parametrize("remote,trusted", [
     ("10.1.2.3", True), ("10.255.0.1", True), ("11.0.0.1", False), ("192.0.2.7", True), ("192.0.2.8", False),
     ("::ffff:10.0.0.9", True), ("2001:db8::1", True), ("2001:db9::1", False), ("fe80::1%eth0", False),

@@ -15,9 +15,14 @@ per-connection protocol) that adds what aiohttp lacks.
   beyond it a new connection is closed at once, before any byte is read,
   and counted.
 
-The hooks use aiohttp's RequestHandler internals (`_request_in_progress`,
-`_messages`, `_request_count`, `_keepalive_handle`), checked by
-tests/test_slowloris.py.
+Both timeouts share aiohttp's one keep-alive timer a connection: aiohttp
+arms it at accept and after each response for the nearer of the two, and
+`_process_keepalive` decides which ran out or re-arms it for the other. A
+head that arrives whole in one read, as most do, costs no timer call. The
+hooks use aiohttp's RequestHandler internals (`_request_in_progress`,
+`_messages`, `_request_count`, `_waiter`, `_keepalive`, `_keepalive_handle`,
+`_keepalive_timeout`, `_next_keepalive_close_time`, `_process_keepalive`),
+checked by tests/test_slowloris.py.
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ class BoundedServer(web.Server):
 
     def __init__(self, handler: Any, *, limits: EntryLimits, on_drop: Callable[[str], None] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(handler, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        # aiohttp's keep-alive timer fires at the nearer of the two; _BoundedHandler decides.
+        super().__init__(handler, keepalive_timeout=min(limits.header_timeout, limits.keepalive_timeout), **kwargs)
         self.limits = limits
         self.on_drop = on_drop
         self.open = 0
@@ -74,18 +80,18 @@ _408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: app
 
 
 class _BoundedHandler(RequestHandler):
-    __slots__ = ("_server", "_head_timer", "_head_bytes", "_counted", "_last_body")
-
-    def __init__(self, server: BoundedServer, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
-        self._server = server
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = False   # a byte of the awaited head arrived
-        self._counted = False
-        self._last_body: Any = None  # the last request's body: its unread rest (aiohttp lingers) is no head
+    # Set by connection_made, which comes first (no __init__ of its own: that
+    # would cost every connection a frame and a copy of aiohttp's kwargs).
+    __slots__ = ("_server", "_head_deadline", "_head_bytes", "_counted", "_last_body")
+    _server: BoundedServer
+    _head_deadline: float  # loop time by which the awaited head must be whole; 0: none awaited
+    _head_bytes: bool      # a byte of the awaited head arrived
+    _counted: bool
+    _last_body: Any        # the last head's body: its unread rest (aiohttp lingers) is no head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._server
+        server = self._server = self._manager  # type: ignore[assignment]  # the BoundedServer that made it
+        self._counted = False
         if server.open >= server.limits.max_connections:
             # Refused before aiohttp sees it: nothing is read, no task started.
             self._manager = None  # so connection_lost has nothing to undo
@@ -95,55 +101,55 @@ class _BoundedHandler(RequestHandler):
             return
         server.open += 1
         self._counted = True
-        super().connection_made(transport)
-        self._arm()
+        self._head_bytes = False
+        self._last_body = None
+        super().connection_made(transport)  # arms the timer
+        self._head_deadline = self._loop.time() + server.limits.header_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._counted:
             self._counted = False
             self._server.open -= 1
-        self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
-        if data and not self._request_in_progress and (self._last_body is None or self._last_body.is_eof()):
-            self._head_bytes = True
-            if self._head_timer is None:  # the first byte after a response
-                self._arm()
-            if self._keepalive_handle is not None:  # no longer idle: header_timeout rules now
-                self._keepalive_handle.cancel()
-                self._keepalive_handle = None
+        awaited = data and not self._request_in_progress and (self._last_body is None or self._last_body.is_eof())
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:  # a whole head arrived
-            self._disarm()
+            self._head_deadline = 0.0
+            self._head_bytes = False
+            self._last_body = self._messages[-1][1]
+        elif awaited:  # part of a head
+            self._head_bytes = True
+            if not self._head_deadline:  # the first byte after a response: header_timeout from now
+                # The timer, armed at the response for at most header_timeout, fires before then.
+                self._head_deadline = self._loop.time() + self._server.limits.header_timeout
 
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        self._last_body = request.content
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            # The next head's time starts at its first byte (idle until then: keepalive_timeout).
-            self._disarm()
-
-    def _arm(self) -> None:
-        self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timeout)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_bytes = False
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        transport = self.transport
-        if self._force_close or transport is None or self._request_in_progress or self._messages:
-            return  # closing already, or a request is being served or waits its turn
-        if self._head_bytes:
-            transport.write(_408)
-        self._server.drop(HEADER_TIMEOUT)
-        self.force_close()
+    def _process_keepalive(self) -> None:
+        """The timer's call: the head's time or, between requests, the idle
+        time (keepalive_timeout from the last response) ran out, or not yet."""
+        self._keepalive_handle = None
+        if self._force_close or not self._keepalive or self.transport is None:
+            return
+        if self._request_in_progress or self._messages:
+            self._head_deadline = 0.0  # a request is served or waits its turn: aiohttp re-arms after it
+            return
+        loop = self._loop
+        deadline = self._head_deadline
+        idle = not deadline
+        if idle:  # aiohttp set the close time for the nearer timeout; idle is keepalive_timeout
+            deadline = self._next_keepalive_close_time - self._keepalive_timeout + self._server.limits.keepalive_timeout
+        if loop.time() < deadline:
+            self._keepalive_handle = loop.call_at(deadline, self._process_keepalive)
+        elif idle:
+            if self._waiter is not None and not self._waiter.done():  # as aiohttp: not while it lingers
+                self.force_close()
+        else:
+            self._head_deadline = 0.0
+            if self._head_bytes:
+                self.transport.write(_408)
+            self._server.drop(HEADER_TIMEOUT)
+            self.force_close()

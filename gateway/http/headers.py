@@ -41,29 +41,40 @@ def end_to_end(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = froz
     return out
 
 
+# What a caller says of where a request came from: kept from a trusted proxy
+# only. Forwarded (RFC 7239) is not merged here: a trusted proxy's passes on,
+# anyone else's is dropped.
+_X_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_PROVENANCE = _X_FORWARDED | {"forwarded"}
+
+
 def forwarded(headers: Pairs, *, remote: str, proto: str, host: str, trusted: bool = False) -> Pairs:
     """X-Forwarded-For, -Proto and -Host. A `trusted` caller (a proxy in
     trusted_proxies) has the caller appended to its X-Forwarded-For and its
-    -Proto and -Host kept (set when absent); anyone else's are dropped and
-    set here, so a caller cannot make an upstream believe another address."""
+    -Proto, -Host and Forwarded kept (-Proto and -Host set when absent);
+    anyone else's are dropped and set here (Forwarded just dropped), so a
+    caller cannot make an upstream believe another address. Names that
+    differ from these only by `_` for `-` (X_Forwarded_For) are dropped
+    from anyone: a CGI or WSGI backend reads them as the real ones."""
     xff = None
     out = []
     have_proto = have_host = False
-    for n, v in headers:
-        low = n.lower()
+    for pair in headers:
+        low = pair[0].lower()
+        if low not in _PROVENANCE:
+            if "_" not in low or low.replace("_", "-") not in _X_FORWARDED:
+                out.append(pair)
+            continue
+        if not trusted:
+            continue
         if low == "x-forwarded-for":
-            if trusted:
-                xff = f"{xff}, {v}" if xff else v
+            xff = f"{xff}, {pair[1]}" if xff else pair[1]
             continue
         if low == "x-forwarded-proto":
-            if not trusted:
-                continue
             have_proto = True
         elif low == "x-forwarded-host":
-            if not trusted:
-                continue
             have_host = True
-        out.append((n, v))
+        out.append(pair)
     if remote:
         xff = f"{xff}, {remote}" if xff else remote
     if xff:
@@ -84,6 +95,13 @@ def is_trusted(remote: str | None, trusted_proxies: tuple[str, ...]) -> bool:
     """Whether a caller's address is in `trusted_proxies` (addresses or CIDRs, as validated at load)."""
     if not remote or not trusted_proxies:
         return False
+    return _is_trusted(remote, trusted_proxies)
+
+
+# Callers come back (keep-alive, a proxy in front): the answer is kept per
+# address and setting, bounded (a scan of many addresses only evicts).
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(remote: str, trusted_proxies: tuple[str, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(remote.partition("%")[0])
     except ValueError:

@@ -8,11 +8,12 @@ import logging
 import aiohttp
 
 from gateway.http.headers import end_to_end, has_body_response
+from gateway.http.upstream_connection import BodyLengthError, declared_body, declared_length
 from gateway.http.upstream_pool import HttpPool, UpstreamError, UpstreamTimeout
 from gateway.http.websocket import MAX_MESSAGE, bridge_upstream
 from gateway.tunnel.exchange import InboundExchange
 
-__all__ = ["call_upstream", "upstream_session", "UpstreamClients"]
+__all__ = ["call_upstream", "refuse_bad_request", "upstream_session", "UpstreamClients"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -41,6 +42,15 @@ class UpstreamClients:
         await self.session.close()
 
 
+def refuse_bad_request(ex: InboundExchange, problem: str) -> None:
+    """Refuse a request the peer got wrong: a RESET bad_request (400) and a log line naming the peer."""
+    stream = ex.stream
+    log.warning("bad request from peer %s (group %s): %s", stream.peer_id, stream.group or "-", problem,
+                extra={"request_id": ex.request_id, "trace_id": ex.trace_id, "client_id": stream.peer_id,
+                       "code": "bad_request"})
+    ex.reset("bad_request", problem)
+
+
 async def call_upstream(
     ex: InboundExchange,
     clients: UpstreamClients,
@@ -61,10 +71,15 @@ async def call_upstream(
         url = scheme + server[server.index(":"):] + path
         return await bridge_upstream(ex, clients.session, url, headers, timeout, MAX_MESSAGE)
     method = ex.head.method
-    body = None if ex.body.at_eof else ex.body.iter_chunks()
     # The originator enforces its head timeout (its RESET cancels this call);
     # here only silence is bounded, so long streams may go on.
     try:
+        length = declared_length(headers)
+        if length is None:
+            body = None if ex.body.at_eof else ex.body.iter_chunks()
+        else:
+            # Also at the end of the body: a length it does not have must fail, not wait.
+            body = None if ex.body.at_eof and not length else declared_body(ex.body.iter_chunks(), length)
         try:
             resp = await clients.http.request(server, method, path, headers, body,
                                               read_timeout=max(timeout, idle_timeout), head_timeout=head_timeout)
@@ -85,6 +100,9 @@ async def call_upstream(
         finally:
             resp.release()
         return True
+    except BodyLengthError as exc:
+        refuse_bad_request(ex, str(exc))
+        return True  # the peer's doing: no mark against the upstream's health
     except (UpstreamError, ValueError) as exc:
         log.warning(
             "upstream %s failed: %s", server, exc or type(exc).__name__,

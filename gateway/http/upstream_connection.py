@@ -13,8 +13,8 @@ import httptools
 if TYPE_CHECKING:
     from gateway.http.upstream_pool import HttpPool
 
-__all__ = ["Connection", "Server", "UpstreamError", "UpstreamResponse", "UpstreamTimeout", "await_head", "encode_head",
-           "send_body", "upload_done"]
+__all__ = ["BodyLengthError", "Connection", "Server", "UpstreamError", "UpstreamResponse", "UpstreamTimeout",
+           "await_head", "declared_body", "declared_length", "encode_head", "send_body", "upload_done"]
 
 # Reading from the upstream pauses while this much body waits for the tunnel.
 HIGH_WATER = 256 * 1024
@@ -27,6 +27,11 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError):
     """No response head within the head timeout after the request was sent."""
+
+
+class BodyLengthError(UpstreamError):
+    """The request body the peer sent did not match its Content-Length: the peer's
+    fault, not the upstream's; the connection is closed, never pooled."""
 
 
 class Server:
@@ -267,6 +272,32 @@ def encode_head(method: str, path: str, headers: Sequence[tuple[str, str]], serv
         return head.encode("latin-1")
     except UnicodeEncodeError:
         return head.encode("utf-8")
+
+
+def declared_length(headers: Sequence[tuple[str, str]]) -> int | None:
+    """The Content-Length `headers` declare (the first; the request head check leaves one), or None."""
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return int(value)
+    return None
+
+
+async def declared_body(chunks: AsyncIterator[bytes], length: int) -> AsyncIterator[bytes]:
+    """`chunks`, sent with a Content-Length of `length`, cut there. A byte past it would
+    be read by the upstream as the start of a second request on this keep-alive
+    connection, a body short of it would take the next request for its rest: either
+    way BodyLengthError, which fails the upload, so the connection is closed
+    (`upload_done`) and never pooled (`UpstreamResponse.release`)."""
+    left = length
+    async for chunk in chunks:
+        if len(chunk) > left:
+            if left:
+                yield chunk[:left]  # the declared request is whole; nothing after it
+            raise BodyLengthError(f"the request body runs past its Content-Length {length}")
+        left -= len(chunk)
+        yield chunk
+    if left:
+        raise BodyLengthError(f"the request body ended {left} bytes short of its Content-Length {length}")
 
 
 async def send_body(conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
