@@ -36,6 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 __all__ = ["EntryLimits", "BoundedServer"]
 
 REFUSED = "max_connections"
+LINGER = 2.0  # seconds a connection answered 408 is read away before it is closed
 HEADER_TIMEOUT = "header_timeout"
 
 
@@ -149,7 +150,15 @@ class _BoundedHandler(RequestHandler):
                 self.force_close()
         else:
             self._head_deadline = 0.0
-            if self._head_bytes:
-                self.transport.write(_408)
             self._server.drop(HEADER_TIMEOUT)
-            self.force_close()
+            if not self._head_bytes:
+                self.force_close()
+                return
+            # A lingering close: the 408, then our FIN; what the caller still sends
+            # is read away (data_received drops it) for LINGER seconds. Closing at
+            # once would answer those bytes with a RST, which can discard the 408
+            # on the caller's side before it reads it.
+            self.transport.write(_408)
+            self._force_close = True
+            self.transport.write_eof()
+            self._keepalive_handle = loop.call_later(LINGER, self.force_close)
