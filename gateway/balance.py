@@ -2,9 +2,11 @@
 
 `ServerPool` picks a server of an upstream by its policy and health.
 `Balancer` picks the client stream for a request among candidates: this
-worker's streams of the group and, through the shard table, other workers'.
-A stream whose client reports the request's upstream unhealthy is skipped
-while a healthy one exists. Streams this worker owns are preferred;
+worker's streams of the group and, through the shard table, other workers'
+(of this node, and in a fleet of other nodes). A stream whose client reports
+the request's upstream unhealthy is skipped while a healthy one exists. Streams
+this worker owns are preferred, then other workers' of this node, then other
+nodes' (among those, the group's policy);
 `consistent_hash` first picks the client by rendezvous hashing of the key (so
 when a client goes, only its keys move), then one of that client's streams.
 """
@@ -130,6 +132,7 @@ class Candidate:
     inflight: int
     unhealthy: frozenset[str] = frozenset()
     stream: Any = None  # the TunnelStream when this worker owns it
+    node: str = ""  # the node holding it when that is another node (a fleet), else ""
 
 
 def _score(client_id: str, key: str) -> bytes:
@@ -163,8 +166,13 @@ class Balancer:
         if policy == "consistent_hash" and key is not None:
             winner = rendezvous(key, {c.client_id for c in candidates})
             candidates = [c for c in candidates if c.client_id == winner]
-        preferred = [c for c in candidates if (c.stream is None) == prefer_remote]
-        pool = preferred or candidates
+        # The nearest that has one: this worker's streams, another worker's of this node, another
+        # node's; with `prefer_remote` through the router first (another worker, another node, then ours).
+        if prefer_remote:
+            pool = ([c for c in candidates if c.stream is None and not c.node]
+                    or [c for c in candidates if c.node] or candidates)
+        else:
+            pool = [c for c in candidates if c.stream is not None] or [c for c in candidates if not c.node] or candidates
         # The policy chooses a client; then one of that client's streams.
         if policy == "least_inflight":
             load: dict[str, int] = {}

@@ -18,7 +18,7 @@ import orjson
 from gateway import __version__
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
 from gateway.exposure import mask_headers, mask_settings, mask_url
-from gateway.ports import PortUnavailable, claim_ports
+from gateway.ports import PortUnavailable, claim_ports, listen_for_peers
 from gateway.settings import ConfigError, add_arguments
 from gateway.supervisor import EXIT_BOOT_ERROR, Supervisor
 
@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except PortUnavailable as exc:
         print(f"tunnel-gateway: cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
+    peer = claimed.get("peer_port")
     try:
-        return Supervisor(config, workers, args).run()
+        return Supervisor(config, workers, args, listen_for_peers(peer) if peer else None).run()
     finally:
-        for sock in claimed:
+        for sock in claimed.values():
             sock.close()
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.balance import STREAM_POLICIES
+from gateway.cluster.config import CLUSTER_SETTINGS, check_cluster
 from gateway.exposure import is_loopback
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
@@ -79,6 +80,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("http_tls", False, boolean, "serve the HTTP entry over TLS with tls_cert"),
     Setting("force_cross_worker", False, boolean,
             "send requests through the router to another worker when one holds a stream (to measure the hop)"),
+    *CLUSTER_SETTINGS,
     Setting("watch_config", True, boolean, "reload when the config file changes on disk (checked every second)"),
     Setting("shutdown_grace", 30.0, positive_float, "seconds in-flight requests get on shutdown"),
     Setting("worker_timeout", 30.0, positive_float,
@@ -95,6 +97,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
 RESTART_ONLY: tuple[str, ...] = (
     "workers", "host", "http_port", "grpc_port", "tunnel_port", "admin_host", "admin_port",
     "tls_cert", "tls_key", "tls_client_ca", "http_tls", "grpc_event_engine",
+    # The router joins the fleet once, at start.
+    *(s.name for s in CLUSTER_SETTINGS),
 )
 
 
@@ -214,6 +218,7 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
     if settings["admin_port"] and not is_loopback(settings["admin_host"]) and not settings["admin_token"]:
         raise ConfigError(path, "gateway.admin_token",
                           f"is required when admin_host ({settings['admin_host']}) is not a loopback address")
+    check_cluster(settings, path)
     clash = port_clash(settings)
     if clash is not None:
         first, second = clash

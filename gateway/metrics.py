@@ -36,7 +36,8 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, cluster: bool = False) -> None:
+        """`cluster`: this gateway is a node of a fleet (the registry's gauges exist only then)."""
         kw = {} if registry is None else {"registry": registry}
         self.registry = registry
         self.requests = Counter("tunnel_requests_total", "Requests by direction, group, rule and status class",
@@ -63,7 +64,17 @@ class Metrics:
             "header_timeout (no whole request head in time)", ["entry", "reason"], **kw)
         self.admission = Counter("tunnel_admission_refused_total",
                                  "Tunnel connections refused by admission (rate or count bounds)", ["reason"], **kw)
-        self._cross_seen = (0, 0)
+        self.cross_node = Counter("tunnel_cross_node_batches_total",
+                                  "Frame batches sent to or received from workers of other gateway nodes (a fleet)",
+                                  ["worker", "flow"], **kw)
+        self.registry_up = self.cluster_nodes = None
+        if cluster:
+            # Every worker hears the same from the router: the freshest value of a live worker is the node's.
+            self.registry_up = Gauge("tunnel_cluster_registry_up", "The fleet registry (Redis) answers: 1, or 0",
+                                     multiprocess_mode="livemostrecent", **kw)
+            self.cluster_nodes = Gauge("tunnel_cluster_nodes", "Nodes of the fleet this node knows, itself included",
+                                       ["state"], multiprocess_mode="livemostrecent", **kw)
+        self._totals_seen: dict[Counter, tuple[int, int]] = {}  # running totals at the last sample, by counter
         self._children: dict[tuple, object] = {}  # (metric, labels) -> child
         self._pairs: dict[tuple, tuple] = {}
         self._stream_labels: set[tuple[str, str]] = set()
@@ -104,12 +115,28 @@ class Metrics:
         for labels in self._stream_labels - seen:
             self.streams.labels(*labels).set(0)
         self._stream_labels = seen
-        last_in, last_out = self._cross_seen
-        if cross_in > last_in:
-            self.cross.labels(worker, "in").inc(cross_in - last_in)
-        if cross_out > last_out:
-            self.cross.labels(worker, "out").inc(cross_out - last_out)
-        self._cross_seen = (cross_in, cross_out)
+        self._count(self.cross, worker, cross_in, cross_out)
+
+    def _count(self, counter: Counter, worker: str, total_in: int, total_out: int) -> None:
+        """A counter by worker and flow from running totals: what they grew by since the last sample."""
+        last_in, last_out = self._totals_seen.get(counter, (0, 0))
+        if total_in > last_in:
+            counter.labels(worker, "in").inc(total_in - last_in)
+        if total_out > last_out:
+            counter.labels(worker, "out").inc(total_out - last_out)
+        self._totals_seen[counter] = (total_in, total_out)
+
+    def sample_fleet(self, worker: str, node_in: int, node_out: int, fleet: dict | None) -> None:
+        """Cross-node batches and (a node of a fleet) what the router last said of the fleet, once a second."""
+        self._count(self.cross_node, worker, node_in, node_out)
+        if self.registry_up is None or fleet is None:
+            return
+        self.registry_up.set(1 if fleet.get("registry_up") else 0)
+        states = {"serving": 0, "draining": 0, "unreachable": 0}
+        for node in fleet.get("nodes", ()):
+            states[node["state"]] = states.get(node["state"], 0) + 1
+        for state, n in states.items():
+            self.cluster_nodes.labels(state).set(n)
 
     def set_config_versions(self, versions: dict[str, str], old: dict[str, str] | None = None) -> None:
         for group, version in (old or {}).items():

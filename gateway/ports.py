@@ -14,7 +14,9 @@ and is kept (never listened on: the kernel hands connections only to
 listening sockets) for the gateway's life: its own workers' SO_REUSEPORT
 binds succeed beside it, while another gateway's check, started at the same
 moment, fails on it. So there is no window between the check and the
-workers' binds in which a second gateway gets in.
+workers' binds in which a second gateway gets in. The peer port (with
+`cluster`) is the exception: ZeroMQ cannot bind beside a socket, so the
+claimed socket itself listens and the router takes it (`listen_for_peers`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,17 @@ import ipaddress
 import socket
 from typing import Any, Mapping
 
-__all__ = ["PORT_SETTINGS", "PortUnavailable", "port_clash", "claim_ports", "hosts_overlap"]
+__all__ = ["PORT_SETTINGS", "PortUnavailable", "port_clash", "claim_ports", "hosts_overlap", "is_wildcard",
+           "listen_for_peers"]
 
-# Each port setting and the setting naming the address it listens on.
+# Each port setting and the setting naming the address it listens on. peer_port
+# counts only with `cluster` set (a single host opens no peer port).
 PORT_SETTINGS: tuple[tuple[str, str], ...] = (
     ("http_port", "host"), ("grpc_port", "host"), ("tunnel_port", "host"), ("admin_port", "admin_host"),
+    ("peer_port", "host"),
 )
+# Connections from other nodes' routers waiting to be accepted (a handful of nodes).
+PEER_BACKLOG = 128
 
 
 class PortUnavailable(OSError):
@@ -41,7 +48,8 @@ class PortUnavailable(OSError):
         self.port = port
 
 
-def _wildcard(host: str) -> bool:
+def is_wildcard(host: str) -> bool:
+    """An address that listens on every interface ("", "*", 0.0.0.0, ::)."""
     if host in ("", "*"):
         return True
     try:
@@ -53,7 +61,7 @@ def _wildcard(host: str) -> bool:
 def hosts_overlap(a: str, b: str) -> bool:
     """Could listeners on `a` and `b` take the same connections? A host name
     (not resolved here) counts as overlapping anything."""
-    if a.lower() == b.lower() or _wildcard(a) or _wildcard(b):
+    if a.lower() == b.lower() or is_wildcard(a) or is_wildcard(b):
         return True
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
@@ -61,15 +69,21 @@ def hosts_overlap(a: str, b: str) -> bool:
         return True
 
 
+def _configured(settings: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """(key, host, port) of every port the gateway will open: not 0, and peer_port only with cluster."""
+    out = []
+    for key, host_key in PORT_SETTINGS:
+        port = settings.get(key, 0)
+        if port and (key != "peer_port" or settings.get("cluster")):
+            out.append((key, settings.get(host_key, ""), port))
+    return out
+
+
 def port_clash(settings: Mapping[str, Any]) -> tuple[str, str] | None:
     """The first two port settings naming the same port on overlapping
     addresses, or None. Port 0 is off and never clashes."""
     seen: list[tuple[str, str, int]] = []
-    for key, host_key in PORT_SETTINGS:
-        port = settings.get(key, 0)
-        if not port:
-            continue
-        host = settings.get(host_key, "")
+    for key, host, port in _configured(settings):
         for other, other_host, other_port in seen:
             if other_port == port and hosts_overlap(host, other_host):
                 return other, key
@@ -98,22 +112,29 @@ def _bind_exclusive(host: str, port: int) -> socket.socket:
     raise AssertionError("unreachable")
 
 
-def claim_ports(settings: Mapping[str, Any]) -> list[socket.socket]:
-    """Claim every configured port (see the module); PortUnavailable names the
-    first one in use. Keep the sockets open while the gateway runs."""
-    held: list[socket.socket] = []
+def claim_ports(settings: Mapping[str, Any]) -> dict[str, socket.socket]:
+    """Claim every configured port (see the module): {setting: its socket};
+    PortUnavailable names the first one in use. Keep the sockets open while the
+    gateway runs."""
+    held: dict[str, socket.socket] = {}
     try:
-        for key, host_key in PORT_SETTINGS:
-            port = settings.get(key, 0)
-            if not port:
-                continue
-            host = settings.get(host_key, "")
+        for key, host, port in _configured(settings):
             try:
-                held.append(_bind_exclusive(host, port))
+                held[key] = _bind_exclusive(host, port)
             except OSError as exc:
                 raise PortUnavailable(key, host, port, exc.strerror or str(exc)) from None
     except BaseException:
-        for sock in held:
+        for sock in held.values():
             sock.close()
         raise
     return held
+
+
+def listen_for_peers(sock: socket.socket) -> socket.socket:
+    """The claimed peer_port socket becomes the router's listener (ZeroMQ takes it
+    as it is, ZMQ_USE_FD): the claim is the listener, so no other process can take
+    the port between the check and the router's start, nor share it (SO_REUSEPORT
+    off: no worker binds beside this one). A respawned router takes it over."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+    sock.listen(PEER_BACKLOG)
+    return sock

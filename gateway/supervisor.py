@@ -26,6 +26,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 from setproctitle import setproctitle
 
+from gateway.cluster.config import ClusterSettings, cluster_settings
 from gateway.config import GatewayConfig, load_gateway_config, restart_only_change
 from gateway.exposure import is_loopback
 from gateway.ids import new_instance_id
@@ -52,6 +54,7 @@ BOOT_TIMEOUT = 60.0
 # A child that lived at least this long was healthy: its next crash respawns at once.
 HEALTHY_AFTER = 10.0
 MAX_BACKOFF = 30.0
+SETTLE = 0.3  # seconds a changed config file must stand still before it is read
 
 
 def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
@@ -62,11 +65,12 @@ def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str 
     worker_main(config, index, instance, endpoint, config_handoff, workers, heartbeat)
 
 
-def _run_router(endpoint: str, log_level: str, log_format: str) -> None:
+def _run_router(endpoint: str, log_level: str, log_format: str, cluster: ClusterSettings | None = None,
+                listener: socket.socket | None = None) -> None:
     # Imported in the child: the broker loads zmq.
     from gateway.router.broker import router_main
 
-    router_main(endpoint, log_level, log_format)
+    router_main(endpoint, log_level, log_format, cluster, listener)
 
 
 def _forget_metrics_of(pid: int) -> None:
@@ -104,8 +108,11 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config: GatewayConfig, workers: int, overrides: argparse.Namespace | None = None) -> None:
+    def __init__(self, config: GatewayConfig, workers: int, overrides: argparse.Namespace | None = None,
+                 peer_listener: socket.socket | None = None) -> None:
         self.config = config
+        # With cluster: the claimed peer port, listening; each router (a respawned one too) gets it.
+        self.peer_listener = peer_listener
         self.n_workers = workers
         self.overrides = overrides
         self.instance = new_instance_id()
@@ -117,13 +124,15 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         self._own_metrics_dir: str | None = None
         self._stamp = self._config_stamp()
+        self._settling: tuple[tuple[float, int], float] | None = None  # a new stamp, and since when
         # A reloaded config, parsed here once, waits in this file for the workers (SIGHUP tells them).
         # Its folder is private (0700): the file holds the tokens, and workers unpickle it.
         self._handoff_dir = tempfile.mkdtemp(prefix=f"tunnel-gateway-{self.instance}-")
         self.config_handoff = os.path.join(self._handoff_dir, "config.pickle")
         # The router's socket lives in the same private folder: only this user reaches it, and it
         # goes with the folder however the gateway ends (a SIGKILLed router leaves no file behind).
-        self.endpoint = ipc_endpoint(self.instance, self._handoff_dir) if workers > 1 else None
+        # One worker needs no router, unless the gateway is a node of a fleet: the router links the nodes.
+        self.endpoint = ipc_endpoint(self.instance, self._handoff_dir) if workers > 1 or config.cluster else None
 
     # -- children --------------------------------------------------------------
 
@@ -144,7 +153,8 @@ class Supervisor:
         def make() -> multiprocessing.process.BaseProcess:
             return self.ctx.Process(
                 target=_run_router, name="router",
-                args=(self.endpoint, self.config.log_level, self.config.log_format),
+                args=(self.endpoint, self.config.log_level, self.config.log_format,
+                      cluster_settings(self.config.settings), self.peer_listener),
             )
 
         return Child("router", make)
@@ -287,10 +297,21 @@ class Supervisor:
         if not self.config.watch_config:
             return
         stamp = self._config_stamp()
-        if stamp is not None and stamp != self._stamp:
-            self._stamp = stamp
-            log.info("config file changed on disk", extra={"file": self.config.path})
-            self.handle_hup()
+        if stamp is None or stamp == self._stamp:
+            self._settling = None
+            return
+        # Read it once it has stood still for SETTLE seconds: an editor or a script
+        # writing it in place must not have a half-written file parsed (and rejected,
+        # or worse, accepted with its end missing).
+        now = time.monotonic()
+        if self._settling is None or self._settling[0] != stamp:
+            self._settling = (stamp, now)
+            return
+        if now - self._settling[1] < SETTLE:
+            return
+        self._stamp, self._settling = stamp, None
+        log.info("config file changed on disk", extra={"file": self.config.path})
+        self.handle_hup()
 
     def _drain_wakeups(self) -> None:
         os.set_blocking(self._wake_r, False)

@@ -92,6 +92,8 @@ def to_toml(doc: dict) -> str:
 class Stack:
     procs: Processes
     tmp: Path
+    host: str = "127.0.0.1"  # the gateway's host and admin_host (a fleet's nodes: 127.0.0.2, 127.0.0.3, ...)
+    name: str = "gateway"  # its process's name (and log's)
     backend_port: int = 0
     http_port: int = 0
     tunnel_port: int = 0
@@ -104,7 +106,11 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"
 
     @property
     def backend_url(self) -> str:
@@ -114,7 +120,7 @@ class Stack:
         return f"http://127.0.0.1:{self.clients[client_id][1]}"
 
     def status(self) -> dict:
-        return get_json(f"http://127.0.0.1:{self.admin_port}/admin/status")
+        return get_json(f"{self.admin_url}/admin/status")
 
     def client_status(self, client_id: str = "c1") -> dict:
         return get_json(f"http://127.0.0.1:{self.clients[client_id][2]}/status")
@@ -140,7 +146,7 @@ class Stack:
         self.grpc_port = self.grpc_port or free_port()
         return {
             "gateway": {
-                "host": "127.0.0.1", "http_port": self.http_port, "tunnel_port": self.tunnel_port,
+                "host": self.host, "admin_host": self.host, "http_port": self.http_port, "tunnel_port": self.tunnel_port,
                 "admin_port": self.admin_port, "grpc_port": self.grpc_port, "log_level": "info",
                 "log_format": "json",
                 "heartbeat_interval": 1.0, "shutdown_grace": 3.0, **(settings or {}),
@@ -161,21 +167,21 @@ class Stack:
         doc = doc or self.gateway_doc(**kw)
         self.gateway_config = self.tmp / "gateway.toml"
         self.gateway_config.write_text(to_toml(doc))
-        self.gateway = self.procs.start("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
+        self.gateway = self.procs.start(self.name, [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
         wait_until(self._gateway_ready, what="gateway /healthz", watch=self.gateway)
-        shards = get_json(f"http://127.0.0.1:{self.admin_port}/admin/shards")["workers"]
+        shards = get_json(f"{self.admin_url}/admin/shards")["workers"]
         assert all(w["pid"] in children_of(self.gateway.popen.pid) for w in shards), "admin port taken"
         return self.gateway
 
     def _gateway_ready(self) -> bool:
         """The admin port answers /healthz (wait on it watching the gateway process)."""
-        return http("GET", f"http://127.0.0.1:{self.admin_port}/healthz", timeout=2).status == 200
+        return http("GET", f"{self.admin_url}/healthz", timeout=2).status == 200
 
     def start_client(self, client_id: str = "c1", group: str = "g1", token: str = TOKEN, wait: bool = True,
                      extra: list[str] | None = None) -> ProcGroup:
         local, admin = (self.clients[client_id][1:] if client_id in self.clients else (free_port(), free_port()))
         args = [
-            sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
+            sys.executable, "-m", "gateway.client.main", "--server", f"{self.host}:{self.tunnel_port}",
             "--group", group, "--token", token, "--client-id", client_id,
             "--local-port", str(local), "--admin-port", str(admin), "--reconnect-initial", "0.2",
             "--reconnect-max", "2", *(extra or []),
@@ -196,7 +202,7 @@ class Stack:
 
     def routable(self) -> bool:
         """Every worker sees every stream of every group (its own or through the router)."""
-        shards = get_json(f"http://127.0.0.1:{self.admin_port}/admin/shards")["workers"]
+        shards = get_json(f"{self.admin_url}/admin/shards")["workers"]
         totals: dict[str, int] = {}
         for w in shards:
             for g, n in w["streams"].items():
@@ -222,7 +228,7 @@ class Stack:
 
 def frames_to(stack: Stack, client_id: str) -> dict[str, int]:
     """Frames the gateway has sent on each stream of `client_id`, by connection (/admin/clients)."""
-    rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
+    rows = get_json(f"{stack.admin_url}/admin/clients")["clients"]
     return {c["connection"]: c["frames_out"] for c in rows if c["client_id"] == client_id}
 
 
@@ -240,15 +246,22 @@ def wait_heartbeats(stack: Stack, n: int, client_id: str = "c1", timeout: float 
 
 def standard_stack(procs: Processes, tmp: Path, *, settings: dict | None = None, routes: list | None = None,
                    edit: Callable[[Stack, dict], None] | None = None, client: str | None = "c1",
-                   client_extra: list[str] | None = None) -> Stack:
+                   client_extra: list[str] | None = None, host: str = "127.0.0.1", name: str = "gateway",
+                   like: Stack | None = None) -> Stack:
     """The stack most tests start: the backend, the gateway (gateway_doc's config with
     `settings` in [gateway] and `routes` instead of the default; `edit(stack, doc)` changes
     the config further, e.g. groups of its own: the backend is at stack.backend_url) and,
     unless `client` is None, that client of g1 connected (with `client_extra` arguments).
-    Through the make_stack fixtures of conftest.py, which stop every process after the test
-    or the module, passed or failed."""
-    stack = Stack(procs, tmp)
-    stack.start_backend()
+    The gateway listens on `host` (its admin port too); with `like`, it is another gateway
+    beside that one (a fleet's node): the same ports on its own address, and no backend of
+    its own (`like`'s). Through the make_stack fixtures of conftest.py, which stop every
+    process after the test or the module, passed or failed."""
+    stack = Stack(procs, tmp, host=host, name=name)
+    if like is None:
+        stack.start_backend()
+    else:
+        for key in ("backend_port", "http_port", "tunnel_port", "admin_port", "grpc_port"):
+            setattr(stack, key, getattr(like, key))
     doc = stack.gateway_doc(settings=settings, routes=routes)
     if edit is not None:
         edit(stack, doc)
@@ -259,7 +272,7 @@ def standard_stack(procs: Processes, tmp: Path, *, settings: dict | None = None,
 
 
 def shards(stack: Stack) -> list[dict]:
-    return get_json(f"http://127.0.0.1:{stack.admin_port}/admin/shards")["workers"]
+    return get_json(f"{stack.admin_url}/admin/shards")["workers"]
 
 
 def streams_by_worker(stack: Stack) -> dict[int, int]:
@@ -268,7 +281,7 @@ def streams_by_worker(stack: Stack) -> dict[int, int]:
 
 def drain(stack: Stack, **selection: Any) -> dict:
     body = json.dumps(selection).encode()
-    return http("POST", f"http://127.0.0.1:{stack.admin_port}/admin/drain", body,
+    return http("POST", f"{stack.admin_url}/admin/drain", body,
                 {"Content-Type": "application/json"}).json()
 
 

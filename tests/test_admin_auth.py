@@ -42,7 +42,8 @@ def test_an_exposed_admin_port_asks_for_the_token_on_every_endpoint_but_healthz(
     admin = f"http://127.0.0.1:{stack.admin_port}"
     good = {"Authorization": f"Bearer {TOKEN_VALUE}"}
     for method, path, body in (("GET", "/admin/status", None), ("GET", "/admin/clients", None),
-                               ("GET", "/admin/shards", None), ("GET", "/", None), ("GET", "/metrics", None),
+                               ("GET", "/admin/shards", None), ("GET", "/admin/cluster", None),
+                               ("GET", "/", None), ("GET", "/metrics", None),
                                ("POST", "/admin/drain", b'{"worker": 0, "limit": 0}')):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN_VALUE},
                         {"Authorization": f"Bearer {TOKEN_VALUE}x"}):

@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import stat
+import time
 
 import pytest
 
@@ -93,3 +94,24 @@ def test_workers_take_the_supervisors_parse_not_the_file(procs, tmp_path):
     assert "admin_port: takes a restart" in line and str(stack.gateway_config) in line, line
     assert all(http("GET", url, headers={"Connection": "close"}).status == 200 for _ in range(6))
     assert get_json(f"http://127.0.0.1:{stack.admin_port}/healthz") is not None
+
+
+def test_a_file_being_written_is_read_once_it_stands_still(procs, tmp_path):
+    """The watcher reads a changed file only once it has stood still: a file written in two
+    parts (its first half is no valid TOML) is reloaded whole, never rejected half-way."""
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    settings = {"workers": 1, "watch_config": True}
+    stack.start_gateway(settings=settings)
+    stack.start_client()
+    doc = stack.gateway_doc(settings=settings)
+    doc["routes"] = [{"path_prefix": "/new", "group": "g1", "strip_prefix": True}, {"path_prefix": "/", "group": "g1"}]
+    text = to_toml(doc)
+    with open(stack.gateway_config, "w") as fh:
+        fh.write(text[: len(text) // 2])
+        fh.flush()
+        time.sleep(0.15)  # makes the half-written state last (the watcher looks every 0.5 s at most)
+        fh.write(text[len(text) // 2:])
+    wait_until(lambda: http("GET", f"{stack.url}/new/hello").status == 200, 10, what="the new route")
+    out = stack.gateway.output()
+    assert "config reload rejected" not in out and out.count("config file changed on disk") == 1, out

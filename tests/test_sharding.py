@@ -216,7 +216,8 @@ def test_sighup_reload_changes_rules_and_keeps_inflight(sharded):
     # A bad edit is rejected, naming the key, and the old config keeps serving.
     sharded.gateway_config.write_text(sharded.gateway_config.read_text() + "\n[gateway.bogus]\nx = 1\n")
     sharded.gateway.popen.send_signal(signal.SIGHUP)
-    wait_until(lambda: "config reload rejected" in sharded.gateway.output(), 5, what="rejection logged")
+    wait_until(lambda: any("config reload rejected" in line and "gateway.bogus" in line
+                           for line in sharded.gateway.output().splitlines()), 5, what="rejection logged")
     assert "gateway.bogus" in sharded.gateway.output()
     assert http("GET", f"{sharded.url}/new/hello").status == 200
 

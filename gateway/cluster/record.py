@@ -3,14 +3,38 @@ logic, no I/O."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import orjson
 
-__all__ = ["NodeRecord", "STATES", "glob_escape", "merge"]
+__all__ = ["ClientLoad", "NodeRecord", "STATES", "WorkerLoad", "glob_escape", "merge", "routing_changed"]
 
 STATES = ("serving", "draining")
+_WORKER = re.compile(r"w[0-9]{1,6}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLoad:
+    """One client stream a node's worker holds, as other nodes route by it:
+    requests in flight on it, whether it drains, the upstreams its client reports down."""
+
+    client_id: str
+    group: str
+    connection: str
+    inflight: int = 0
+    draining: bool = False
+    unhealthy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """A worker of a node (`w0`, `w1`, ...): its client streams and the frame
+    capabilities its code reads (a channel to it uses them)."""
+
+    clients: tuple[ClientLoad, ...] = ()
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +42,8 @@ class NodeRecord:
     """One node as the fleet sees it: its id, the address other nodes' routers dial
     (`peer`, e.g. tcp://10.0.0.2:7100), the one clients dial (`tunnel`, host:port),
     `state` (serving or draining), `started` (unix time), `groups` {group: streams
-    held}, and `seen`, the node's own clock at its last write (unix time)."""
+    held}, `workers` {"wI": WorkerLoad}, what other nodes route requests by, and
+    `seen`, the node's own clock at its last write (unix time)."""
 
     node_id: str
     peer: str
@@ -27,6 +52,7 @@ class NodeRecord:
     started: float = 0.0
     groups: dict[str, int] = field(default_factory=dict, hash=False)
     seen: float = 0.0
+    workers: dict[str, WorkerLoad] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -37,9 +63,11 @@ class NodeRecord:
         try:
             d = orjson.loads(raw)
             groups = {str(k): int(v) for k, v in d.get("groups", {}).items()}
+            # A record of a node without workers (part 1 of the fleet) has none to route to.
+            workers = {_worker_key(k): _worker(v) for k, v in _of(dict, d.get("workers", {})).items()}
             rec = cls(node_id=str(d["node_id"]), peer=str(d["peer"]), tunnel=str(d["tunnel"]),
                       state=str(d["state"]), started=float(d["started"]), groups=groups,
-                      seen=float(d.get("seen", 0.0)))
+                      seen=float(d.get("seen", 0.0)), workers=workers)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a node record: {exc}") from None
         if rec.state not in STATES:
@@ -49,6 +77,45 @@ class NodeRecord:
     def same(self, other: NodeRecord) -> bool:
         """Equal but for `seen`: what a change of the fleet is (a renewal is not one)."""
         return dataclasses.replace(other, seen=self.seen) == self
+
+
+def _of(kind: type, value: Any) -> Any:
+    # Exact types: a bool is no count, a number no name (a stray or forged key is refused).
+    if type(value) is not kind:
+        raise TypeError(f"{value!r} is not a {kind.__name__}")
+    return value
+
+
+def _worker_key(key: str) -> str:
+    if not _WORKER.fullmatch(key):
+        raise ValueError(f"worker {key!r} is not wN")
+    return key
+
+
+def _client(d: Any) -> ClientLoad:
+    d = _of(dict, d)
+    inflight = _of(int, d["inflight"])
+    if inflight < 0:
+        raise ValueError("inflight below 0")
+    return ClientLoad(_of(str, d["client_id"]), _of(str, d["group"]), _of(str, d["connection"]), inflight,
+                      _of(bool, d["draining"]), tuple(_of(str, u) for u in _of(list, d["unhealthy"])))
+
+
+def _worker(d: Any) -> WorkerLoad:
+    d = _of(dict, d)
+    return WorkerLoad(tuple(_client(c) for c in _of(list, d["clients"])),
+                      tuple(_of(str, c) for c in _of(list, d["capabilities"])))
+
+
+def routing_changed(old: NodeRecord, new: NodeRecord) -> bool:
+    """Does `new` differ from `old` in what other nodes route by: anything but
+    `seen` and the in-flight figures (those ride on the next lease renewal)?"""
+    def shape(rec: NodeRecord) -> NodeRecord:
+        workers = {k: dataclasses.replace(w, clients=tuple(dataclasses.replace(c, inflight=0) for c in w.clients))
+                   for k, w in rec.workers.items()}
+        return dataclasses.replace(rec, seen=0.0, workers=workers)
+
+    return shape(old) != shape(new)
 
 
 def glob_escape(text: str) -> str:

@@ -4,7 +4,8 @@ own record and watches everyone's.
 What Redis holds (everything under the prefix, so several fleets share one Redis):
 
 * `{prefix}:node:{node_id}`: the node's record as JSON (node_id, peer and
-  tunnel addresses, state, started, groups {name: streams}, seen), written
+  tunnel addresses, state, started, groups {name: streams}, each worker's
+  client streams, seen), written
   with SET PX node_ttl and renewed every node_ttl/3. A node that dies stops
   renewing and its key expires: that is how the others learn it is gone.
 * `{prefix}:fleet`: a pub/sub channel on which a node publishes its id on
@@ -38,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from gateway.cluster.record import STATES, NodeRecord, glob_escape, merge
+from gateway.cluster.record import STATES, NodeRecord, WorkerLoad, glob_escape, merge, routing_changed
 from gateway.exposure import mask_text, mask_url
 
 __all__ = ["NodeRecord", "Registry", "STATES"]  # the record re-exported: one import for users
@@ -96,8 +97,7 @@ class Registry:
         self._reported: bool | None = None  # the state last logged: one line per outage, not per retry
         self._resumed = False  # the watch lost Redis and is coming back
         self._keep_until = 0.0  # until then (loop time) a resync adds and updates but drops no node
-        self._clash_logged = False
-        self._stopped = False
+        self._clash_logged = self._stopped = False
 
     # -- what the rest of the node reads and sets (no await) -------------------------
 
@@ -116,9 +116,16 @@ class Registry:
 
     def set_groups(self, groups: dict[str, int]) -> None:
         """The groups this node holds streams of, and how many: written at once (coalesced)."""
-        groups = {str(k): int(v) for k, v in groups.items()}
-        if groups != self._own.groups:
-            self._update(dataclasses.replace(self._own, groups=groups))
+        self.set_load(groups, self._own.workers)
+
+    def set_load(self, groups: dict[str, int], workers: dict[str, WorkerLoad]) -> None:
+        """Streams by group and each worker's clients: written at once when what others
+        route by changed; in-flight figures alone go with the next renewal."""
+        rec = dataclasses.replace(self._own, groups={str(k): int(v) for k, v in groups.items()}, workers=workers)
+        if routing_changed(self._own, rec):
+            self._update(rec)
+        elif rec != self._own:
+            self._own, self._nodes = rec, {**self._nodes, rec.node_id: rec}
 
     def set_state(self, state: str) -> None:
         """"serving" or "draining": written at once."""
@@ -207,8 +214,9 @@ class Registry:
         if old is not None and self._lease_ok:
             self._check_clash(old)
         if self._own.seen != rec.seen and self._version == version:
-            self._own = rec
-            self._nodes = {**self._nodes, rec.node_id: rec}  # a renewal: not a change to notify
+            # A renewal: not a change to notify (in-flight figures set meanwhile are kept).
+            self._own = own = dataclasses.replace(self._own, seen=rec.seen)
+            self._nodes = {**self._nodes, own.node_id: own}
         if old is None or version != self._published:
             await self._redis.publish(self._channel, rec.node_id)
             self._published = version

@@ -10,12 +10,19 @@ A batch for a worker whose queue is at its high-water mark is an overload,
 not a loss: it goes back to its sender as FULL (whose requests in it fail
 with 503 `overloaded`), and the channel between the two workers stays open.
 LOST is for a destination the router cannot reach at all.
+
+With `cluster` set the router is also this node's link to the other nodes
+(`cluster.py`): a destination "NODE/wI" goes to that node's router, and the
+table the workers get also holds the other nodes' workers.
 """
 from __future__ import annotations
 
 import logging
 import signal
+import socket
+import sys
 import time
+from typing import TYPE_CHECKING
 
 import orjson
 import zmq
@@ -25,14 +32,23 @@ from gateway.logs import setup_logging
 from gateway.router import envelope as env
 from gateway.router.shard_table import InProcessShardTable, ShardTable
 
-__all__ = ["Broker", "router_main"]
+if TYPE_CHECKING:
+    from gateway.cluster.config import ClusterSettings
+    from gateway.router.cluster import Cluster
+
+__all__ = ["Broker", "router_main", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("gateway.router")
 
+# A router that cannot bind stops the gateway (the supervisor does not respawn it in a loop).
+EXIT_BOOT_ERROR = 3
+
 
 class Broker:
-    def __init__(self, endpoint: str, table: ShardTable | None = None, hwm: int = 100_000) -> None:
+    def __init__(self, endpoint: str, table: ShardTable | None = None, hwm: int = 100_000,
+                 cluster: "Cluster | None" = None) -> None:
         self.endpoint = endpoint
+        self.cluster = cluster
         self.table = table or InProcessShardTable()
         self.hwm = hwm
         self.running = True
@@ -43,6 +59,7 @@ class Broker:
         self._full_since_log = 0
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._poller = zmq.Poller()
         self._pids: dict[bytes, int] = {}
 
     def bind(self) -> None:
@@ -53,9 +70,13 @@ class Broker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
+        self._sock = sock  # kept before the bind: destroy() closes it however the bind ends
         sock.bind(self.endpoint)
-        self._sock = sock
+        self._poller.register(sock, zmq.POLLIN)
         log.info("router listening", extra={"endpoint": self.endpoint})
+        if self.cluster is not None:
+            self.cluster.bind(self._ctx, self._poller, self._send, lambda: [w.encode() for w in self.table.snapshot()],
+                              self.refused)
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -78,22 +99,35 @@ class Broker:
         self.table.remove(worker.decode())
         for other in self.table.snapshot():
             self._send(env.to_worker(other.encode(), env.ROUTER_ID, env.LOST, worker))
+        if self.cluster is not None:
+            self.cluster.worker_lost(worker)
+
+    def refused(self, dest: bytes) -> None:
+        """A batch for `dest` met a full queue (here, on a peer link, or at its node): counted,
+        and logged at most once a second."""
+        self.overloaded += 1
+        self._full_since_log += 1
+        if time.monotonic() - self._full_logged >= 1.0:
+            log.warning("worker queue full: batches refused", extra={
+                "worker": dest.decode(errors="replace"), "refused": self._full_since_log})
+            self._full_logged, self._full_since_log = time.monotonic(), 0
+
+    def _route(self, src: bytes, kind: bytes, dest: bytes, payload: bytes) -> bool | None:
+        if env.split_remote(dest) is None:
+            return self._send(env.to_worker(dest, src, kind, payload))
+        # A worker of another node: only a node of a fleet reaches one.
+        return self.cluster.forward(src, kind, dest, payload) if self.cluster is not None else False
 
     def handle(self, msg: list[bytes]) -> None:
         src, kind, dest, payload = env.from_worker(msg)
         if kind == env.FRAMES or kind == env.COMMAND:
-            sent = self._send(env.to_worker(dest, src, kind, payload))
+            sent = self._route(src, kind, dest, payload)
             if sent:
                 self.forwarded += 1
             elif sent is None:
-                self.overloaded += 1
                 if kind == env.FRAMES:  # its requests fail with 503; a COMMAND is only dropped
                     self._send(env.to_worker(src, dest, env.FULL, payload))
-                self._full_since_log += 1
-                if time.monotonic() - self._full_logged >= 1.0:
-                    log.warning("worker queue full: batches refused", extra={
-                        "worker": dest.decode(errors="replace"), "refused": self._full_since_log})
-                    self._full_logged, self._full_since_log = time.monotonic(), 0
+                self.refused(dest)
             else:
                 self.unroutable += 1
                 self._send(env.to_worker(src, env.ROUTER_ID, env.LOST, dest))
@@ -112,21 +146,29 @@ class Broker:
         for gone in self.table.expire(time.monotonic(), env.HEARTBEAT_INTERVAL * env.HEARTBEAT_LIVENESS):
             log.warning("worker lost", extra={"worker": gone})
             self._lost(gone.encode())
+        if self.cluster is not None:
+            self.cluster.tick(self.table.snapshot())
         self.broadcast()
 
     def broadcast(self) -> None:
         snapshot = self.table.snapshot()
-        payload = orjson.dumps(snapshot)
+        cluster = self.cluster
+        # With a fleet the rows of other nodes' workers ("B/wI") go with this node's.
+        payload = orjson.dumps({**snapshot, **cluster.rows} if cluster is not None else snapshot)
+        fleet = cluster.view() if cluster is not None else None
         for worker in snapshot:
             self._send(env.to_worker(worker.encode(), env.ROUTER_ID, env.TABLE, payload))
+            if fleet is not None:
+                self._send(env.to_worker(worker.encode(), env.ROUTER_ID, env.FLEET, fleet))
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         next_tick = time.monotonic()
         while self.running:
             wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            if poller.poll(wait_ms):
+            events = dict(self._poller.poll(wait_ms))
+            if self.cluster is not None and events and self.cluster.poll(events):
+                self.broadcast()
+            if self._sock in events:
                 # Drain what is there, bounded, so ticks still happen under load.
                 for _ in range(10_000):
                     try:
@@ -142,21 +184,36 @@ class Broker:
                 next_tick = time.monotonic() + env.HEARTBEAT_INTERVAL
 
     def destroy(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()  # leaves the fleet first: the others stop sending at once
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
             self._ctx.term()
 
 
-def router_main(endpoint: str, log_level: str, log_format: str) -> None:
-    """Entry point of the router process."""
+def router_main(endpoint: str, log_level: str, log_format: str, cluster: "ClusterSettings | None" = None,
+                listener: socket.socket | None = None) -> None:
+    """Entry point of the router process; with `cluster`, this node's link to the fleet
+    (`listener`: the claimed peer port, listening)."""
     setproctitle("tunnel-gateway: router")
     setup_logging(log_level, log_format, prefix={"process": "router"})
-    broker = Broker(endpoint)
+    node = None
+    if cluster is not None:
+        # Only a node of a fleet loads the registry (redis) and the peer links.
+        from gateway.router.cluster import Cluster
+
+        node = Cluster(cluster, listener)
+    broker = Broker(endpoint, cluster=node)
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    broker.bind()
+    try:
+        broker.bind()
+    except zmq.ZMQError as exc:
+        log.error("router could not bind: %s", exc, extra={"endpoint": endpoint})
+        broker.destroy()
+        sys.exit(EXIT_BOOT_ERROR)
     try:
         broker.run()
     finally:

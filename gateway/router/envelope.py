@@ -1,9 +1,15 @@
 """The one module that builds and splits ZeroMQ envelopes between workers
-and the router.
+and the router, and between the routers of a fleet's nodes.
 
 worker -> router (DEALER sends):   [kind, dest, payload]
 router -> worker (ROUTER sends):   [dest identity, src, kind, payload]
 worker receives:                   [src, kind, payload]
+router -> router (DEALER sends):   [dest, src, kind, payload]
+router receives from a peer:       [node id, dest, src, kind, payload]
+
+A worker of another node is addressed as "NODE/wI" (`remote_identity`); over a
+peer link `dest` is the receiving node's own worker ("wI", or empty for all of
+them) and `src` the sending node's ("NODE/wI", or the node id for a HEARTBEAT).
 
 Kinds:
   FRAMES    payload is a batch of encoded tunnel frames for `dest`
@@ -14,6 +20,9 @@ Kinds:
             high-water mark is full (an overload, not a loss): sent back to
             the batch's sender with `src` the full worker and the batch as payload
   COMMAND   payload is JSON: an admin command for `dest` (e.g. drain)
+  FLEET     payload is JSON: the fleet as this node sees it (with cluster set;
+            sent with TABLE, whose rows then include other nodes' workers)
+  HEARTBEAT router to router: payload is JSON {"started"}: the node is alive
 """
 from __future__ import annotations
 
@@ -21,9 +30,9 @@ import os
 import tempfile
 
 __all__ = [
-    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "FULL", "COMMAND", "ROUTER_ID",
-    "worker_identity", "worker_index", "ipc_endpoint",
-    "to_router", "from_worker", "to_worker", "from_router",
+    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "FULL", "COMMAND", "FLEET", "HEARTBEAT", "ROUTER_ID",
+    "worker_identity", "worker_index", "ipc_endpoint", "remote_identity", "split_remote",
+    "to_router", "from_worker", "to_worker", "from_router", "to_peer", "from_peer",
     "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS",
 ]
 
@@ -33,6 +42,8 @@ TABLE = b"T"
 LOST = b"L"
 FULL = b"O"
 COMMAND = b"C"
+FLEET = b"N"
+HEARTBEAT = b"H"
 ROUTER_ID = b"router"
 
 # Workers announce (and the router broadcasts its table) this often; a peer
@@ -49,6 +60,17 @@ def worker_index(identity: bytes) -> int | None:
     if identity.startswith(b"w") and identity[1:].isdigit():
         return int(identity[1:])
     return None
+
+
+def remote_identity(node: bytes, local: bytes) -> bytes:
+    """How this node's workers and router name worker `local` of node `node`."""
+    return node + b"/" + local
+
+
+def split_remote(identity: bytes) -> tuple[bytes, bytes] | None:
+    """(node, local worker) of a remote identity; None for one of this node."""
+    node, sep, local = identity.partition(b"/")
+    return (node, local) if sep else None
 
 
 def ipc_endpoint(instance: str, directory: str | None = None) -> str:
@@ -77,3 +99,14 @@ def from_router(msg: list[bytes]) -> tuple[bytes, bytes, bytes]:
     if len(msg) != 3:
         raise ValueError(f"bad envelope with {len(msg)} parts")
     return msg[0], msg[1], msg[2]
+
+
+def to_peer(dest: bytes, src: bytes, kind: bytes, payload: bytes) -> list[bytes]:
+    return [dest, src, kind, payload]
+
+
+def from_peer(msg: list[bytes]) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """(node, dest, src, kind, payload) of what a router's peer ROUTER received."""
+    if len(msg) != 5:
+        raise ValueError(f"bad peer envelope with {len(msg)} parts")
+    return msg[0], msg[1], msg[2], msg[3], msg[4]

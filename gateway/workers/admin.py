@@ -22,7 +22,7 @@ from gateway.workers.status_page import render_status_page
 if TYPE_CHECKING:
     from gateway.workers.worker import Worker
 
-__all__ = ["admin_app", "worker_report", "all_workers"]
+__all__ = ["admin_app", "worker_report", "all_workers", "cluster_view"]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -72,6 +72,27 @@ def status(worker: "Worker") -> dict[str, Any]:
         "requests": sum(w["requests"] for w in workers),
         "grpc_io": grpc_io_in_use(),  # the engine this worker started with
     }
+
+
+def cluster_view(worker: "Worker") -> dict[str, Any]:
+    """/admin/cluster: every node of the fleet as this node's router last told (FLEET).
+    One host (no `cluster`): this node alone, `registry_up` null, so a script reads
+    one shape either way."""
+    cfg = worker.config
+    if cfg.cluster:
+        fleet = worker.link.fleet if worker.link is not None else None
+        # Before the router's first word: this node, its registry not known to be up.
+        return fleet or {"node_id": cfg.node_id, "registry_up": False, "nodes": []}
+    workers = all_workers(worker)
+    groups: dict[str, int] = {}
+    for w in workers:
+        for g, n in w["streams"].items():
+            groups[g] = groups.get(g, 0) + n
+    node_id = cfg.node_id or socket.gethostname()
+    node = {"node_id": node_id, "address": f"{cfg.host}:{cfg.tunnel_port}", "peer": None,
+            "state": "draining" if worker.stopping else "serving", "groups": groups, "last_seen": time.time(),
+            "started": min(w["started_at"] for w in workers)}
+    return {"node_id": node_id, "registry_up": None, "nodes": [node]}
 
 
 # Open without the token: the liveness probe (container health checks).
@@ -133,6 +154,9 @@ def admin_app(worker: "Worker") -> web.Application:
                 remote.append(index)
         return _json({"drained_here": local, "sent_to_workers": remote})
 
+    async def cluster(_request: web.Request) -> web.Response:
+        return _json(cluster_view(worker))
+
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -148,5 +172,6 @@ def admin_app(worker: "Worker") -> web.Application:
     app.router.add_get("/admin/status", get_status)
     app.router.add_get("/admin/shards", shards)
     app.router.add_get("/admin/clients", clients)
+    app.router.add_get("/admin/cluster", cluster)
     app.router.add_post("/admin/drain", drain)
     return app

@@ -4,6 +4,10 @@ Each peer worker is reached through a *channel*: a TunnelStream whose
 transport is the ZeroMQ link, so requests crossing workers get the same
 exchanges, flow control and RESETs as on a client tunnel. Liveness comes from
 the router (LOST, and its table broadcast as a heartbeat), not from PINGs.
+
+In a fleet a worker of another node is a peer like any other, named "NODE/wI":
+the router forwards to and from it. Its rows come with the table (kept apart in
+`remote`), and the router's view of the fleet in FLEET (`fleet`).
 """
 from __future__ import annotations
 
@@ -34,11 +38,12 @@ class LinkTransport:
     cannot queue (the high-water mark is full) fails its requests with
     `overloaded`; the channel stays open."""
 
-    __slots__ = ("link", "dest", "_closed")
+    __slots__ = ("link", "dest", "remote", "_closed")
 
     def __init__(self, link: "RouterLink", dest: bytes) -> None:
         self.link = link
         self.dest = dest
+        self.remote = env.split_remote(dest) is not None  # a worker of another node
         self._closed = asyncio.Event()
 
     async def read(self) -> bytes | None:
@@ -47,6 +52,8 @@ class LinkTransport:
 
     async def write(self, raw: bytes) -> None:
         self.link.frames_out += 1
+        if self.remote:
+            self.link.node_out += 1
         try:
             await self.link.sock.send_multipart(env.to_router(env.FRAMES, self.dest, raw), zmq.NOBLOCK)
         except zmq.Again:
@@ -72,9 +79,13 @@ class RouterLink:
         self.on_command = on_command
         self.identity = env.worker_identity(routing.index)
         self.channels: dict[bytes, TunnelStream] = {}
-        self.table: dict[str, dict[str, Any]] = {}
-        self.frames_in = 0
+        self.table: dict[str, dict[str, Any]] = {}  # this node's workers' rows, by "wI"
+        self.remote: dict[str, dict[str, Any]] = {}  # other nodes' workers' rows, by "NODE/wI"
+        self.fleet: dict[str, Any] | None = None  # the router's last FLEET (with cluster set)
+        self.frames_in = 0  # batches through the router (other nodes' included)
         self.frames_out = 0
+        self.node_in = 0  # of those, batches from and to other nodes
+        self.node_out = 0
         self.overloaded = 0  # batches refused at a full high-water mark (here or at the router)
         self._full_logged = 0.0  # logged at most once a second
         self.router_ok = False
@@ -119,7 +130,8 @@ class RouterLink:
                           on_request=self.routing.serve_remote,
                           peer_id=peer.decode(), label=f"worker {peer.decode()}")
         # A worker restarted on newer code (an upgrade in place) may meet older ones.
-        ch.header_fields = frames.HEADER_FIELDS in self.table.get(peer.decode(), {}).get("capabilities", ())
+        row = (self.remote if b"/" in peer else self.table).get(peer.decode(), {})
+        ch.header_fields = frames.HEADER_FIELDS in row.get("capabilities", ())
         self.channels[peer] = ch
         task = asyncio.get_running_loop().create_task(ch.run())
         task.add_done_callback(lambda _t, p=peer, c=ch: self._channel_done(p, c))
@@ -155,6 +167,7 @@ class RouterLink:
 
     def lose(self, peer: bytes, reason: str) -> None:
         self.table.pop(peer.decode(), None)
+        self.remote.pop(peer.decode(), None)
         ch = self.channels.pop(peer, None)
         if ch is not None:
             ch.close(reason)
@@ -171,6 +184,8 @@ class RouterLink:
                 continue
             if kind == env.FRAMES:
                 self.frames_in += 1
+                if b"/" in src:
+                    self.node_in += 1
                 ch = self.channel(src)
                 try:
                     ch.feed(payload)
@@ -178,7 +193,9 @@ class RouterLink:
                     log.warning("bad frames from %s: %s", src.decode(), exc)
                     ch.close("protocol_error")
             elif kind == env.TABLE:
-                self.table = orjson.loads(payload)
+                rows = orjson.loads(payload)
+                self.table = {k: v for k, v in rows.items() if "/" not in k}
+                self.remote = {k: v for k, v in rows.items() if "/" in k} if len(rows) > len(self.table) else {}
                 self._last_table = time.monotonic()
                 if not self.router_ok:
                     log.info("router connected")
@@ -188,6 +205,8 @@ class RouterLink:
                 self.lose(payload, "worker_lost")
             elif kind == env.FULL:
                 self.undelivered(src, payload)
+            elif kind == env.FLEET:
+                self.fleet = orjson.loads(payload)
             elif kind == env.COMMAND:
                 try:
                     self.on_command(orjson.loads(payload))
@@ -213,7 +232,7 @@ class RouterLink:
                 # Requests that crossed the router fail now; the rest go on.
                 log.warning("router lost; cross-worker requests fail until it is back")
                 self.router_ok = False
-                self.table = {}
+                self.table, self.remote = {}, {}
                 for peer in list(self.channels):
                     self.lose(peer, "router_lost")
             try:

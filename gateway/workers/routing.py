@@ -4,9 +4,10 @@
 other workers' streams (the shard table the router broadcasts, through the
 link), the balancer and the limit gates, and the current config. A request
 for a group goes to a stream this worker owns, else over a channel to the
-worker that owns the chosen one. The entries ask it for a stream; the tunnel
-endpoint adds and removes streams through it; the router link hands it the
-requests other workers send.
+worker that owns the chosen one: another worker of this node, else (in a
+fleet) a worker of another node, "NODE/wI". The entries ask it for a stream;
+the tunnel endpoint adds and removes streams through it; the router link
+hands it the requests other workers (of any node) send.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Mapping, Protocol
 
 from gateway.balance import Balancer, Candidate
 from gateway.limits import LimitGate, Limits
-from gateway.router.envelope import worker_identity
+from gateway.router.envelope import remote_identity, worker_identity
 from gateway.rules import first_match
 from gateway.tunnel import frames
 from gateway.tunnel.exchange import InboundExchange
@@ -40,6 +41,7 @@ class PeerLink(Protocol):
 
     router_ok: bool
     table: dict[str, dict[str, Any]]
+    remote: dict[str, dict[str, Any]]
     channels: dict[bytes, TunnelStream]
     frames_in: int
     frames_out: int
@@ -108,7 +110,8 @@ class Routing:
     # -- choosing a stream -----------------------------------------------------
 
     def candidates(self, group: str, local_only: bool = False) -> list[Candidate]:
-        """Streams of `group` a request could go to: this worker's, then other workers'."""
+        """Streams of `group` a request could go to: this worker's, other workers', other nodes'.
+        A draining node's streams only while the group has none on a serving node."""
         out = [Candidate(s.peer_id, self.index, s.inflight, s.peer_unhealthy, s) for s in self.registry.usable(group)]
         link = self.link
         if not local_only and link is not None and link.router_ok:
@@ -119,7 +122,21 @@ class Routing:
                     if c["group"] == group and not c["draining"]:
                         out.append(Candidate(c["client_id"], info["worker"], c["pending"] + c["serving"],
                                              frozenset(c.get("unhealthy", ()))))
+            if link.remote:
+                out += self._remote_candidates(link.remote, group, serving_only=bool(out))
         return out
+
+    @staticmethod
+    def _remote_candidates(rows: dict[str, dict[str, Any]], group: str, serving_only: bool) -> list[Candidate]:
+        serving: list[Candidate] = []
+        draining: list[Candidate] = []
+        for info in rows.values():
+            into = draining if info["node_state"] == "draining" else serving
+            for c in info["clients"]:
+                if c["group"] == group and not c["draining"]:
+                    into.append(Candidate(c["client_id"], info["worker"], c["inflight"], frozenset(c["unhealthy"]),
+                                          node=info["node"]))
+        return serving if serving or serving_only else draining
 
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
                key: str | None) -> tuple[TunnelStream, str] | None:
@@ -139,7 +156,10 @@ class Routing:
         if choice.stream is not None:
             return choice.stream, choice.client_id
         assert self.link is not None  # remote candidates come only through the link
-        return self.link.channel(worker_identity(choice.worker)), choice.client_id
+        peer = worker_identity(choice.worker)
+        if choice.node:
+            peer = remote_identity(choice.node.encode(), peer)
+        return self.link.channel(peer), choice.client_id
 
     async def serve_remote(self, ex: InboundExchange) -> None:
         """A request another worker sent: put it on one of our client streams."""

@@ -126,6 +126,8 @@ class Worker:
                 str(self.index), sum(s.inflight for s in routing.registry), routing.registry.groups(),
                 link.frames_in if link else 0, link.frames_out if link else 0,
             )
+            if link is not None:
+                self.metrics.sample_fleet(str(self.index), link.node_in, link.node_out, link.fleet)
             await asyncio.sleep(1.0)
 
     # -- serving ---------------------------------------------------------------
@@ -153,7 +155,7 @@ class Worker:
         self.ids = RequestIds(gateway_prefix(self.instance, self.index))
         self.routing = Routing(cfg, worker=self.index, workers=self.workers, spawn=self.spawn)
         self.upstreams = UpstreamClients()
-        self.metrics = Metrics()
+        self.metrics = Metrics(cluster=bool(cfg.cluster))
         self.metrics.set_config_versions(self.routing.config_versions())
         self.access_log = AccessLog(cfg.access_log)
         self.http_entry = HttpEntry(self.routing, self.ids, access_log=self.access_log, metrics=self.metrics)
