@@ -2,6 +2,7 @@
 
     tunnel-gateway [-c FILE] [--flag VALUE ...]     run the gateway
     tunnel-gateway check-config FILE [--flag ...]   validate, print the effective config
+    tunnel-gateway keygen                           print a new CURVE keypair for a fleet node
 
 Precedence: flag > environment (TUNNEL_GATEWAY_*) > file > default.
 Exit codes: 0 ok, 1 a forced stop cut requests in flight, 2 bad config or usage,
@@ -16,6 +17,7 @@ import sys
 import orjson
 
 from gateway import __version__
+from gateway.cluster.config import curve_keypair
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
 from gateway.exposure import mask_headers, mask_settings, mask_url
 from gateway.ports import PortUnavailable, claim_ports, listen_for_peers
@@ -32,7 +34,7 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
         prog="tunnel-gateway check-config" if check else "tunnel-gateway",
         description="Validate a config file and print the effective config." if check else
         "Tunnel gateway: HTTP entry, tunnel endpoint, admin port; one worker process per core.",
-        epilog="Also: 'tunnel-gateway check-config FILE'. Exit codes: 0 ok, 1 forced stop, 2 bad config or usage, 3 could not bind.",
+        epilog="Also: 'tunnel-gateway check-config FILE', 'tunnel-gateway keygen'. Exit codes: 0 ok, 1 forced stop, 2 bad config or usage, 3 could not bind.",
     )
     if check:
         p.add_argument("config", help="TOML config file to check")
@@ -87,10 +89,20 @@ def check_config(argv: list[str]) -> int:
     return 0
 
 
+def keygen() -> int:
+    """A node's keypair as [gateway] lines: the secret for its own file, the public key for every node's list."""
+    public, secret = curve_keypair()
+    print(f'cluster_secret_key = "{secret}"  # this node only: keep it secret')
+    print(f'# public key (add it to cluster_public_keys of every node, this one included): "{public}"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
+    if argv == ["keygen"]:
+        return keygen()
     args = build_parser().parse_args(argv)
     try:
         config = load_gateway_config(args.config, args)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from gateway.balance import STREAM_POLICIES
 from gateway.cluster.config import CLUSTER_SETTINGS, check_cluster
-from gateway.exposure import is_loopback
+from gateway.exposure import is_loopback, mask_settings
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.ports import port_clash
@@ -106,8 +106,10 @@ def restart_only_change(old: "GatewayConfig", new: "GatewayConfig") -> ConfigErr
     """The first setting a reload from `old` to `new` cannot apply, as an error naming it."""
     for key in RESTART_ONLY:
         if old.settings.get(key) != new.settings.get(key):
-            return ConfigError(new.path, key, f"takes a restart (running with {old.settings.get(key)!r}, "
-                                              f"the file says {new.settings.get(key)!r}); nothing reloaded")
+            # Masked: a secret (cluster_secret_key) must not reach the log by a reload.
+            was, now = (mask_settings({key: c.settings.get(key)})[key] for c in (old, new))
+            return ConfigError(new.path, key, f"takes a restart (running with {was!r}, "
+                                              f"the file says {now!r}); nothing reloaded")
     return None
 
 

@@ -136,5 +136,9 @@ def listen_for_peers(sock: socket.socket) -> socket.socket:
     the port between the check and the router's start, nor share it (SO_REUSEPORT
     off: no worker binds beside this one). A respawned router takes it over."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+    # Accepted connections inherit SO_REUSEADDR: without it, those a killed node
+    # leaves (FIN_WAIT2, TIME_WAIT) would stop its restart's claim for a minute. It
+    # lets no one bind beside this socket while it listens.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.listen(PEER_BACKLOG)
     return sock

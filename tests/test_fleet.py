@@ -89,7 +89,8 @@ def fleet(redis_server, make_module_stack, echo_gen) -> Fleet:  # noqa: F811  (e
     b = make_module_stack(host=B, name="gateway-b", like=a, settings=node_settings(redis_server.url, "b", peer_port),
                           edit=routes, client=None)
     echo = a.procs.start("grpc-echo", [sys.executable, str(ECHO), str(echo_gen[0]), str(echo_port)])
-    a.start_client("c1")  # --server 127.0.0.2:PORT: it knows node A only
+    # --server 127.0.0.2:PORT and not learning the fleet: it stays on node A only
+    a.start_client("c1", extra=["--no-learn-fleet"])
 
     async def echo_up() -> bool:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ch:

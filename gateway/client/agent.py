@@ -1,231 +1,35 @@
 """The agent: keeps N tunnel connections to the gateway and serves what
 arrives on them. Each connection is its own stream with its own back-off;
-losing one does not interrupt the others."""
+losing one does not interrupt the others. With several gateway nodes the
+connections are spread over them (gateway/client/fleet.py decides, one move
+at a time; gateway/client/connection.py moves)."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
 import os
-import random
-import time
+from typing import Sequence
 
 import orjson
 
-import grpc
-import grpc.aio
-
-from gateway import __version__
 from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
+from gateway.client.connection import Connection
+from gateway.client.fleet import NodeSet
 from gateway.groupconfig import group_config_from_json
 from gateway.settings import ConfigError
-from gateway.tls import channel_credentials
-from gateway.tunnel import frames
 from gateway.dispatch import RuleDispatcher
 from gateway.http.upstream import UpstreamClients
 from gateway.tunnel.exchange import InboundExchange
-from gateway.tunnel.stream import StreamLimits, TunnelStream
-from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
-                                      open_client_call)
+from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["Agent", "Connection", "Backoff", "FATAL_REFUSALS"]
+__all__ = ["Agent"]
 
 log = logging.getLogger("gateway.client")
 
-# A connection that stayed up this long resets the back-off.
-HEALTHY_AFTER = 10.0
-REJECTED_MIN_DELAY = 15.0
-# Refusals no retry can mend: the client stops (exit status 1). `draining` is not
-# one (another worker or server takes the client); bad_token and unknown_group
-# are what gateways before bad_credentials said.
-FATAL_REFUSALS = frozenset({"bad_credentials", "missing_token", "token_expired", "bad_certificate",
-                            "bad_token", "unknown_group"})
-
-
-class Backoff:
-    """Exponential back-off with jitter (half to full of the step), capped."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * (2 ** self.attempt))
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-
-class Connection:
-    """One tunnel connection: connect, serve until lost, back off, again."""
-
-    def __init__(self, agent: "Agent", index: int) -> None:
-        self.agent = agent
-        self.index = index
-        self.stream: TunnelStream | None = None
-        self.draining: set[TunnelStream] = set()
-        self.connected_since: float | None = None
-        self.connects = 0
-        self._goaway = asyncio.Event()
-        self.goaway_reason = ""
-        self._drain_tasks: set[asyncio.Task] = set()
-
-    def _on_control(self, f: frames.Frame, kind: str) -> None:
-        if kind == "config":
-            error = self.agent.apply_config(f.config.config_version, f.config.config_json)
-            if self.stream is not None:
-                # Acknowledge: the version applied, or why not.
-                self.stream.push(frames.config(f.config.config_version, b"", error))
-        elif kind == "goaway":
-            self.goaway_reason = f.goaway.reason
-            self._goaway.set()
-
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        cfg = self.agent.config
-        backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
-        try:
-            while not stop.is_set():
-                started = time.monotonic()
-                outcome = await self._connect_once(stop)
-                if stop.is_set():
-                    break
-                if outcome == "goaway" and self.goaway_reason == "replaced_by_newer_connection":
-                    # Another process runs with our identity and took this connection over;
-                    # taking it back would only make the two fight. A deployment error: stop.
-                    self.agent.fail(f"another tunnel-client with this identity (group {cfg.group!r}, client_id "
-                                    f"{cfg.client_id!r}) took over connection {self.index}: two processes share "
-                                    f"one client id; this one stops")
-                    return
-                if outcome == "goaway":
-                    backoff.reset()
-                    continue
-                if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                if outcome == "rejected" and self.agent.last_rejection != "draining":
-                    # Retrying a refusal fast helps nobody: a few attempts a minute at most.
-                    delay = max(delay, REJECTED_MIN_DELAY)
-                log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome,
-                                                "connection": self.index})
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            for task in list(self._drain_tasks):
-                task.cancel()
-
-    async def _handshake(self, transport: ClientTransport) -> frames.pb.Welcome | None:
-        cfg = self.agent.config
-        hello = frames.hello(
-            client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
-            capabilities=["http", frames.HEADER_FIELDS], connection_index=self.index,
-        )
-        await transport.write(frames.encode_frame(hello))
-        raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)
-        if raw is None:
-            raise frames.ProtocolError("gateway closed the tunnel before WELCOME")
-        first = frames.decode_batch(raw)
-        if not first or first[0].WhichOneof("kind") != "welcome":
-            raise frames.ProtocolError("gateway did not answer with WELCOME")
-        welcome = first[0].welcome
-        if not welcome.accepted:
-            self.agent.last_rejection = welcome.code
-            # The token is never logged.
-            level = logging.WARNING if welcome.code == "draining" else logging.ERROR
-            log.log(level, "gateway rejected this client: %s: %s", welcome.code, welcome.message,
-                    extra={"code": welcome.code, "group": cfg.group, "connection": self.index})
-            if welcome.code in FATAL_REFUSALS:
-                self.agent.fail(f"the gateway refused this client ({welcome.code}: {welcome.message}): "
-                                f"check its group, token and certificate; it stops")
-            return None
-        return welcome
-
-    async def _channel(self) -> grpc.aio.Channel:
-        cfg = self.agent.config
-        options = grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=False)
-        if not (cfg.tls or cfg.tls_ca or cfg.insecure):
-            return grpc.aio.insecure_channel(cfg.server, options=options)
-        # --insecure fetches the gateway's certificate: blocking I/O, off the loop.
-        creds, name = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: channel_credentials(cfg.server, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
-                                              insecure=cfg.insecure))
-        if name:
-            options = options + [("grpc.ssl_target_name_override", name)]
-        return grpc.aio.secure_channel(cfg.server, creds, options=options)
-
-    async def _connect_once(self, stop: asyncio.Event) -> str:
-        cfg = self.agent.config
-        loop = asyncio.get_running_loop()
-        try:
-            channel = await self._channel()
-        except (OSError, ValueError) as exc:
-            log.warning("cannot set up the tunnel channel: %s", _describe(exc), extra={"server": cfg.server})
-            return "unreachable"
-        transport = ClientTransport(open_client_call(channel), cfg.server)
-        keep_channel = False
-        try:
-            welcome = await self._handshake(transport)
-            if welcome is None:
-                return "rejected"
-            self.agent.apply_config(welcome.config_version, welcome.config_json)
-            limits = StreamLimits(
-                max_inflight=cfg.max_inflight,
-                window=welcome.window or 262144,
-                chunk_size=welcome.chunk_size or 65536,
-                heartbeat_interval=(welcome.heartbeat_ms or 5000) / 1000,
-            )
-            stream = TunnelStream(
-                transport, limits=limits, on_request=self.agent.handle, peer_id="gateway", group=cfg.group,
-                label=f"{cfg.client_id}/{self.index}", on_control=self._on_control,
-            )
-            stream.health_source = self.agent.unhealthy_upstreams
-            stream.header_fields = frames.HEADER_FIELDS in welcome.capabilities
-            self._goaway.clear()
-            self.stream = stream
-            self.connects += 1
-            self.connected_since = time.time()
-            self.agent.last_rejection = ""
-            log.info("tunnel connected", extra={"server": cfg.server, "worker": welcome.worker,
-                                                 "config_version": welcome.config_version, "connection": self.index})
-            run_task = loop.create_task(stream.run())
-            goaway = loop.create_task(self._goaway.wait())
-            stopping = loop.create_task(stop.wait())
-            await asyncio.wait([run_task, goaway, stopping], return_when=asyncio.FIRST_COMPLETED)
-            goaway.cancel()
-            stopping.cancel()
-            if not run_task.done() and self._goaway.is_set() and not stop.is_set():
-                # Let in-flight requests finish on the old stream while a new one opens.
-                keep_channel = True
-                self.draining.add(stream)
-                self._drain_tasks.add(run_task)
-                run_task.add_done_callback(lambda t, s=stream, ch=channel: self._drained(t, s, ch))
-                return "goaway"
-            if not run_task.done():
-                stream.close("client_stopping")
-            await run_task
-            log.warning("tunnel lost", extra={"reason": stream.close_reason, "connection": self.index})
-            return "served"
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
-            log.warning("cannot reach gateway: %s", _describe(exc), extra={"server": cfg.server,
-                                                                           "connection": self.index})
-            return "unreachable"
-        finally:
-            # Returning means this stream takes no new requests.
-            self.stream = None
-            self.connected_since = None
-            if not keep_channel:
-                await channel.close()
-
-    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel) -> None:
-        self._drain_tasks.discard(task)
-        self.draining.discard(stream)
-        asyncio.get_running_loop().create_task(channel.close())
-
+# How often the spread of the connections over the nodes is checked (and one move made).
+REBALANCE_EVERY = 1.0
 
 class Agent:
     def __init__(self, config: ClientConfig, upstreams: UpstreamClients) -> None:
@@ -237,7 +41,9 @@ class Agent:
         self.fatal = ""  # why the agent stopped by itself (the process exits 1)
         self._stop: asyncio.Event | None = None
         self.connections = [Connection(self, i) for i in range(config.connections)]
+        self.nodes = NodeSet(config.server.split(","))
         self._rr = itertools.count()
+        self._rebalance_now = asyncio.Event()
 
     async def handle(self, ex: InboundExchange) -> None:
         # The dispatcher is read once: a config swap does not touch running requests.
@@ -334,13 +140,46 @@ class Agent:
         if self._stop is not None:
             self._stop.set()
 
+    def placed(self) -> dict[int, str | None]:
+        """Each connection's node (None: not connected)."""
+        return {c.index: c.node for c in self.connections}
+
+    def learn(self, nodes: Sequence[str], via: str) -> None:
+        """The serving nodes a gateway named (WELCOME, FLEET): new ones get connections soon."""
+        if not self.config.learn_fleet:
+            return
+        new = self.nodes.learn(nodes)
+        if new:
+            log.info("gateway nodes learned", extra={"nodes": list(nodes), "new": new, "via": via})
+            self._rebalance_now.set()
+
+    async def _rebalance(self, stop: asyncio.Event) -> None:
+        """Keep the connections spread: one move at a time, each made before it breaks."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._rebalance_now.wait(), REBALANCE_EVERY)
+            except asyncio.TimeoutError:
+                pass
+            self._rebalance_now.clear()
+            move = self.nodes.plan_move(self.placed())
+            if move is None or stop.is_set():
+                continue
+            conn = self.connections[move.index]
+            if conn.stream is None:
+                continue
+            conn.request_move(move.node, move.why)
+            try:
+                # Bounded: a move is one handshake (connect_timeout) and a swap.
+                await asyncio.wait_for(conn.move_done.wait(), self.config.connect_timeout + 5)
+            except asyncio.TimeoutError:
+                log.warning("a connection move did not finish in time", extra={"connection": move.index})
+
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set: by a signal, or by `fail`."""
         self._stop = stop
-        await asyncio.gather(*(c.run_forever(stop) for c in self.connections))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
+        rebalance = asyncio.get_running_loop().create_task(self._rebalance(stop))
+        try:
+            await asyncio.gather(*(c.run_forever(stop) for c in self.connections))
+        finally:
+            rebalance.cancel()
+            await asyncio.gather(rebalance, return_exceptions=True)

@@ -8,8 +8,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from gateway.client.fleet import server_list
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, entry_settings, host_port, load_section, port,
+    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, entry_settings, load_section, port,
     positive_float,
     positive_int, read_toml, string,
 )
@@ -19,7 +20,10 @@ ENV_PREFIX = "TUNNEL_CLIENT_"
 __all__ = ["ENV_PREFIX", "CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
 
 CLIENT_SETTINGS: tuple[Setting, ...] = (
-    Setting("server", "127.0.0.1:50001", host_port, "gateway tunnel address host:port"),
+    Setting("server", "127.0.0.1:50001", server_list,
+            "gateway tunnel address host:port, or a comma-separated list of a fleet's nodes (it learns the others)"),
+    Setting("learn_fleet", True, boolean,
+            "use the fleet's nodes the gateway names, spreading the connections (false: only the server list)"),
     Setting("group", "", string, "client group to join (required)"),
     Setting("token", "", string, "token of the group (required)"),
     Setting("client_id", "", string, "this client's id (default: hostname-pid)"),

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setproctitle(f"tunnel-client: {config.client_id}")
     setup_logging(config.log_level, config.log_format, prefix={"client_id": config.client_id})
-    if not (config.tls or config.tls_ca or config.insecure) and not is_loopback(config.server.rpartition(":")[0]):
+    remote = [s for s in config.server.split(",") if not is_loopback(s.rpartition(":")[0])]
+    if not (config.tls or config.tls_ca or config.insecure) and remote:
         logging.getLogger("gateway.client").warning(
-            "connecting to %s without TLS: the token crosses the network in plain text (set tls)", config.server)
+            "connecting to %s without TLS: the token crosses the network in plain text (set tls)", ",".join(remote))
     choose_grpc_io(config.grpc_event_engine)
     # Imported only now: it loads grpc, which reads the I/O engine chosen above once, at import.
     from gateway.client.serve import serve

@@ -43,7 +43,8 @@ class NodeRecord:
     (`peer`, e.g. tcp://10.0.0.2:7100), the one clients dial (`tunnel`, host:port),
     `state` (serving or draining), `started` (unix time), `groups` {group: streams
     held}, `workers` {"wI": WorkerLoad}, what other nodes route requests by, and
-    `seen`, the node's own clock at its last write (unix time)."""
+    `seen`, the node's own clock at its last write (unix time), and `curve_key`, its
+    CURVE public key (Z85; empty: its peer links are plaintext)."""
 
     node_id: str
     peer: str
@@ -53,6 +54,7 @@ class NodeRecord:
     groups: dict[str, int] = field(default_factory=dict, hash=False)
     seen: float = 0.0
     workers: dict[str, WorkerLoad] = field(default_factory=dict, hash=False)
+    curve_key: str = ""
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -67,7 +69,8 @@ class NodeRecord:
             workers = {_worker_key(k): _worker(v) for k, v in _of(dict, d.get("workers", {})).items()}
             rec = cls(node_id=str(d["node_id"]), peer=str(d["peer"]), tunnel=str(d["tunnel"]),
                       state=str(d["state"]), started=float(d["started"]), groups=groups,
-                      seen=float(d.get("seen", 0.0)), workers=workers)
+                      seen=float(d.get("seen", 0.0)), workers=workers,
+                      curve_key=_of(str, d.get("curve_key", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a node record: {exc}") from None
         if rec.state not in STATES:

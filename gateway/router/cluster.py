@@ -44,9 +44,11 @@ class Cluster:
         self.settings = settings
         self.own_id = settings.node_id.encode()
         self.started = time.time()  # this incarnation: a restarted router is a restarted node to the others
-        own = NodeRecord(settings.node_id, settings.peer, settings.tunnel, started=self.started)
+        own = NodeRecord(settings.node_id, settings.peer, settings.tunnel, started=self.started,
+                         curve_key=settings.public_key)
         self.fleet = FleetThread(settings, own)
-        self.peers = PeerLinks(own, bind=settings.bind, listener_fd=listener.detach() if listener else None, hwm=hwm)
+        self.peers = PeerLinks(own, bind=settings.bind, listener_fd=listener.detach() if listener else None, hwm=hwm,
+                               secret_key=settings.secret_key, public_keys=settings.public_keys)
         self.rows: dict[str, dict[str, Any]] = {}  # "B/wI" -> the row workers route by
         self.groups: dict[str, int] = {}  # this node's streams by group, as last published
         self._published: tuple[dict, dict] | None = None
@@ -62,9 +64,12 @@ class Cluster:
         `refused(dest)` counts a batch a full queue refused."""
         self._send_local, self._workers, self._refused = send_local, workers, refused
         poller.register(self.peers.bind(ctx), zmq.POLLIN)
+        if self.peers.zap is not None:
+            poller.register(self.peers.zap, zmq.POLLIN)
         poller.register(self.fleet.wake_fd, zmq.POLLIN)
-        log.warning("peer links between nodes are plaintext: run the fleet on a private network "
-                    "(CURVE encryption comes in a later version)", extra={"node_id": self.settings.node_id})
+        if not self.peers.curve:
+            log.warning("peer links between nodes are plaintext: run the fleet on a private network, or set "
+                        "cluster_secret_key and cluster_public_keys", extra={"node_id": self.settings.node_id})
         self.fleet.start()
         self._sync()
 
@@ -77,6 +82,8 @@ class Cluster:
     def poll(self, events: dict[Any, int]) -> bool:
         """Handle what `events` says is ready; True when the workers' table changed."""
         changed = False
+        if self.peers.zap is not None and self.peers.zap in events:
+            self.peers.authenticate()
         if self.fleet.wake_fd in events:
             self.fleet.drain_wakeups()
             changed = self._sync()

@@ -42,6 +42,7 @@ __all__ = [
     "hello",
     "welcome",
     "config",
+    "fleet",
     "header_list",
     "request_headers",
     "response_headers",
@@ -367,6 +368,7 @@ def welcome(
     window: int = 0,
     chunk_size: int = 0,
     capabilities: Sequence[str] = (),
+    nodes: Sequence[str] = (),
 ) -> pb.Frame:
     return pb.Frame(
         welcome=pb.Welcome(
@@ -380,9 +382,15 @@ def welcome(
             window=window,
             chunk_size=chunk_size,
             capabilities=list(capabilities),
+            nodes=list(nodes),
         )
     )
 
 
 def config(config_version: str, config_json: bytes, error: str = "") -> pb.Frame:
     return pb.Frame(config=pb.Config(config_version=config_version, config_json=config_json, error=error))
+
+
+def fleet(nodes: Sequence[str]) -> pb.Frame:
+    """The tunnel addresses of the fleet's serving nodes (gateway -> client)."""
+    return pb.Frame(fleet=pb.Fleet(nodes=list(nodes)))

@@ -13,7 +13,7 @@ class Batch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("request_id", "trace_id", "reply", "headers", "data", "reset", "window", "ping", "goaway", "hello", "welcome", "config")
+    __slots__ = ("request_id", "trace_id", "reply", "headers", "data", "reset", "window", "ping", "goaway", "hello", "welcome", "config", "fleet")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Frame(_message.Message):
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     trace_id: str
     reply: bool
@@ -38,7 +39,8 @@ class Frame(_message.Message):
     hello: Hello
     welcome: Welcome
     config: Config
-    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., reply: _Optional[bool] = ..., headers: _Optional[_Union[Headers, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., goaway: _Optional[_Union[GoAway, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ...) -> None: ...
+    fleet: Fleet
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., reply: _Optional[bool] = ..., headers: _Optional[_Union[Headers, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., goaway: _Optional[_Union[GoAway, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ..., fleet: _Optional[_Union[Fleet, _Mapping]] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("name", "value")
@@ -137,7 +139,7 @@ class Hello(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., group: _Optional[str] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., connection_index: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities")
+    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities", "nodes")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,7 @@ class Welcome(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     code: str
     message: str
@@ -158,7 +161,14 @@ class Welcome(_message.Message):
     window: int
     chunk_size: int
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Fleet(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Config(_message.Message):
     __slots__ = ("config_version", "config_json", "error")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gateway.config import GatewayConfig, Token
     from gateway.workers.routing import Routing
 
-__all__ = ["TunnelEndpoint", "check_token", "REFUSALS"]
+__all__ = ["TunnelEndpoint", "check_token", "serving_nodes", "REFUSALS"]
 
 log = logging.getLogger("gateway.tunnel")
 
@@ -42,6 +42,18 @@ REFUSALS = {
 }
 # Seconds between two log lines about refusals of one (reason, source or group).
 ADMISSION_LOG_EVERY = 10.0
+# The fleet's serving nodes are pushed to clients (FLEET) at most this often: the
+# router's view comes every heartbeat, and a flapping node must not flood every tunnel.
+FLEET_PUSH_EVERY = 1.0
+
+
+def serving_nodes(fleet: dict | None) -> list[str]:
+    """The tunnel addresses of the serving nodes in a FLEET view (router_link's
+    `fleet`), sorted. One host (no view): none; the client keeps its --server list,
+    and a 0.0.0.0 `host` would not be an address to dial anyway."""
+    if not fleet:
+        return []
+    return sorted({n["address"] for n in fleet.get("nodes", ()) if n.get("state") == "serving" and n.get("address")})
 
 
 def check_token(given: str, allowed: tuple["Token", ...], now: float) -> str | None:
@@ -80,9 +92,32 @@ class TunnelEndpoint:
         self.admission = _admission(cfg)
         self._admission_of = _admission_settings(cfg)
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, key) -> (at, refused since)
+        self._told: list[str] = []  # the serving nodes the clients were last told
+        self._fleet_task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.egress.start()
+        self._told = self.fleet_nodes()
+        self._fleet_task = asyncio.get_running_loop().create_task(self._push_fleet())
+
+    def fleet_nodes(self) -> list[str]:
+        link = self.routing.link
+        return serving_nodes(getattr(link, "fleet", None))
+
+    async def _push_fleet(self) -> None:
+        """Tell every client of this worker when the serving nodes change: checked every
+        FLEET_PUSH_EVERY, so at most one push a second and the newest list wins."""
+        while True:
+            await asyncio.sleep(FLEET_PUSH_EVERY)
+            nodes = self.fleet_nodes()
+            if nodes == self._told or not nodes:
+                continue  # no view (yet, or the router is gone): nothing new to tell
+            self._told = nodes
+            log.info("fleet changed: telling clients", extra={"nodes": nodes})
+            raw = frames.encode_frame(frames.fleet(nodes))
+            for stream in list(self.routing.registry):
+                if not stream.closed:
+                    stream.push_encoded(raw)
 
     def apply_config(self, new: "GatewayConfig") -> None:
         """Egress by the new forward rules; requests running keep the old dispatcher."""
@@ -96,6 +131,8 @@ class TunnelEndpoint:
 
     def close(self) -> None:
         self.egress.close()
+        if self._fleet_task is not None:
+            self._fleet_task.cancel()
 
     async def handle_egress(self, ex: InboundExchange) -> None:
         """A request a client sent up its tunnel: serve it by the forward rules."""
@@ -145,7 +182,7 @@ class TunnelEndpoint:
         elif kind == "health":
             # Other workers balance by this client's health too: tell them now.
             self.routing.streams_changed()
-        elif kind != "goaway":
+        elif kind != "goaway":  # a client's GOAWAY (it moves this connection) drains the stream
             stream.unknown_frames += 1
 
     async def serve(self, transport: ServerTransport) -> None:
@@ -238,6 +275,7 @@ class TunnelEndpoint:
                     window=cfg.stream_window,
                     chunk_size=cfg.chunk_size,
                     capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],
+                    nodes=self.fleet_nodes(),
                 )
             )
         )

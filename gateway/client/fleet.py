@@ -1,0 +1,128 @@
+"""Which gateway node each of the client's connections uses: pure decisions, no I/O.
+
+The known nodes are the `server` list the client was given, and the fleet's
+serving nodes the gateway told it (WELCOME, then FLEET frames; the newest list
+wins, an empty one says nothing: one host or an older gateway). A node that
+failed (connect error, stream lost, refused as draining, GOAWAY at shutdown) is
+*down* for DOWN_FOR seconds, or until the gateway tells it again after leaving
+it out (it came back): then it is tried again. The order is the sorted
+addresses, so every client spreads the same way and a restart changes nothing.
+
+- `target`: where a connection (re)connects: the least-loaded usable node, its
+  home (`order[i % n]`) first on a tie, so a fresh start puts connection i on
+  node i mod n. All down: the one back soonest (one node: that one, as before).
+- `plan_move`: the one move that brings the connections closer to spread: off a
+  node no longer usable, else from the fullest node to the emptiest when they
+  differ by more than one. The agent makes at most one move at a time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from gateway.settings import host_port
+
+__all__ = ["DOWN_FOR", "Move", "NodeSet", "server_list"]
+
+# How long a failed node is left alone before it is tried again. Trying costs one
+# connection attempt (make-before-break: a failed move keeps the old stream), so it
+# can be short: a node that comes back gets its connections within a few seconds.
+DOWN_FOR = 3.0
+
+
+def server_list(value: object) -> str:
+    """The `server` setting: one host:port or a comma-separated list of them, kept
+    as one string (the same in TOML, flags and environment), without repeats."""
+    if not isinstance(value, str):
+        raise ValueError("must be 'host:port' or a comma-separated list of them")
+    items = [p.strip() for p in value.split(",")]
+    if not items or any(not p for p in items):
+        raise ValueError("must be 'host:port' or a comma-separated list of them (no empty item)")
+    out: list[str] = []
+    for item in items:
+        try:
+            host_port(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not 'host:port'") from None
+        if item not in out:
+            out.append(item)
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class Move:
+    index: int  # the connection
+    node: str  # where it goes
+    why: str
+
+
+class NodeSet:
+    """The nodes this client knows, which are down, and where connections go."""
+
+    def __init__(self, configured: Sequence[str], *, down_for: float = DOWN_FOR,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.configured = tuple(configured)
+        self.told: tuple[str, ...] = ()  # the gateway's newest list
+        self.down: dict[str, float] = {}  # node -> until when it is left alone
+        self.down_for = down_for
+        self.clock = clock
+
+    def known(self) -> list[str]:
+        return sorted(set(self.configured) | set(self.told))
+
+    def usable(self) -> list[str]:
+        now = self.clock()
+        return [n for n in self.known() if self.down.get(n, 0.0) <= now]
+
+    def learn(self, nodes: Sequence[str]) -> list[str]:
+        """The gateway's list of serving nodes; returns the nodes it names that it did
+        not before (joined, or back). An empty list tells nothing."""
+        if not nodes:
+            return []
+        new = sorted(set(nodes) - set(self.told))
+        self.told = tuple(sorted(set(nodes)))
+        for node in new:
+            # Back in the fleet: worth trying now, not when its down mark ends.
+            self.down.pop(node, None)
+        return new
+
+    def mark_down(self, node: str) -> None:
+        self.down[node] = self.clock() + self.down_for
+
+    def target(self, index: int, placed: Mapping[int, str | None]) -> str:
+        """The node connection `index` connects to; `placed`: where every connection is now."""
+        usable = self.usable()
+        if not usable:
+            known = self.known()
+            return min(known, key=lambda n: (self.down.get(n, 0.0), known.index(n)))
+        load = _load(usable, {i: n for i, n in placed.items() if i != index})
+        home = usable[index % len(usable)]
+        return min(usable, key=lambda n: (load[n], n != home, usable.index(n)))
+
+    def plan_move(self, placed: Mapping[int, str | None]) -> Move | None:
+        """The next move towards an even spread, or None when spread (or nowhere to go)."""
+        usable = self.usable()
+        if not usable:
+            return None
+        load = _load(usable, placed)
+        emptiest = min(usable, key=lambda n: (load[n], usable.index(n)))
+        for index, node in sorted(placed.items()):
+            if node is not None and node not in load:
+                why = "node down" if node in self.down else "node left the fleet"
+                return Move(index, emptiest, why)
+        fullest = max(usable, key=lambda n: (load[n], -usable.index(n)))
+        if load[fullest] - load[emptiest] <= 1:
+            return None
+        on_fullest = [i for i, n in sorted(placed.items()) if n == fullest]
+        # The one whose home is the emptiest node, so the spread ends as i mod n.
+        homed = [i for i in on_fullest if usable[i % len(usable)] == emptiest]
+        return Move((homed or on_fullest)[-1], emptiest, "spread")
+
+
+def _load(usable: Sequence[str], placed: Mapping[int, str | None]) -> dict[str, int]:
+    load = {n: 0 for n in usable}
+    for node in placed.values():
+        if node in load:
+            load[node] += 1
+    return load
