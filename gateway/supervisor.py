@@ -3,11 +3,12 @@ signals them. It never imports grpc or zmq (children are started with the
 spawn context and import what they need themselves).
 
 Signal handlers only queue the signal; the main loop dispatches
-`handle_<signal>`. SIGTERM/SIGINT drain and stop (a second one forces and
-makes the exit status 1),
-SIGHUP reloads the config into every worker: the supervisor parses and
-validates the file once and hands the result to the workers (a file only it
-writes, then SIGHUP), so every worker gets the same config.
+`handle_<signal>`. SIGTERM/SIGINT drain and stop (a node of a fleet first has
+its router mark it draining in the registry, DRAIN_NOTICE before its workers
+stop accepting, so the others stop choosing its streams first; a second signal
+forces and makes the exit status 1). SIGHUP reloads the config into every
+worker: the supervisor parses and validates the file once and hands the result
+to the workers (a file only it writes, then SIGHUP): all get the same config.
 
 Liveness: each worker's event loop stamps a shared clock (a `RawValue` the
 supervisor hands it, as gunicorn's heartbeat file) every second; a worker
@@ -55,6 +56,7 @@ BOOT_TIMEOUT = 60.0
 HEALTHY_AFTER = 10.0
 MAX_BACKOFF = 30.0
 SETTLE = 0.3  # seconds a changed config file must stand still before it is read
+DRAIN_NOTICE = 1.0  # seconds the fleet has to read that a stopping node drains (a registry round trip)
 
 
 def _run_worker(config: GatewayConfig, index: int, instance: str, endpoint: str | None,
@@ -120,6 +122,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.stopping = False
+        self._drain_at: float | None = None  # when the workers are told to drain
         self.exit_code = EXIT_OK
         self._wake_r, self._wake_w = os.pipe()
         self._own_metrics_dir: str | None = None
@@ -179,10 +182,15 @@ class Supervisor:
                     child.process.kill()
             return
         self.stopping = True
-        log.info("stopping: draining workers", extra={"grace": self.config.shutdown_grace})
+        router = next((c for c in self.children if c.name == "router" and c.alive and self.config.cluster), None)
+        if router is not None:
+            os.kill(router.process.pid, signal.SIGUSR1)
+        self._drain_at = time.monotonic() + (DRAIN_NOTICE if router is not None else 0)
+
+    def _signal_workers(self, sig: int, router: bool = False) -> None:
         for child in self.children:
-            if child.alive and child.name != "router":
-                os.kill(child.process.pid, signal.SIGTERM)
+            if child.alive and (router or child.name != "router"):
+                os.kill(child.process.pid, sig)
 
     handle_int = handle_term
 
@@ -201,9 +209,7 @@ class Supervisor:
             return
         self.config = new
         log.info("config reloaded; telling the workers", extra={"file": new.path})
-        for child in self.children:
-            if child.alive and child.name != "router":
-                os.kill(child.process.pid, signal.SIGHUP)
+        self._signal_workers(signal.SIGHUP)
 
     def remove_handoff(self) -> None:
         shutil.rmtree(self._handoff_dir, ignore_errors=True)
@@ -266,7 +272,8 @@ class Supervisor:
         deadline: float | None = None
         while True:
             sentinels = [c.process.sentinel for c in self.children if c.alive]
-            multiprocessing.connection.wait(sentinels + [self._wake_r], timeout=0.5)
+            wait = 0.5 if self._drain_at is None else max(0.0, min(0.5, self._drain_at - time.monotonic()))
+            multiprocessing.connection.wait(sentinels + [self._wake_r], timeout=wait)
             self._drain_wakeups()
             while self.signals:
                 sig = self.signals.pop(0)
@@ -276,6 +283,10 @@ class Supervisor:
                 self._reap_and_respawn()
                 self._murder_silent_workers()
                 self._watch_config()
+            if self._drain_at is not None and time.monotonic() >= self._drain_at:
+                self._drain_at = None
+                log.info("stopping: draining workers", extra={"grace": self.config.shutdown_grace})
+                self._signal_workers(signal.SIGTERM)
             if self.stopping:
                 # Set however the stop began: a signal, or a worker that could not boot.
                 if deadline is None:
@@ -332,7 +343,7 @@ class Supervisor:
                     log.error("%s could not boot (exit %s); stopping the gateway", child.name, code)
                     self.exit_code = EXIT_BOOT_ERROR
                     self.stopping = True
-                    self._terminate_all()
+                    self._signal_workers(signal.SIGTERM, router=True)
                     return
                 if child.name != "router":
                     _forget_metrics_of(child.process.pid)
@@ -362,11 +373,6 @@ class Supervisor:
                           extra={"pid": child.process.pid})
                 child.process.kill()
                 child.process.join(1)
-
-    def _terminate_all(self) -> None:
-        for child in self.children:
-            if child.alive:
-                os.kill(child.process.pid, signal.SIGTERM)
 
     def _stop_step(self, deadline: float) -> bool:
         """One step of the shutdown; True when every child is gone."""

@@ -52,6 +52,7 @@ class Broker:
         self.table = table or InProcessShardTable()
         self.hwm = hwm
         self.running = True
+        self.draining = False  # SIGUSR1: the supervisor is stopping this node (see Cluster.drain)
         self.forwarded = 0
         self.unroutable = 0
         self.overloaded = 0
@@ -80,6 +81,9 @@ class Broker:
 
     def stop(self, *_: object) -> None:
         self.running = False
+
+    def drain(self, *_: object) -> None:
+        self.draining = True  # acted on in the loop, not in the signal handler
 
     def _send(self, msg: list[bytes]) -> bool | None:
         """True when queued; None when the destination's queue is full (never
@@ -166,6 +170,9 @@ class Broker:
         while self.running:
             wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             events = dict(self._poller.poll(wait_ms))
+            if self.draining and self.cluster is not None and self.cluster.state != "draining":
+                self.cluster.drain()
+                self.broadcast()
             if self.cluster is not None and events and self.cluster.poll(events):
                 self.broadcast()
             if self._sock in events:
@@ -206,6 +213,7 @@ def router_main(endpoint: str, log_level: str, log_format: str, cluster: "Cluste
         node = Cluster(cluster, listener)
     broker = Broker(endpoint, cluster=node)
     signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGUSR1, broker.drain)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

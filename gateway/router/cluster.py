@@ -51,6 +51,7 @@ class Cluster:
                                secret_key=settings.secret_key, public_keys=settings.public_keys)
         self.rows: dict[str, dict[str, Any]] = {}  # "B/wI" -> the row workers route by
         self.groups: dict[str, int] = {}  # this node's streams by group, as last published
+        self.state = "serving"  # "draining" from the supervisor's stop on (SIGUSR1 to the router)
         self._published: tuple[dict, dict] | None = None
         self._send_local: SendLocal = lambda _msg: False
         self._workers: Callable[[], Iterable[bytes]] = lambda: ()
@@ -72,6 +73,13 @@ class Cluster:
                         "cluster_secret_key and cluster_public_keys", extra={"node_id": self.settings.node_id})
         self.fleet.start()
         self._sync()
+
+    def drain(self) -> None:
+        """This node is stopping: the others stop choosing its streams where a group has
+        one elsewhere (Routing.candidates), before its workers stop accepting."""
+        if self.state != "draining":
+            self.state = "draining"
+            self.fleet.set_state("draining")
 
     def close(self) -> None:
         self.fleet.stop()
@@ -223,7 +231,7 @@ class Cluster:
     def view(self) -> bytes:
         """The FLEET payload: every node this one knows, itself first."""
         s = self.settings
-        nodes = [{"node_id": s.node_id, "address": s.tunnel, "peer": s.peer, "state": "serving",
+        nodes = [{"node_id": s.node_id, "address": s.tunnel, "peer": s.peer, "state": self.state,
                   "groups": self.groups, "last_seen": time.time(), "started": self.started}]
         for node_id in sorted(self.peers.peers):
             peer = self.peers.peers[node_id]

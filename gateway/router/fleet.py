@@ -93,6 +93,11 @@ class FleetThread:
         if self._registry is not None:
             self._call(self._registry.set_load, groups, workers)
 
+    def set_state(self, state: str) -> None:
+        """"serving" or "draining", written to the registry at once (Registry.set_state)."""
+        if self._registry is not None:
+            self._call(self._registry.set_state, state)
+
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
         if loop is None:
