@@ -20,8 +20,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 GATEWAY_PORTS = {8001, 8002, 50001, 9090}
 
 
-def services() -> dict[str, dict]:
-    return yaml.safe_load(COMPOSE.read_text())["services"]
+def services(compose: Path = COMPOSE) -> dict[str, dict]:
+    return yaml.safe_load(compose.read_text())["services"]
 
 
 def mounts(service: dict) -> dict[str, Path]:
@@ -96,24 +96,49 @@ def _rewrite_gateway(doc: dict, ports: dict[int, int], backend: str) -> dict:
     return tomllib.loads(text)
 
 
-def _command(argv: list[str], files: dict[str, Path]) -> list[str]:
-    """The compose command as a local process: console scripts as modules, mounted paths as the local copies."""
+def _command(argv: list[str], files: dict[str, Path | str]) -> list[str]:
+    """The compose command as a local process: console scripts as modules, mounted paths as the local
+    copies (and any other argument `files` names, e.g. a service's address, as its local one)."""
     exe = {"tunnel-gateway": [sys.executable, "-m", "gateway.cli"],
            "tunnel-client": [sys.executable, "-m", "gateway.client.main"],
            "python": [sys.executable]}
     return exe[argv[0]] + [str(files.get(a, a)) for a in argv[1:]]
 
 
+def _start_backend(stack: Stack, service: dict) -> None:
+    """The backend service's own command, on 127.0.0.1 and a free port."""
+    stack.backend_port = free_port()
+    backend_cmd = [str(stack.backend_port) if a == "8080" else a for a in service["command"]]
+    backend_cmd = ["127.0.0.1" if a == "0.0.0.0" else a for a in backend_cmd]
+    stack.backend = stack.procs.start("backend", _command(backend_cmd, {}))
+    wait_until(lambda: http("GET", f"{stack.backend_url}/health", timeout=2).status == 200, what="backend",
+               watch=stack.backend)
+
+
+def _start_client(stack: Stack, name: str, client: dict, server: str, names: dict[str, str] | None = None) -> None:
+    """A client service as a local process: its mounted file with the gateway at `server` and its
+    entries on 127.0.0.1, its command with `names` (compose argument -> local one) replaced."""
+    files: dict[str, Path | str] = dict(names or {})
+    for target, source in mounts(client).items():
+        doc = tomllib.loads(source.read_text())
+        c = doc["client"]
+        c["server"] = server
+        c["local_host"] = c["admin_host"] = "127.0.0.1"
+        files[target] = stack.tmp / f"{name}-{source.name}"
+        files[target].write_text(to_toml(doc))
+    local, admin = free_port(), free_port()
+    # Two containers may share 7001/7002; two local processes may not: the
+    # environment (above the file in precedence) moves them.
+    env = {k: str(v) for k, v in client.get("environment", {}).items()}
+    env.update(TUNNEL_CLIENT_LOCAL_PORT=str(local), TUNNEL_CLIENT_ADMIN_PORT=str(admin))
+    proc = stack.procs.start(name, _command(client["command"], files), env=env)
+    stack.clients[env["TUNNEL_CLIENT_CLIENT_ID"]] = (proc, local, admin)
+
+
 def test_compose_topology_as_local_processes(procs, tmp_path):
     svc = services()
     stack = Stack(procs, tmp_path)
-    # backend: its own command, the port moved to a free one.
-    stack.backend_port = free_port()
-    backend_cmd = [str(stack.backend_port) if a == "8080" else a for a in svc["backend"]["command"]]
-    backend_cmd = ["127.0.0.1" if a == "0.0.0.0" else a for a in backend_cmd]
-    stack.backend = procs.start("backend", _command(backend_cmd, {}))
-    wait_until(lambda: http("GET", f"{stack.backend_url}/health", timeout=2).status == 200, what="backend",
-               watch=stack.backend)
+    _start_backend(stack, svc["backend"])
 
     ports = {p: free_port() for p in GATEWAY_PORTS}
     stack.http_port, stack.tunnel_port, stack.admin_port = ports[8001], ports[50001], ports[9090]
@@ -130,22 +155,7 @@ def test_compose_topology_as_local_processes(procs, tmp_path):
                what="two workers")
 
     for name in ("client-a", "client-b"):
-        client = svc[name]
-        files = {}
-        for target, source in mounts(client).items():
-            doc = tomllib.loads(source.read_text())
-            c = doc["client"]
-            c["server"] = f"127.0.0.1:{stack.tunnel_port}"
-            c["local_host"] = c["admin_host"] = "127.0.0.1"
-            files[target] = tmp_path / f"{name}-{source.name}"
-            files[target].write_text(to_toml(doc))
-        local, admin = free_port(), free_port()
-        # Two containers may share 7001/7002; two local processes may not: the
-        # environment (above the file in precedence) moves them.
-        env = {k: str(v) for k, v in client.get("environment", {}).items()}
-        env.update(TUNNEL_CLIENT_LOCAL_PORT=str(local), TUNNEL_CLIENT_ADMIN_PORT=str(admin))
-        proc = procs.start(name, _command(client["command"], files), env=env)
-        stack.clients[env["TUNNEL_CLIENT_CLIENT_ID"]] = (proc, local, admin)
+        _start_client(stack, name, svc[name], f"127.0.0.1:{stack.tunnel_port}")
 
     def both_connected() -> bool:
         rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
