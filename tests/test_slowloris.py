@@ -323,3 +323,35 @@ def test_a_dribbler_that_writes_on_still_reads_its_408():
     answers = asyncio.run(run())
     assert all(isinstance(a, bytes) and a.startswith(b"HTTP/1.1 408 ") for a in answers), \
         {a if isinstance(a, str) else a[:20] for a in answers}
+
+
+def test_a_slow_head_over_tls_gets_its_408_too(tmp_path):
+    """TLS cannot half-close: the lingering 408 closes after the linger instead (no error)."""
+    import ssl
+    import subprocess
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    client_ctx = ssl.create_default_context(cafile=tmp_path / "c.pem")
+    client_ctx.check_hostname = False
+
+    async def run() -> bytes:
+        async def hello(request: web.BaseRequest) -> web.Response:
+            return web.Response(text="hi")
+
+        bounded = BoundedServer(hello, limits=EntryLimits(header_timeout=0.3), access_log=None)
+        server = await asyncio.get_running_loop().create_server(bounded, "127.0.0.1", 0, ssl=server_ctx)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                                           ssl=client_ctx)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            got = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return got
+        finally:
+            server.close()
+
+    assert asyncio.run(run()).startswith(b"HTTP/1.1 408 ")

@@ -160,5 +160,6 @@ class _BoundedHandler(RequestHandler):
             # on the caller's side before it reads it.
             self.transport.write(_408)
             self._force_close = True
-            self.transport.write_eof()
+            if self.transport.can_write_eof():  # TLS cannot half-close: it closes after the linger
+                self.transport.write_eof()
             self._keepalive_handle = loop.call_later(LINGER, self.force_close)
