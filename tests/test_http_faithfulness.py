@@ -144,7 +144,7 @@ def test_hop_by_hop_headers_are_removed(stack, way):
     for gone in ("x-hop-a", "x-hop-b", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-anything",
                  "trailer"):
         assert gone not in names, (gone, echo["headers"])
-    # Proxy-Authorization goes on like any end-to-end header (as nginx passes it).
+    # Proxy-Authorization goes on like any end-to-end header (as reverse proxies pass it on).
     assert _sent(echo, "Proxy-Authorization") == ["Basic c2VjcmV0"]
     # The proxy's own connection to the backend may say keep-alive; never what the caller listed.
     for v in _sent(echo, "Connection"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import grpc
 import grpc.aio
 
 from gateway import __version__
+from gateway.backoff import Backoff
 from gateway.settings import ConfigError
 from gateway.tls import channel_credentials
 from gateway.tunnel import frames
@@ -25,7 +25,7 @@ from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, C
 if TYPE_CHECKING:
     from gateway.client.agent import Agent
 
-__all__ = ["Backoff", "Connection", "FATAL_REFUSALS", "describe"]
+__all__ = ["Connection", "FATAL_REFUSALS", "describe"]
 
 log = logging.getLogger("gateway.client")
 
@@ -42,23 +42,6 @@ FATAL_REFUSALS = frozenset({"bad_credentials", "missing_token", "token_expired",
 NODE_LEAVING = frozenset({"shutdown"})
 # How long the stream left behind by a move may finish its requests before it is closed.
 RETIRE_GRACE = 30.0
-
-
-class Backoff:
-    """Exponential back-off with jitter (half to full of the step), capped."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * (2 ** self.attempt))
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -39,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from gateway.backoff import Backoff
 from gateway.cluster.record import STATES, NodeRecord, WorkerLoad, glob_escape, merge, routing_changed
 from gateway.exposure import mask_text, mask_url
 
@@ -185,7 +185,7 @@ class Registry:
     # -- the lease ----------------------------------------------------------------------
 
     async def _lease(self) -> None:
-        delay = 0.0
+        backoff = self._backoff()
         while not self._stopped:
             self._dirty.clear()  # a change during the write sets it again: written next
             try:
@@ -193,10 +193,9 @@ class Registry:
             except _FAILURES as exc:
                 self._lease_ok = False
                 self._lost(exc)
-                delay = self._next_delay(delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next_delay())
                 continue
-            delay = 0.0
+            backoff.reset()
             self._lease_ok = True
             self._check_up()
             try:
@@ -236,7 +235,7 @@ class Registry:
     # -- the watch ----------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        delay = 0.0
+        backoff = self._backoff()
         while not self._stopped:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -252,14 +251,13 @@ class Registry:
                 self._resumed = False
                 self._watch_ok = True
                 self._check_up()
-                delay = 0.0
+                backoff.reset()
                 await self._follow(pubsub)
             except _FAILURES as exc:
                 self._watch_ok = False
                 self._resumed = True
                 self._lost(exc)
-                delay = self._next_delay(delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next_delay())
             finally:
                 await _bounded(pubsub.aclose(), self._op_timeout)
 
@@ -352,9 +350,8 @@ class Registry:
         log.info("Redis reachable again; re-registered and resynced" if came_back else "joined the fleet",
                  extra={"node_id": self._own.node_id, "redis": self.where, "nodes": len(self._nodes)})
 
-    def _next_delay(self, delay: float) -> float:
-        ceiling = min(self.node_ttl * RESYNC_FRACTION, max(BACKOFF_INITIAL, delay * 2))
-        return random.uniform(ceiling / 2, ceiling) if ceiling > BACKOFF_INITIAL else ceiling
+    def _backoff(self) -> Backoff:
+        return Backoff(BACKOFF_INITIAL, self.node_ttl * RESYNC_FRACTION)
 
     def _key_of(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
