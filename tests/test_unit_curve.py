@@ -63,8 +63,12 @@ def test_key_files_flags_and_environment(tmp_path, monkeypatch):
     (tmp_path / "keys").write_text(f"# the fleet\n\n{PUB}  # node a\n\t{OTHER_PUB}\n")
     cfg = load(tmp_path, f'cluster_secret_key_file = "{tmp_path}/secret"\ncluster_public_keys_file = "{tmp_path}/keys"')
     assert (cfg.cluster_secret_key, cfg.cluster_public_keys) == (SEC, (PUB, OTHER_PUB))
-    cfg = load(tmp_path, "", ["--cluster-secret-key", SEC, "--cluster-public-keys", f"{PUB},{OTHER_PUB}"])
+    cfg = load(tmp_path, "", [f"--cluster-secret-key={SEC}", f"--cluster-public-keys={PUB},{OTHER_PUB}"])
     assert cluster_settings(cfg.settings).public_keys == (PUB, OTHER_PUB)
+    # Z85 holds "-": a key that starts with it still passes as --flag=KEY (it failed CI once as two words)
+    dash_pub, dash_sec = next(pair for pair in (curve_keypair() for _ in range(10_000)) if pair[1].startswith("-"))
+    cfg = load(tmp_path, "", [f"--cluster-secret-key={dash_sec}", f"--cluster-public-keys={dash_pub}"])
+    assert cluster_settings(cfg.settings).public_key == dash_pub
     monkeypatch.setenv(ENV_PREFIX + "CLUSTER_SECRET_KEY", SEC)
     monkeypatch.setenv(ENV_PREFIX + "CLUSTER_PUBLIC_KEYS", PUB)
     assert cluster_settings(load(tmp_path, "").settings).public_key == PUB

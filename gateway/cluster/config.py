@@ -185,11 +185,12 @@ CLUSTER_SETTINGS: tuple[Setting, ...] = (
             "seconds a node's registry lease lasts: a node that stops renewing leaves the fleet within 1.5x this"),
     Setting("cluster_secret_key", "", curve_key,
             "this node's CURVE secret key (Z85, 40 characters; tunnel-gateway keygen): encrypts and authenticates "
-            "the peer links, with cluster_public_keys (never printed)"),
+            "the peer links, with cluster_public_keys (never printed; a key may start with '-': write "
+            "--cluster-secret-key=KEY)"),
     Setting("cluster_secret_key_file", "", string, "a file holding cluster_secret_key (instead of the setting)"),
     Setting("cluster_public_keys", (), curve_keys,
             "CURVE public keys (Z85) of every node allowed in the fleet, this one's included; "
-            "a node whose key is not listed cannot link"),
+            "a node whose key is not listed cannot link (flag: --cluster-public-keys=KEY,KEY)"),
     Setting("cluster_public_keys_file", "", string,
             "a file of cluster_public_keys, one a line (# comments), instead of the setting"),
 )
