@@ -23,7 +23,7 @@ from gateway.ports import port_clash
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
     ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, entry_settings, load_section, port,
-    positive_float, positive_int, read_toml, string,
+    non_negative_int, positive_float, positive_int, read_toml, string,
 )
 
 ENV_PREFIX = "TUNNEL_GATEWAY_"
@@ -54,6 +54,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),
+    Setting("retry_body_bytes", 65536, non_negative_int,
+            "largest request body kept whole so that a request whose tunnel is lost before any response byte "
+            "can be retried once on another client (GET, HEAD, OPTIONS, or a route with retry = true; 0: none)"),
     *entry_settings("HTTP entry", 10000, " per worker"),
     Setting("heartbeat_interval", 5.0, positive_float, "seconds between PINGs; 3 missed drop the peer"),
     Setting("hello_timeout", 10.0, positive_float, "seconds a new tunnel has to send HELLO"),
@@ -227,7 +230,8 @@ def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> Ga
         raise ConfigError(path, f"gateway.{second}",
                           f"port {settings[second]} is also gateway.{first} (on overlapping addresses)")
     groups = _parse_groups(doc.get("groups"), path)
-    routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"])
+    routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"],
+                         retry=True)
     grpc_routes = parse_rules(doc.get("grpc_routes"), path, "grpc_routes", "group", groups,
                               settings["request_timeout"])
     upstreams = parse_upstreams(doc.get("upstreams"), path, "upstreams")

@@ -22,7 +22,7 @@ log = logging.getLogger("gateway.access")
 
 class AccessRecord:
     __slots__ = ("started", "request_id", "trace_id", "method", "host", "path", "status", "bytes_in", "bytes_out",
-                 "duration", "group", "rule", "client_id", "worker", "direction", "error")
+                 "duration", "group", "rule", "client_id", "worker", "direction", "error", "retried")
 
     def __init__(self, *, request_id: str, trace_id: str, method: str, host: str, path: str, worker: str,
                  direction: str) -> None:
@@ -42,6 +42,7 @@ class AccessRecord:
         self.rule = ""
         self.client_id = ""
         self.error = ""
+        self.retried = False  # the tunnel was lost before any response byte and the request went again
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class AccessRecord:
             "worker": self.worker,
             "direction": self.direction,
             "error": self.error,
+            "retried": self.retried,
         }
 
 

@@ -57,6 +57,7 @@ class Rule:
     timeout: float = 30.0
     idle_timeout: float = 0.0  # 0: the global stream_idle_timeout
     service_prefix: str = ""   # gRPC routes: the service name starts with this
+    retry: bool = False  # routes: retry a request whose tunnel is lost, though not idempotent
     limits: Limits = Limits()
 
     def matches(self, host: str, path: str, method: str, headers: Mapping[str, str]) -> bool:
@@ -119,9 +120,11 @@ def _str_list(where: str, key: str, value: Any) -> list[str]:
 
 
 def parse_rules(
-    raw: Any, where: str, key: str, target_key: str, targets: Iterable[str], default_timeout: float = 30.0
+    raw: Any, where: str, key: str, target_key: str, targets: Iterable[str], default_timeout: float = 30.0,
+    *, retry: bool = False,
 ) -> tuple[Rule, ...]:
-    """Validate a TOML array of rule tables; errors name the file and key."""
+    """Validate a TOML array of rule tables; errors name the file and key.
+    `retry`: the rules may say `retry = true` (the HTTP routes)."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -132,7 +135,7 @@ def parse_rules(
         k = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(where, k, "must be a table")
-        unknown = set(item) - _RULE_KEYS - {target_key}
+        unknown = set(item) - _RULE_KEYS - {target_key} - ({"retry"} if retry else set())
         if unknown:
             raise ConfigError(where, f"{k}.{sorted(unknown)[0]}", "unknown key")
         target = item.get(target_key)
@@ -149,9 +152,9 @@ def parse_rules(
         timeout = item.get("timeout", default_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError(where, f"{k}.timeout", "must be a positive number of seconds")
-        strip = item.get("strip_prefix", False)
-        if not isinstance(strip, bool):
-            raise ConfigError(where, f"{k}.strip_prefix", "must be true or false")
+        for flag in ("strip_prefix", "retry"):
+            if not isinstance(item.get(flag, False), bool):
+                raise ConfigError(where, f"{k}.{flag}", "must be true or false")
         rules.append(
             Rule(
                 name=_str(where, f"{k}.name", item.get("name", f"{key}[{i}]")),
@@ -163,11 +166,12 @@ def parse_rules(
                 set_host=_str(where, f"{k}.set_host", item.get("set_host", "")),
                 add_headers=_str_map(where, f"{k}.add_headers", item.get("add_headers", {})),
                 remove_headers=frozenset(h.lower() for h in _str_list(where, f"{k}.remove_headers", item.get("remove_headers", []))),
-                strip_prefix=strip,
+                strip_prefix=item.get("strip_prefix", False),
                 timeout=float(timeout),
                 idle_timeout=_positive(where, f"{k}.idle_timeout", item.get("idle_timeout", 0.0)),
                 service_prefix=_str(where, f"{k}.match_service", item.get("match_service", "")).lstrip("/"),
                 limits=parse_limits(item, where, k),
+                retry=item.get("retry", False),
             )
         )
     return tuple(rules)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["ConfigError", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
            "env_name", "entry_settings",
-           "positive_int", "positive_float", "port", "string", "choice", "boolean", "host_port", "networks"]
+           "positive_int", "non_negative_int", "positive_float", "port", "string", "choice", "boolean", "host_port", "networks"]
 
 
 class ConfigError(Exception):
@@ -35,6 +35,12 @@ Validator = Callable[[Any], Any]
 def positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError("must be a positive integer")
+    return v
+
+
+def non_negative_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be a non-negative integer")
     return v
 
 

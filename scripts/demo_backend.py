@@ -6,7 +6,7 @@ GET  /hello            100 bytes
 GET  /bytes/N          N bytes (streamed)
 POST /sink             reads the body, answers {"sha256", "size"}
 ANY  /echo             answers with the request: method, path, query, headers, body hash
-GET  /slow?ms=N&token=T  waits N ms, answers T
+ANY  /slow?ms=N&token=T  waits N ms, answers T (a body's size and sha256 in X-Body-Size, X-Body-Sha256)
 GET  /status/N         answers with status N
 GET  /cookies          two Set-Cookie headers
 GET  /stats            cancellations seen, requests in flight
@@ -83,6 +83,10 @@ async def echo(r: web.Request) -> web.Response:
 
 
 async def slow(r: web.Request) -> web.Response:
+    headers = {}
+    if r.body_exists:
+        digest, size = await _hash_body(r)
+        headers = {"X-Body-Size": str(size), "X-Body-Sha256": digest}
     STATS["inflight"] += 1
     try:
         await asyncio.sleep(int(r.query.get("ms", "1000")) / 1000)
@@ -91,7 +95,7 @@ async def slow(r: web.Request) -> web.Response:
         raise
     finally:
         STATS["inflight"] -= 1
-    return web.Response(text=r.query.get("token", "done"))
+    return web.Response(text=r.query.get("token", "done"), headers=headers)
 
 
 async def status(r: web.Request) -> web.Response:
@@ -178,7 +182,7 @@ def make_app() -> web.Application:
     app.router.add_get("/bytes/{n:\\d+}", nbytes)
     app.router.add_post("/sink", sink)
     app.router.add_route("*", "/echo{tail:.*}", echo)
-    app.router.add_get("/slow", slow)
+    app.router.add_route("*", "/slow", slow)
     app.router.add_get("/status/{code:\\d+}", status)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/stats", stats)

@@ -49,6 +49,13 @@ class BodyTooLarge(Exception):
     pass
 
 
+async def _send_kept(ex: OutboundExchange, body: bytes, chunk_size: int) -> None:
+    """Send a body read whole beforehand (kept so that the request can be retried)."""
+    for at in range(0, len(body), chunk_size):
+        await ex.sender.write(body[at:at + chunk_size])
+    ex.sender.end()
+
+
 async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, chunk_size: int) -> None:
     total = 0
     async for chunk in request.content.iter_chunked(chunk_size):
@@ -74,14 +81,19 @@ async def relay_request(
     target_client: str = "",
     idle_timeout: float | None = None,
     record: AccessRecord | None = None,
+    body: bytes | None = None,
+    wire_id: str = "",
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller.
-    `record`, when given, gets the status, the body sizes and any error."""
+    `record`, when given, gets the status, the body sizes and any error.
+    `body`: the request's body, read whole already (a request that may be
+    retried), sent instead of the caller's. `wire_id`: the id on the tunnel
+    when it is not `request_id` (a retry's)."""
     websocket = is_websocket(request.method, request.headers)
     # A WebSocket's messages travel as its body, so its body stays open.
     has_body = request.body_exists or websocket
     ex = stream.open_request(
-        request_id,
+        wire_id or request_id,
         trace_id,
         method=request.method,
         path=path,
@@ -98,10 +110,11 @@ async def relay_request(
     pump: asyncio.Task[None] | None = None
     try:
         if has_body and not websocket:
-            await send_continue(request)
-            pump = loop.create_task(
-                _pump_body(request, ex, max_body, stream.limits.chunk_size)
-            )
+            if body is None:
+                await send_continue(request)
+                pump = loop.create_task(_pump_body(request, ex, max_body, stream.limits.chunk_size))
+            else:
+                pump = loop.create_task(_send_kept(ex, body, stream.limits.chunk_size))
             await wait_head(ex.head, pump, ex.sender, timeout)
             if not ex.head.done() and pump.done():
                 exc = pump.exception()

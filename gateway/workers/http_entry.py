@@ -2,14 +2,17 @@
 client stream (this worker's or another's), relay."""
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.http.entry import EntryLog, body_problem, forward_headers, head_problem
 from gateway.http.headers import apply_rule
-from gateway.http.relay import relay_request
+from gateway.http.relay import relay_request, send_continue
+from gateway.http.websocket import is_websocket
 from gateway.http.target import BadTarget, Target, normalise_target, with_host
 from gateway.ids import RequestIds, trace_id_from
 from gateway.limits import LimitGate
@@ -22,7 +25,12 @@ if TYPE_CHECKING:
     from gateway.rules import Rule
     from gateway.workers.routing import Routing
 
-__all__ = ["HttpEntry", "hash_key_of"]
+__all__ = ["HttpEntry", "hash_key_of", "IDEMPOTENT"]
+
+log = logging.getLogger("gateway.proxy")
+
+# Methods that may be sent twice (RFC 9110 9.2.2) and that the retry takes without `retry = true`.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def hash_key_of(spec: "GroupSpec", request: web.BaseRequest) -> str:
@@ -137,20 +145,56 @@ class HttpEntry:
         path = rule.rewrite_path(target.path_and_query)
         authority = rule.set_host or target.host
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
-        chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
-                                     headers=request.headers, key=key)
-        if chosen is None:
-            return self.book.fail(rec, "no_client_available", f"no client of group {spec.name!r} is connected",
-                                  retry_after=1)
-        stream, rec.client_id = chosen
         headers = forward_headers(request, self.routing.config.trusted_proxies)
         headers = apply_rule(with_host(headers, target.host), rule)  # an absolute-form target's host goes on as Host
         try:
-            return await relay_request(
-                request, stream, request_id=rec.request_id, trace_id=rec.trace_id,
-                headers=headers, path=path, authority=authority,
-                timeout=rule.timeout, max_body=plan.max_body, group=spec.name, target_client=rec.client_id,
-                idle_timeout=plan.idle_timeout, record=rec,
-            )
+            kept = await self._kept_body(request, rule)
         except TunnelError as exc:
             return self.book.fail_with(rec, exc)
+        deadline = time.monotonic() + rule.timeout
+        failed = ""  # the client whose tunnel was lost under the first attempt
+        while True:
+            chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
+                                         headers=request.headers, key=key, avoid=failed)
+            if chosen is None:
+                if failed:
+                    return self.book.fail(rec, "tunnel_closed", f"the tunnel to {failed} was lost and group "
+                                          f"{spec.name!r} has no other client to retry on")
+                return self.book.fail(rec, "no_client_available",
+                                      f"no client of group {spec.name!r} is connected", retry_after=1)
+            stream, rec.client_id = chosen
+            try:
+                return await relay_request(
+                    request, stream, request_id=rec.request_id, trace_id=rec.trace_id,
+                    headers=headers, path=path, authority=authority,
+                    timeout=max(0.001, deadline - time.monotonic()), max_body=plan.max_body, group=spec.name,
+                    target_client=rec.client_id, idle_timeout=plan.idle_timeout, record=rec,
+                    body=kept if kept else None, wire_id=f"{rec.request_id}.2" if failed else "",
+                )
+            except TunnelError as exc:
+                if failed or kept is None or exc.code != "tunnel_closed" or time.monotonic() >= deadline:
+                    return self.book.fail_with(rec, exc)
+                # Lost before any byte of the response left: the caller cannot tell a second try.
+                failed, rec.retried = rec.client_id, True
+                log.warning("tunnel lost under a request; retrying once on another client: %s", exc.message,
+                            extra={"request_id": rec.request_id, "trace_id": rec.trace_id, "group": spec.name,
+                                   "client_id": failed})
+
+    async def _kept_body(self, request: web.BaseRequest, rule: "Rule") -> bytes | None:
+        """The body of a request that may be retried, read whole (b"" when it has
+        none); None when it may not be: not idempotent and its route does not say
+        `retry = true`, a WebSocket, or a body over retry_body_bytes or of unknown length."""
+        if request.method not in IDEMPOTENT and not rule.retry:
+            return None
+        if is_websocket(request.method, request.headers):
+            return None  # its messages are its body: they cannot be kept
+        if not request.body_exists:
+            return b""
+        length = request.content_length
+        if length is None or length > self.routing.config.retry_body_bytes:
+            return None
+        await send_continue(request)
+        try:
+            return await request.content.readexactly(length)
+        except Exception as exc:  # the caller's upload broke (short, reset, a bad chunk)
+            raise TunnelError("bad_request", f"request body failed: {exc}") from None

@@ -139,11 +139,15 @@ class Routing:
         return serving if serving or serving_only else draining
 
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
-               key: str | None) -> tuple[TunnelStream, str] | None:
+               key: str | None, avoid: str = "") -> tuple[TunnelStream, str] | None:
         """(stream, client id) for a request to group `spec`: by its policy, its
         clients' health, preferring streams this worker owns; None if there is none.
-        The stream is a client's, or a channel to the worker that owns the chosen one."""
+        The stream is a client's, or a channel to the worker that owns the chosen one.
+        `avoid`: a client whose tunnel just failed this request (a retry), taken
+        only when the group has no other."""
         candidates = self.candidates(spec.name)
+        if avoid:
+            candidates = [c for c in candidates if c.client_id != avoid] or candidates
         upstream = None
         if any(c.unhealthy for c in candidates):
             # Which upstream the client will use, by the group's rules the gateway hands out.
