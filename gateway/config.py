@@ -81,6 +81,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
     Setting("tls_client_ca", "", string, "CA (PEM) that signs client certificates: requires mTLS on the tunnel"),
     Setting("http_tls", False, boolean, "serve the HTTP entry over TLS with tls_cert"),
+    Setting("proxy_protocol", False, boolean,
+            "the HTTP entry and the tunnel port take the PROXY protocol (v1, v2) from an L4 balancer: each "
+            "connection must start with its header (within header_timeout), whose source is the caller"),
     Setting("force_cross_worker", False, boolean,
             "send requests through the router to another worker when one holds a stream (to measure the hop)"),
     *CLUSTER_SETTINGS,
@@ -100,6 +103,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
 RESTART_ONLY: tuple[str, ...] = (
     "workers", "host", "http_port", "grpc_port", "tunnel_port", "admin_host", "admin_port",
     "tls_cert", "tls_key", "tls_client_ca", "http_tls", "grpc_event_engine",
+    "proxy_protocol",
     # The router joins the fleet once, at start.
     *(s.name for s in CLUSTER_SETTINGS),
 )

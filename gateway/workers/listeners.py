@@ -1,10 +1,12 @@
 """A worker's listening ports, all shared with the other workers
 (SO_REUSEPORT): the tunnel endpoint and the gRPC entry (grpc.aio servers),
-the HTTP entry and the admin port (aiohttp)."""
+the HTTP entry and the admin port (aiohttp). With proxy_protocol the HTTP
+entry and the tunnel port read a PROXY header first (`proxied.py`)."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import socket
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc.aio
 from aiohttp import web
@@ -16,6 +18,7 @@ from gateway.tls import http_ssl_context, server_credentials
 from gateway.tunnel.transport import grpc_options, tunnel_handler
 from gateway.workers.admin import admin_app
 from gateway.workers.grpc_entry import GrpcEntry
+from gateway.workers.proxied import ProxiedServer, Relay, bind_sockets
 
 if TYPE_CHECKING:
     from gateway.workers.worker import Worker
@@ -23,12 +26,11 @@ if TYPE_CHECKING:
 __all__ = ["Listeners"]
 
 
-def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> None:
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
     try:
         if credentials is not None:
-            server.add_secure_port(address, credentials)
-        else:
-            server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind {what} {address}: {exc}") from None
 
@@ -37,6 +39,7 @@ class Listeners:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.tunnel: grpc.aio.Server | None = None
+        self.tunnel_proxied: ProxiedServer | None = None  # the public tunnel port, with proxy_protocol
         self.grpc_entry: grpc.aio.Server | None = None
         self.http: web.BaseRunner | None = None
         self.http_site: web.TCPSite | None = None
@@ -52,7 +55,17 @@ class Listeners:
         )
         self.tunnel.add_generic_rpc_handlers([tunnel_handler(worker.endpoint.serve, max_message)])
         tunnel_creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
-        _bind(self.tunnel, f"{cfg.host}:{cfg.tunnel_port}", tunnel_creds, "tunnel port")
+        if cfg.proxy_protocol:
+            # grpc cannot be handed sockets: it listens on loopback, behind a relay
+            # on the public port that reads each connection's PROXY header.
+            inner = _bind(self.tunnel, "127.0.0.1:0", tunnel_creds, "tunnel port (behind the PROXY relay)")
+            relay = Relay(("127.0.0.1", inner))
+            worker.endpoint.resolve_peer = relay.resolve
+            self.tunnel_proxied = ProxiedServer(bind_sockets(cfg.host, cfg.tunnel_port), relay,
+                                                timeout=cfg.header_timeout, max_pending=cfg.max_connections,
+                                                what="tunnel")
+        else:
+            _bind(self.tunnel, f"{cfg.host}:{cfg.tunnel_port}", tunnel_creds, "tunnel port")
         if cfg.grpc_port:
             self.grpc_entry = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1),
@@ -64,6 +77,8 @@ class Listeners:
             creds = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
             _bind(self.grpc_entry, f"{cfg.host}:{cfg.grpc_port}", creds, "gRPC entry")
         await self.tunnel.start()
+        if self.tunnel_proxied is not None:
+            self.tunnel_proxied.start()
         if self.grpc_entry is not None:
             await self.grpc_entry.start()
 
@@ -73,7 +88,9 @@ class Listeners:
         await self.http.setup()
         ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
         self.http_site = _EntrySite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,
-                                    ssl_context=ssl_context, handshake_timeout=cfg.header_timeout)
+                                    ssl_context=ssl_context, handshake_timeout=cfg.header_timeout,
+                                    proxy_protocol=cfg.proxy_protocol, max_pending=cfg.max_connections,
+                                    on_drop=lambda reason: dropped.labels("http", reason).inc())
         await self.http_site.start()
 
         self.admin = web.AppRunner(admin_app(worker), handle_signals=False, access_log=None)
@@ -92,6 +109,8 @@ class Listeners:
             stopping.append(worker.spawn(self.grpc_entry.stop(grace)))
         # The tunnel port closes now (clients reconnect to other workers);
         # running streams go on for the grace period.
+        if self.tunnel_proxied is not None:
+            self.tunnel_proxied.close()  # relays running go on: they end with their grpc connection
         stopping.append(worker.spawn(self.tunnel.stop(grace + 1)))
         return stopping
 
@@ -104,20 +123,54 @@ class Listeners:
 class _EntrySite(web.TCPSite):
     """aiohttp's TCP site with the TLS handshake bounded by header_timeout: our
     connection limits start once a connection is made, which with TLS is after
-    the handshake, and asyncio's own bound is 60 s (a TLS slowloris)."""
+    the handshake, and asyncio's own bound is 60 s (a TLS slowloris). With
+    `proxy_protocol`, each connection's PROXY header is read first (within
+    header_timeout), then TLS, if any, then HTTP."""
 
-    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_timeout: float, proxy_protocol: bool = False, max_pending: int = 1024,
+                 on_drop: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handshake_timeout = handshake_timeout
+        self._proxy_protocol = proxy_protocol
+        self._max_pending = max_pending
+        self._on_drop = on_drop
 
     async def start(self) -> None:
-        if self._ssl_context is None:
+        if self._ssl_context is None and not self._proxy_protocol:
             return await super().start()
         await web.BaseSite.start(self)  # registers the site; TCPSite.start would create the server without the bound
         server = self._runner.server
         assert server is not None
+        if self._proxy_protocol:
+            proxied = ProxiedServer(bind_sockets(self._host or "", self._port, self._backlog), self._serve_proxied,
+                                    timeout=self._handshake_timeout, max_pending=self._max_pending, what="http",
+                                    on_drop=self._on_drop)
+            proxied.start()
+            self._server = proxied  # type: ignore[assignment]  # what BaseSite.stop and the runner use of it
+            return
         self._server = await asyncio.get_running_loop().create_server(
             server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
             ssl_handshake_timeout=self._handshake_timeout,
         )
+
+    async def _serve_proxied(self, conn: socket.socket, source: tuple[str, int] | None, _peer: tuple[str, int],
+                             _deadline: float) -> None:
+        """Serve a connection whose PROXY header was read: TLS (a fresh
+        header_timeout for the handshake), then aiohttp, seeing `source` as the peer."""
+        server = self._runner.server
+        assert server is not None
+
+        def handler() -> Any:
+            protocol = server()
+            if source is not None:
+                # aiohttp's request.remote (X-Forwarded-For, the client-IP hash key) reads
+                # the handler's cached peername: set to the declared caller, it is never
+                # asked of the socket (the balancer).
+                protocol._cache["peername"] = source
+            return protocol
+
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
+        await asyncio.get_running_loop().connect_accepted_socket(handler, conn, **tls)

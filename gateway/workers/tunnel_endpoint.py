@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from gateway.dispatch import RuleDispatcher
 from gateway.http.upstream import UpstreamClients
@@ -94,6 +94,9 @@ class TunnelEndpoint:
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, key) -> (at, refused since)
         self._told: list[str] = []  # the serving nodes the clients were last told
         self._fleet_task: asyncio.Task | None = None
+        # The caller behind a grpc peer: set when the port is behind a PROXY relay,
+        # whose connections grpc sees as coming from loopback.
+        self.resolve_peer: Callable[[str], str] | None = None
 
     def start(self) -> None:
         self.egress.start()
@@ -189,6 +192,8 @@ class TunnelEndpoint:
         routing = self.routing
         cfg = routing.config
         peer = transport.peer()
+        if self.resolve_peer is not None:
+            peer = self.resolve_peer(peer)
         source = source_address(peer)
         refused_by = self.admission.connect(source)
         if refused_by is not None:
