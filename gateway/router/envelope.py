@@ -19,7 +19,9 @@ Kinds:
   FULL      a FRAMES batch the router could not queue for a worker whose
             high-water mark is full (an overload, not a loss): sent back to
             the batch's sender with `src` the full worker and the batch as payload
-  COMMAND   payload is JSON: an admin command for `dest` (e.g. drain)
+  COMMAND   payload is JSON: an admin command for `dest` (e.g. drain); one with
+            "ask" is answered to its sender by a COMMAND {"op": "result", "ask",
+            "count"} (RouterLink.ask; across nodes too, the peer links carry both)
   FLEET     payload is JSON: the fleet as this node sees it (with cluster set;
             sent with TABLE, whose rows then include other nodes' workers)
   HEARTBEAT router to router: payload is JSON {"started"}: the node is alive

@@ -6,11 +6,12 @@ endpoint but /healthz asks for `Authorization: Bearer TOKEN` (401 without it):
 they change something (drain) or show clients, streams and request counts."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import orjson
 from aiohttp import web
@@ -95,6 +96,75 @@ def cluster_view(worker: "Worker") -> dict[str, Any]:
     return {"node_id": node_id, "registry_up": None, "nodes": [node]}
 
 
+def own_node_id(worker: "Worker") -> str:
+    return worker.config.node_id or socket.gethostname()
+
+
+def _selected(row: dict[str, Any], command: Mapping[str, Any]) -> int:
+    """How many of a worker's streams a drain `command` would take (its row of the table)."""
+    return sum(1 for c in row.get("clients", ()) if not c.get("draining")
+               and all(c.get(key) == command[key] for key in ("client_id", "connection", "group") if key in command))
+
+
+def drain_targets(worker: "Worker", body: Mapping[str, Any]) -> tuple[str, dict[str, dict]] | web.Response:
+    """(node id, {worker name: its row}) a drain `body` names: this node's workers, or with
+    "node" another node's ("NODE/wI", reached over the peer link); 404 for a node the fleet
+    does not know, 503 for one that is not reachable now."""
+    node_id = body.get("node")
+    own = own_node_id(worker)
+    if node_id is None or node_id == own:
+        rows = {f"w{w['worker']}": w for w in all_workers(worker)}
+        node_id = own
+    else:
+        known = cluster_view(worker)["nodes"] if worker.config.cluster else []
+        row = next((n for n in known if n["node_id"] == node_id), None)
+        if row is None:
+            return _json({"error": "unknown_node", "node": str(node_id),
+                          "message": "no node of that id in the fleet"}, 404)
+        rows = {k: v for k, v in worker.link.remote.items() if k.partition("/")[0] == node_id} \
+            if worker.link is not None else {}
+        if row["state"] == "unreachable" or not rows:
+            return _json({"error": "node_unreachable", "node": node_id,
+                          "message": f"node {node_id} is not reachable from this node now"}, 503)
+    if "worker" in body:
+        rows = {k: v for k, v in rows.items() if v.get("worker") == body["worker"]}
+    return node_id, rows
+
+
+async def drain_workers(worker: "Worker", rows: Mapping[str, dict[str, Any]],
+                        command: Mapping[str, Any]) -> dict[str, Any]:
+    """Run a drain on each worker of `rows` and add up their answers. With a limit, one
+    worker after another, the most loaded first, each with what is left of it: the limit
+    counts streams of all of them (rebalance.py drains one stream of a node)."""
+    own = f"w{worker.index}"
+
+    async def one(name: str, cmd: Mapping[str, Any]) -> int | None:
+        if name == own:
+            return worker.routing.run_command(cmd)
+        return await worker.link.ask(name, cmd) if worker.link is not None else None
+
+    counts: dict[str, int | None] = {}
+    limit = command.get("limit")
+    if limit is None:
+        names = sorted(rows)
+        counts = dict(zip(names, await asyncio.gather(*(one(n, command) for n in names))))
+    else:
+        left = limit
+        for name in sorted(rows, key=lambda n: (-_selected(rows[n], command), n)):
+            if left <= 0:
+                break
+            counts[name] = n = await one(name, {**command, "limit": left})
+            left -= n or 0
+    return {
+        "drained": sum(n or 0 for n in counts.values()),
+        "workers": {k: n for k, n in counts.items() if n is not None},
+        "unanswered": sorted(k for k, n in counts.items() if n is None),
+        # What this endpoint answered before the counts (kept for scripts that read it).
+        "drained_here": counts.get(own) or 0,
+        "sent_to_workers": sorted(rows[k]["worker"] for k in counts if k != own),
+    }
+
+
 # Open without the token: the liveness probe (container health checks).
 OPEN_PATHS = frozenset({"/healthz"})
 
@@ -132,27 +202,31 @@ def admin_app(worker: "Worker") -> web.Application:
 
     async def drain(request: web.Request) -> web.Response:
         """Body: {"worker": N} and/or {"client_id": ID} / {"connection": LABEL}, optional "group"
-        (client ids and connection labels are per group) and "limit"."""
+        (client ids and connection labels are per group) and "limit" (of all the workers'
+        streams together); in a fleet "node" names the node whose streams go (any node's
+        admin takes it)."""
         try:
             body = await request.json(loads=orjson.loads) if request.can_read_body else {}
         except orjson.JSONDecodeError:
             return _json({"error": "bad_request", "message": "body must be JSON"}, 400)
-        if not isinstance(body, dict) or not ({"worker", "client_id", "connection"} & set(body)):
-            return _json({"error": "bad_request", "message": "give worker, client_id or connection"}, 400)
+        if not isinstance(body, dict) or not ({"node", "worker", "client_id", "connection"} & set(body)):
+            return _json({"error": "bad_request", "message": "give node, worker, client_id or connection"}, 400)
+        limit = body.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            return _json({"error": "bad_request", "message": "limit must be a whole number >= 0"}, 400)
         command: dict[str, Any] = {"op": "drain"}
         for key in ("client_id", "connection", "group", "limit"):
             if key in body:
                 command[key] = body[key]
-        targets = [w["worker"] for w in all_workers(worker) if body.get("worker") in (None, w["worker"])]
-        local = 0
-        remote = []
-        for index in targets:
-            if index == worker.index:
-                local = worker.routing.run_command(command)
-            elif worker.link is not None:
-                await worker.link.send_command(f"w{index}", command)
-                remote.append(index)
-        return _json({"drained_here": local, "sent_to_workers": remote})
+        found = drain_targets(worker, body)
+        if isinstance(found, web.Response):
+            return found
+        node_id, rows = found
+        answer = await drain_workers(worker, rows, command)
+        if rows and node_id != own_node_id(worker) and len(answer["unanswered"]) == len(rows):
+            return _json({"error": "node_unreachable", "node": node_id,
+                          "message": f"no worker of node {node_id} answered"}, 503)
+        return _json({"node": node_id, **answer})
 
     async def cluster(_request: web.Request) -> web.Response:
         return _json(cluster_view(worker))
@@ -162,7 +236,8 @@ def admin_app(worker: "Worker") -> web.Application:
 
     async def page(_request: web.Request) -> web.Response:
         body = render_status_page(all_workers(worker), worker.routing.config_versions(),
-                                  worker.link.router_ok if worker.link else None)
+                                  worker.link.router_ok if worker.link else None,
+                                  cluster_view(worker) if worker.config.cluster else None)
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     app = web.Application(middlewares=[_token_gate(worker)])

@@ -31,6 +31,11 @@ __all__ = ["RouterLink"]
 
 log = logging.getLogger("gateway.worker.link")
 
+# How long `ask` waits for a worker's answer to an admin command (a worker of
+# another node included): a worker that is gone, or of a version that does not
+# answer, must not hold the admin request.
+ASK_TIMEOUT = 3.0
+
 
 class LinkTransport:
     """A channel's transport: writes go through the router; reads are fed by
@@ -92,6 +97,8 @@ class RouterLink:
         self._last_table = 0.0
         self._announce_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._asked: dict[str, tuple[bytes, asyncio.Future[int | None]]] = {}  # ask id -> (worker, its answer)
+        self._asked_seq = 0
         self._ctx: zmq.asyncio.Context | None = None
         self.sock: zmq.asyncio.Socket | None = None
 
@@ -166,6 +173,9 @@ class RouterLink:
                         extra={"peer": peer.decode(), "refused_total": self.overloaded})
 
     def lose(self, peer: bytes, reason: str) -> None:
+        for asked, answer in list(self._asked.values()):
+            if asked == peer and not answer.done():
+                answer.set_result(None)  # it will not answer: say so now, not at the timeout
         self.table.pop(peer.decode(), None)
         self.remote.pop(peer.decode(), None)
         ch = self.channels.pop(peer, None)
@@ -208,10 +218,7 @@ class RouterLink:
             elif kind == env.FLEET:
                 self.fleet = orjson.loads(payload)
             elif kind == env.COMMAND:
-                try:
-                    self.on_command(orjson.loads(payload))
-                except Exception:
-                    log.exception("admin command failed")
+                await self._command(src, payload)
 
     def announce_soon(self) -> None:
         self._announce_now.set()
@@ -240,5 +247,55 @@ class RouterLink:
             except asyncio.TimeoutError:
                 pass
 
-    async def send_command(self, worker: str, command: dict) -> None:
+    async def send_command(self, worker: str, command: Mapping[str, Any]) -> None:
         await self.sock.send_multipart(env.to_router(env.COMMAND, worker.encode(), orjson.dumps(command)))
+
+    # -- admin commands with an answer ----------------------------------------
+
+    async def ask(self, worker: str, command: Mapping[str, Any], timeout: float = ASK_TIMEOUT) -> int | None:
+        """Send an admin command to `worker` ("wI", or "NODE/wI" on another node) and
+        wait for how many streams it touched; None when it did not answer in time (gone,
+        unreachable, or a worker of a version that does not answer)."""
+        self._asked_seq += 1
+        ask_id = f"{self.identity.decode()}:{self._asked_seq}"
+        answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._asked[ask_id] = (worker.encode(), answer)
+        message = env.to_router(env.COMMAND, worker.encode(), orjson.dumps({**command, "ask": ask_id}))
+        try:
+            # Never block on the send: a router that is gone would hold the admin request.
+            await self.sock.send_multipart(message, zmq.NOBLOCK)
+            return await asyncio.wait_for(answer, timeout)
+        except (zmq.Again, asyncio.TimeoutError):
+            return None
+        finally:
+            self._asked.pop(ask_id, None)
+
+    async def _command(self, src: bytes, payload: bytes) -> None:
+        """A command the router relayed: an answer to one of ours (op "result"), or one to
+        run, answered when its sender asked (the same envelope kind both ways, so a peer
+        link carries it as it is)."""
+        try:
+            command = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("bad admin command from %s", src.decode(errors="replace"))
+            return
+        if not isinstance(command, dict):
+            return
+        if command.get("op") == "result":
+            asked = self._asked.get(str(command.get("ask")))
+            count = command.get("count")
+            # Only the worker asked may answer: another could not end someone else's wait.
+            if asked is not None and asked[0] == src and not asked[1].done() and isinstance(count, int):
+                asked[1].set_result(count)
+            return
+        try:
+            count = self.on_command(command)
+        except Exception:
+            log.exception("admin command failed")
+            return
+        if "ask" in command:
+            answer = {"op": "result", "ask": command["ask"], "count": count}
+            try:
+                await self.sock.send_multipart(env.to_router(env.COMMAND, src, orjson.dumps(answer)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the asker's wait ends at its timeout

@@ -43,7 +43,30 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_status_page(workers: list[dict[str, Any]], versions: dict[str, str], router_ok: bool | None) -> str:
+def _fleet_section(fleet: dict[str, Any] | None, now: float) -> str:
+    """The nodes of the fleet as /admin/cluster shows them; nothing for one host (no `cluster`)."""
+    if fleet is None:
+        return ""
+    up = fleet.get("registry_up")
+    registry = '<span class="ok">up</span>' if up else '<span class="bad">down</span>'
+    states = {"serving": "ok", "draining": "muted", "unreachable": "bad"}
+    rows = []
+    for n in fleet.get("nodes", ()):
+        groups = ", ".join(f"{g}: {k}" for g, k in sorted(n.get("groups", {}).items())) or "none"
+        seen = n.get("last_seen")
+        ago = "never" if seen is None else f"{max(0.0, now - seen):.1f}s ago"
+        rows.append([_e(n["node_id"]), _e(n.get("address", "")),
+                     f'<span class="{states.get(n.get("state"), "bad")}">{_e(n.get("state"))}</span>',
+                     _e(groups), _e(sum(n.get("groups", {}).values())), _e(ago),
+                     "this node" if n["node_id"] == fleet.get("node_id") else ""])
+    table = _table(["node", "address", "state", "groups (streams)", "streams", "last seen", ""], rows)
+    return (f'<h2>Fleet</h2>\n<div id="fleet"><p>node <b>{_e(fleet.get("node_id"))}</b>; '
+            f'registry {registry}; nodes <b>{len(rows)}</b></p>{table}</div>\n')
+
+
+def render_status_page(workers: list[dict[str, Any]], versions: dict[str, str], router_ok: bool | None,
+                       fleet: dict[str, Any] | None = None) -> str:
+    """The page; `fleet` is /admin/cluster's view with `cluster` set (a Fleet section), else None."""
     now = time.time()
     requests = sum(w.get("last_minute", {}).get("requests", 0) for w in workers)
     errors = sum(w.get("last_minute", {}).get("errors", 0) for w in workers)
@@ -84,7 +107,7 @@ def render_status_page(workers: list[dict[str, Any]], versions: dict[str, str], 
 <span class="kpi">requests (last minute) <b id="rate">{_e(rate)}</b></span>
 <span class="kpi">errors (last minute) <b id="errors">{_e(err_rate)}</b></span>
 <span class="kpi">router {router}</span></div>
-<h2>Groups</h2>
+{_fleet_section(fleet, now)}<h2>Groups</h2>
 {_table(["group", "streams", "config version", "state"], group_rows)}
 <h2>Connected clients</h2>
 <div id="clients">{_table(["client", "connection", "group", "worker", "remote", "connected", "config version", "in flight", "health"], client_rows)}</div>
