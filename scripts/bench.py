@@ -12,11 +12,13 @@ backend), nginx as a plain reverse proxy with --with-nginx, and localtunnel
 Scenarios: a 100-byte GET at concurrency 1, 16 and 64; 1 MiB GET and 1 MiB
 POST at 16; head of line (fast requests with and without a slow one in
 flight on the same tunnel); workers 1 vs 2 and all-local vs all-cross-worker;
-with --big a 1 GiB GET and POST with peak RSS.
+with --big a 1 GiB GET and POST with peak RSS; with --fleet a request local, cross-worker
+and cross-node (two gateway nodes and Redis; scripts/bench_fleet.py).
 
     python scripts/bench.py            # about 2.5 minutes
     python scripts/bench.py --quick    # every scenario, short runs (~40 s)
     python scripts/bench.py --with-localtunnel --no-sharding --no-hol   # ours beside localtunnel (node, npm)
+    python scripts/bench.py --fleet --scenarios none --no-hol --no-sharding   # the cross-node hop alone
 
 For localtunnel's rows the gateway columns (CPU, RSS) are its server's and the
 client columns its client's.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import INSTALL_HINT, LoadResult, LoadSpec, pick_generator, run_load  # noqa: E402
 from bench_stack import BenchStack, ProcGroup, RssSampler, get_json, load_with_cpu  # noqa: E402
+import bench_fleet  # noqa: E402
 import bench_localtunnel  # noqa: E402
 
 MIB = 1 << 20
@@ -122,7 +125,7 @@ class Bench:
 
     def _progress(self, row: Row) -> None:
         r = row.result
-        print(f"  {row.scenario:<16} {row.target:<8} {r.rps:>9.0f} req/s  p99 {r.p99_ms:>8.2f} ms  errors {r.errors}",
+        print(f"  {row.scenario:<18} {row.target:<8} {r.rps:>9.0f} req/s  p99 {r.p99_ms:>8.2f} ms  errors {r.errors}",
               file=sys.stderr, flush=True)
 
     def warm_up(self, url: str, host: str = "") -> None:
@@ -267,6 +270,9 @@ def targets_met(rows: list[Row]) -> list[dict[str, Any]]:
     verdict("get1m_c16 ingress req/s >= 420 (localtunnel as the issue measured it)", big and big.result.rps, 420)
     hol = find("hol_with_slow", "ingress")
     verdict("head of line: p99 with slow / alone <= 1.2", hol and hol.extra.get("p99_ratio"), 1.2, False)
+    node = find(bench_fleet.CROSS_NODE, "ingress")
+    verdict(f"fleet_cross_node CPU a request (gateway + client) / fleet_local <= {bench_fleet.TARGET}",
+            node and node.extra.get("cpu_vs_local"), bench_fleet.TARGET, False)
     for name in ("big_get", "big_post"):
         row = find(name, "ingress")
         if row is not None:
@@ -315,7 +321,7 @@ def big_transfer(url: str, method: str, size: int) -> tuple[LoadResult, str]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'scenario':<16} {'target':<8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+    head = (f"{'scenario':<18} {'target':<8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
             f"{'ratio':>6} {'gw cpu s/1k':>11} {'cl cpu s/1k':>11} {'gw RSS MB':>9} {'cl RSS MB':>9}")
     print(head)
     print("-" * len(head))
@@ -326,10 +332,17 @@ def print_table(rows: list[Row]) -> None:
     for row in rows:
         r = row.result
         rps = f"{r.rps:>9.2f}" if r.rps < 10 else f"{r.rps:>9.0f}"
-        print(f"{row.scenario:<16} {row.target:<8} {rps} {r.mb_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+        print(f"{row.scenario:<18} {row.target:<8} {rps} {r.mb_per_s:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
               f"{r.errors:>6} {fmt(row.ratio, '>6.2f'):>6} {fmt(row.cpu_gateway_per_1k, '>11.3f'):>11} "
               f"{fmt(row.cpu_client_per_1k, '>11.3f'):>11} {fmt(row.rss_gateway_mb, '>9.1f'):>9} "
               f"{fmt(row.rss_client_mb, '>9.1f'):>9}")
+
+
+def scenario_names(value: str) -> set[str]:
+    names = set(value.split(",")) - {"none"}
+    if unknown := names - {s.name for s in SCENARIOS}:
+        raise argparse.ArgumentTypeError(f"no such scenario: {', '.join(sorted(unknown))}")
+    return names or {"none"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -348,8 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-size", type=int, default=1 << 30, help=argparse.SUPPRESS)
     p.add_argument("--no-sharding", action="store_true", help="skip the workers 1/2, local/cross comparison")
     p.add_argument("--no-hol", action="store_true", help="skip the head-of-line scenario")
-    p.add_argument("--scenarios", type=lambda v: set(v.split(",")), default=set(),
-                   help="only these main scenarios, comma-separated (e.g. get100_c64,get1m_c16)")
+    p.add_argument("--fleet", action="store_true",
+                   help="also a request local, cross-worker and cross-node (two nodes, redis-server)")
+    p.add_argument("--scenarios", type=scenario_names, default=set(),
+                   help="only these main scenarios, comma-separated (e.g. get100_c64,get1m_c16; 'none': none)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a [gateway] setting for every gateway of the run, as TOML (e.g. chunk_size=131072)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout)")
@@ -375,22 +390,28 @@ def main(argv: list[str] | None = None) -> int:
             stack.start_backend()
             if args.with_nginx and stack.start_nginx() is None:
                 print("bench: --with-nginx: nginx is not installed (apt-get install nginx); skipped", file=sys.stderr)
-            stack.start_gateway(args.workers)
-            stack.start_client(args.connections)
-            if args.workers > 1:
-                stack.spread_streams(args.workers)
-            bench.run_main()
+            if args.scenarios != {"none"} or not args.no_hol or args.big:
+                stack.start_gateway(args.workers)
+                stack.start_client(args.connections)
+                if args.workers > 1:
+                    stack.spread_streams(args.workers)
+            if args.scenarios != {"none"}:
+                bench.run_main()
             if not args.no_hol:
                 bench.run_head_of_line()
             if args.big:
                 bench.run_big()
             if not args.no_sharding:
                 bench.run_sharding()
+            if args.fleet:
+                bench_fleet.run_fleet(bench, SHARD_SCENARIO)
         finally:
             stack.close()
     verdicts = targets_met(bench.rows)
     print_table(bench.rows)
     print()
+    for line in bench_fleet.summary(bench.rows):
+        print(line)
     for v in verdicts:
         print(f"{'met    ' if v['met'] else 'NOT MET'}  {v['target']}: {v['value']}")
     report = {

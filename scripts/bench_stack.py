@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from bench_load import LoadResult, LoadSpec
 
 __all__ = ["BenchStack", "NOT_READY", "ProcGroup", "ProcessExited", "Processes", "RssSampler", "children_of",
-           "free_port", "get_json", "load_with_cpu", "process_tree", "wait_until"]
+           "cpu_seconds_of", "free_port", "get_json", "load_with_cpu", "process_tree", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
@@ -88,7 +88,8 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds_of(pid: int) -> float:
+    """One process's CPU seconds (user + system), 0 when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -117,7 +118,7 @@ class ProcGroup:
         return process_tree(self.popen.pid) if self.popen.poll() is None else []
 
     def cpu_seconds(self) -> float:
-        return sum(_cpu_seconds(p) for p in self.pids())
+        return sum(cpu_seconds_of(p) for p in self.pids())
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -258,8 +259,9 @@ class RssSampler:
 class BenchStack:
     """Starts and stops the measured processes; every one it starts is stopped by close()."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
         self.tmp = tmp
+        self.host = host  # the gateway's (its admin port's too) and what the client dials
         self.procs = Processes(tmp)
         self.backend_port = free_port()
         self.http_port = self.tunnel_port = self.admin_port = 0
@@ -268,6 +270,13 @@ class BenchStack:
         self.gateway: ProcGroup | None = None
         self.client: ProcGroup | None = None
         self.settings: list[str] = []
+
+    def sibling(self, host: str) -> "BenchStack":
+        """Another gateway (with its client) on `host`, beside this one: the same backend, settings
+        and processes (this stack's close() stops its processes too)."""
+        other = BenchStack(self.tmp, host)
+        other.procs, other.backend_port, other.settings = self.procs, self.backend_port, self.settings
+        return other
 
     # -- processes -------------------------------------------------------
     def start_process(self, name: str, args: list[str], cwd: Path = ROOT) -> ProcGroup:
@@ -289,14 +298,17 @@ class BenchStack:
         self.backend = group
         return group
 
-    def start_gateway(self, workers: int, force_cross_worker: bool = False) -> ProcGroup:
-        """The gateway with `workers` workers; `self.settings` (raw TOML lines) go into its [gateway] table."""
+    def start_gateway(self, workers: int, force_cross_worker: bool = False, name: str = "gateway",
+                      **settings: Any) -> ProcGroup:
+        """The gateway with `workers` workers; `settings` (values) and `self.settings` (raw TOML lines)
+        go into its [gateway] table."""
         self.http_port, self.tunnel_port, self.admin_port = free_port(), free_port(), free_port()
         config = self.tmp / f"gateway-{len(self.procs.procs)}.toml"
-        extra = "\n".join(self.settings)
+        extra = "\n".join([f"{k} = {json.dumps(v)}" for k, v in settings.items()] + self.settings)
         config.write_text(f"""
 [gateway]
-host = "127.0.0.1"
+host = "{self.host}"
+admin_host = "{self.host}"
 http_port = {self.http_port}
 grpc_port = 0
 tunnel_port = {self.tunnel_port}
@@ -333,19 +345,20 @@ name = "backend"
 path_prefix = "/"
 upstream = "backend"
 """)
-        group = self.start_process("gateway", [sys.executable, "-m", "gateway.cli", "-c", str(config)])
+        group = self.start_process(name, [sys.executable, "-m", "gateway.cli", "-c", str(config)])
         self.wait_ready("gateway", group, lambda: get_json(f"{self.admin_url}/healthz"))
         self.gateway = group
         return group
 
-    def start_client(self, connections: int) -> ProcGroup:
+    def start_client(self, connections: int, extra: Iterable[str] = ()) -> ProcGroup:
+        """The tunnel client of group bench on this gateway, `extra` its further flags."""
         self.local_port, self.client_admin_port = free_port(), free_port()
         group = self.start_process("client", [
-            sys.executable, "-m", "gateway.client.main", "--server", f"127.0.0.1:{self.tunnel_port}",
+            sys.executable, "-m", "gateway.client.main", "--server", f"{self.host}:{self.tunnel_port}",
             "--group", "bench", "--token", TOKEN, "--client-id", "bench-client",
             "--connections", str(connections), "--local-port", str(self.local_port),
             "--admin-port", str(self.client_admin_port), "--max-body-bytes", str(4 << 30),
-            "--request-timeout", "60", "--access-log", "off", "--log-level", "warning",
+            "--request-timeout", "60", "--access-log", "off", "--log-level", "warning", *extra,
         ])
         self.wait_ready("client", group, lambda: self.streams_per_worker() and sum(self.streams_per_worker().values()) >= connections)
         self.client = group
@@ -401,8 +414,13 @@ http {{
         return f"http://127.0.0.1:{self.backend_port}"
 
     @property
+    def url(self) -> str:
+        """The gateway's HTTP entry."""
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.host}:{self.admin_port}"
 
     def shards(self) -> list[dict]:
         return get_json(f"{self.admin_url}/admin/shards")["workers"]

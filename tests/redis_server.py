@@ -1,91 +1,30 @@
-"""A real redis-server for tests: on a free loopback port, nothing saved to disk,
-ready when it answers PING (polled, never a fixed sleep). It can be stopped and
-started again on the same port, which is how a test makes Redis go away and come
-back. Debian's `redis-server` package; .ci/run installs it."""
+"""A real redis-server for tests: scripts/redis_process.py's (on a free loopback
+port, nothing saved to disk, ready when it answers PING; stopped and started
+again on the same port, which is how a test makes Redis go away and come back),
+with the test skipped, saying why, where redis-server is not installed."""
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port, wait_until
+import tests.harness  # noqa: F401  (puts scripts/ on sys.path)
+from redis_process import RedisServer as _RedisServer, RedisUnavailable, find_redis_server
 
 __all__ = ["RedisServer", "require_redis_server"]
-
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 def require_redis_server() -> str:
     """The redis-server executable; the calling test is skipped, saying why, when there is none."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; CI's .ci/run does)")
-    return exe
+    try:
+        return find_redis_server()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
 
 
-class RedisServer:
-    """One redis-server process: `start()`, `stop()`, `start()` again on the same port.
-    `url` is what a client dials (with the password, when one is required)."""
+class RedisServer(_RedisServer):
+    """scripts/redis_process.py's RedisServer; its test is skipped where redis-server is missing."""
 
-    def __init__(self, tmp: Path, password: str | None = None, port: int | None = None) -> None:
-        self.exe = require_redis_server()
-        self.dir = tmp
-        self.password = password
-        self.port = port or free_port()
-        self.log = tmp / f"redis-{self.port}.log"
-        self.popen: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def url_with(self, password: str) -> str:
-        return f"redis://:{password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        if self.popen is not None:
-            return
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--dir", str(self.dir)]
-        if self.password:
-            args += ["--requirepass", self.password]
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_until(self._answers, timeout=START_TIMEOUT, what=f"redis-server on port {self.port}")
-
-    def _answers(self) -> bool:
-        assert self.popen is not None
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.popen.returncode}:\n{self.output()[-2000:]}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-            s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            reply = s.recv(64)
-        # +PONG, or -NOAUTH from a server that wants a password: either way it serves.
-        return reply.startswith((b"+PONG", b"-NOAUTH"))
-
-    def stop(self) -> None:
-        """Stop the server (its data goes with it: nothing is saved)."""
-        popen, self.popen = self.popen, None
-        if popen is None or popen.poll() is not None:
-            return
-        popen.terminate()
-        try:
-            popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(STOP_TIMEOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __init__(self, tmp: Path, password: str | None = None, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        super().__init__(tmp, password, port, exe=require_redis_server(), host=host)

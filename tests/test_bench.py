@@ -53,6 +53,39 @@ def test_quick_bench_runs_every_scenario_without_errors(tmp_path):
     assert "scenario" in run.stdout and "get1m_c16" in run.stdout  # the table
 
 
+def test_fleet_measures_local_cross_worker_and_cross_node(tmp_path):
+    """--fleet alone (no other section): a request local, cross-worker and cross-node in one run,
+    CPU a request of both nodes and the client, and the batches that crossed nodes counted on
+    both (skipped without redis-server)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--fleet", "--scenarios", "none", "--no-hol",
+                          "--no-sharding", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["scenario"]: r for r in report["results"]}
+    assert set(rows) == {"fleet_local", "fleet_cross_worker", "fleet_cross_node"}
+    for name, row in rows.items():
+        assert row["target"] == "ingress" and row["errors"] == 0 and row["requests"] > 0, row
+        assert row["cpu_gateway_s_per_1k"] > 0 and row["cpu_client_s_per_1k"] > 0 and row["cpu_us_per_request"] > 0
+    local, worker, node = rows["fleet_local"], rows["fleet_cross_worker"], rows["fleet_cross_node"]
+    assert local["cross_frames"] == 0 < worker["cross_frames"]
+    assert node["cross_node_batches_out_b"] > 0 and node["cross_node_batches_in_a"] > 0
+    assert node["cross_frames"] >= node["cross_node_batches_out_b"]  # b's link: out to a, and a's answers in
+    assert node["ratio_to"] == worker["ratio_to"] == "fleet_local"
+    assert node["cpu_vs_local"] == pytest.approx(node["cpu_us_per_request"] / local["cpu_us_per_request"], abs=2e-3)
+    assert any(t["target"].startswith("fleet_cross_node CPU") for t in report["targets"])
+    assert "fleet_cross_node" in run.stdout and "cross-node batches" in run.stdout  # the table and its summary
+
+
+def test_scenarios_are_checked():
+    assert bench.parse_args(["--scenarios", "none"]).scenarios == {"none"}
+    assert bench.parse_args(["--scenarios", "get100_c1,get1m_c16"]).scenarios == {"get100_c1", "get1m_c16"}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scenarios", "get100_c2"])
+
+
 @pytest.mark.parametrize("generator", ["python", "hey", "wrk"])
 def test_each_load_generator_measures_the_same_backend(empty_stack, tmp_path, generator):
     """The fallbacks give the same kind of result as wrk (skipped when the tool is absent)."""
