@@ -5,8 +5,8 @@ Node A listens on 127.0.0.3 and B on 127.0.0.2 (so B sorts first). Clients of on
 connection each, given A only, connect while A is alone; B joins after. A client spreads
 its own connections (a node more than one apart), so one connection each never moves by
 itself: the fleet holds every stream on A. A drained connection reconnects to the
-least-loaded node its placement picks, B first on a tie (the sorted first node is connection
-0's home): that is what lets a drain move it. Real processes, a real redis-server; every
+least-loaded node its placement picks, the node that drained it last on a tie: that is what
+lets a drain move it. Real processes, a real redis-server; every
 wait polls with a deadline; every process is stopped after the module, passed or failed."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.client.fleet import Move, NodeSet, server_list
+from gateway.client.fleet import Move, NodeSet, home_offset, server_list
 
 A, B, C = "127.0.0.2:5000", "127.0.0.3:5000", "127.0.0.4:5000"
 
@@ -30,6 +30,29 @@ def test_a_fresh_start_puts_connection_i_on_node_i_mod_n():
     for i in range(4):
         placed[i] = nodes.target(i, placed)
     assert placed == {0: A, 1: B, 2: C, 3: A}  # by the sorted addresses, whatever order given
+
+
+def test_clients_of_one_connection_each_have_their_homes_spread():
+    homes = [NodeSet([A, B, C], offset=home_offset("g1", f"edge-{n}")).target(0, {0: None}) for n in range(60)]
+    assert {A, B, C} == set(homes) and min(homes.count(n) for n in (A, B, C)) >= 10, homes
+    # Stable: the same identity, the same home (a restart changes nothing).
+    assert NodeSet([C, A, B], offset=home_offset("g1", "edge-7")).target(0, {0: None}) == homes[7]
+    # The offset turns the homes, the spread of one client's connections stays i mod n.
+    nodes = NodeSet([A, B, C], offset=1)
+    placed: dict[int, str | None] = {i: None for i in range(3)}
+    for i in range(3):
+        placed[i] = nodes.target(i, placed)
+    assert placed == {0: B, 1: C, 2: A}
+    assert nodes.plan_move({0: B, 1: B, 2: A}) == Move(1, C, "spread")  # 1's home is C
+
+
+def test_a_drained_connection_goes_elsewhere_on_a_tie_only():
+    nodes = NodeSet([A, B])
+    assert nodes.target(0, {0: None}) == A  # its home
+    assert nodes.target(0, {0: None}, drained_by=A) == B  # an operator moved it off A
+    # Not when the other node is fuller: the client's own spread comes first.
+    assert nodes.target(0, {0: None, 1: B}, drained_by=A) == A
+    assert nodes.target(1, {0: A, 1: None}, drained_by=B) == B
 
 
 def test_one_node_known_then_told_of_another_moves_one_connection():

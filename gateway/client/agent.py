@@ -16,7 +16,7 @@ import orjson
 from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.client.connection import Connection
-from gateway.client.fleet import NodeSet
+from gateway.client.fleet import NodeSet, home_offset
 from gateway.groupconfig import group_config_from_json
 from gateway.settings import ConfigError
 from gateway.dispatch import RuleDispatcher
@@ -41,7 +41,7 @@ class Agent:
         self.fatal = ""  # why the agent stopped by itself (the process exits 1)
         self._stop: asyncio.Event | None = None
         self.connections = [Connection(self, i) for i in range(config.connections)]
-        self.nodes = NodeSet(config.server.split(","))
+        self.nodes = NodeSet(config.server.split(","), offset=home_offset(config.group, config.client_id))
         self._rr = itertools.count()
         self._rebalance_now = asyncio.Event()
 

@@ -66,6 +66,7 @@ class Connection:
         self.moves = 0
         self._goaway = asyncio.Event()
         self.goaway_reason = ""
+        self.goaway_node = ""  # the node that sent the last GOAWAY
         self._move = asyncio.Event()
         self._move_to: tuple[str, str] = ("", "")
         self.move_done = asyncio.Event()
@@ -94,10 +95,13 @@ class Connection:
     async def run_forever(self, stop: asyncio.Event) -> None:
         cfg = self.agent.config
         backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        drained_by = ""
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                outcome = await self._connect_once(self.agent.nodes.target(self.index, self.agent.placed()), stop)
+                outcome = await self._connect_once(
+                    self.agent.nodes.target(self.index, self.agent.placed(), drained_by), stop)
+                drained_by = ""
                 if stop.is_set():
                     break
                 if outcome == "goaway" and self.goaway_reason == "replaced_by_newer_connection":
@@ -108,6 +112,8 @@ class Connection:
                                     f"one client id; this one stops")
                     return
                 if outcome == "goaway":
+                    if self.goaway_reason == "drain":  # an operator moves it off that node: elsewhere on a tie
+                        drained_by = self.goaway_node
                     backoff.reset()
                     continue
                 if outcome == "served" and time.monotonic() - started > HEALTHY_AFTER:
@@ -252,6 +258,7 @@ class Connection:
                 # Let in-flight requests finish on the old stream while a new one opens.
                 keep_channel = True
                 self._retire(opened, run_task)
+                self.goaway_node = opened.node
                 if self.goaway_reason in NODE_LEAVING:
                     self.agent.nodes.mark_down(opened.node)
                 log.info("gateway sent GOAWAY", extra={"reason": self.goaway_reason, "server": opened.node,

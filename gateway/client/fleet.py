@@ -6,11 +6,15 @@ wins, an empty one says nothing: one host or an older gateway). A node that
 failed (connect error, stream lost, refused as draining, GOAWAY at shutdown) is
 *down* for DOWN_FOR seconds, or until the gateway tells it again after leaving
 it out (it came back): then it is tried again. The order is the sorted
-addresses, so every client spreads the same way and a restart changes nothing.
+addresses; a client's connection i has its home at `order[(i + offset) % n]`,
+where `offset` comes from the client's identity: a restart changes nothing, and
+clients of one connection each land on different nodes, not all on the first.
 
 - `target`: where a connection (re)connects: the least-loaded usable node, its
-  home (`order[i % n]`) first on a tie, so a fresh start puts connection i on
-  node i mod n. All down: the one back soonest (one node: that one, as before).
+  home first on a tie, so a fresh start puts connection i on its home. A node
+  that has just drained the connection (an operator moving streams off it, as
+  `rebalance.py --fleet` does) comes last on a tie, so the drain moves it.
+  All down: the one back soonest (one node: that one, as before).
 - `plan_move`: the one move that brings the connections closer to spread: off a
   node no longer usable, else from the fullest node to the emptiest when they
   differ by more than one. The agent makes at most one move at a time.
@@ -18,12 +22,13 @@ addresses, so every client spreads the same way and a restart changes nothing.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from gateway.settings import host_port
 
-__all__ = ["DOWN_FOR", "Move", "NodeSet", "server_list"]
+__all__ = ["DOWN_FOR", "Move", "NodeSet", "home_offset", "server_list"]
 
 # How long a failed node is left alone before it is tried again. Trying costs one
 # connection attempt (make-before-break: a failed move keeps the old stream), so it
@@ -50,6 +55,12 @@ def server_list(value: object) -> str:
     return ",".join(out)
 
 
+def home_offset(group: str, client_id: str) -> int:
+    """Where a client's homes start among the nodes: stable for its identity (a
+    restart keeps it), different from client to client (crc32: spread, not secret)."""
+    return zlib.crc32(f"{group}/{client_id}".encode())
+
+
 @dataclass(frozen=True)
 class Move:
     index: int  # the connection
@@ -61,8 +72,9 @@ class NodeSet:
     """The nodes this client knows, which are down, and where connections go."""
 
     def __init__(self, configured: Sequence[str], *, down_for: float = DOWN_FOR,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, offset: int = 0) -> None:
         self.configured = tuple(configured)
+        self.offset = offset  # where this client's homes start (home_offset of its identity)
         self.told: tuple[str, ...] = ()  # the gateway's newest list
         self.down: dict[str, float] = {}  # node -> until when it is left alone
         self.down_for = down_for
@@ -90,15 +102,19 @@ class NodeSet:
     def mark_down(self, node: str) -> None:
         self.down[node] = self.clock() + self.down_for
 
-    def target(self, index: int, placed: Mapping[int, str | None]) -> str:
-        """The node connection `index` connects to; `placed`: where every connection is now."""
+    def home(self, index: int, usable: Sequence[str]) -> str:
+        return usable[(index + self.offset) % len(usable)]
+
+    def target(self, index: int, placed: Mapping[int, str | None], drained_by: str = "") -> str:
+        """The node connection `index` connects to; `placed`: where every connection is now;
+        `drained_by`: the node that sent it away with GOAWAY `drain`, last on a tie."""
         usable = self.usable()
         if not usable:
             known = self.known()
             return min(known, key=lambda n: (self.down.get(n, 0.0), known.index(n)))
         load = _load(usable, {i: n for i, n in placed.items() if i != index})
-        home = usable[index % len(usable)]
-        return min(usable, key=lambda n: (load[n], n != home, usable.index(n)))
+        home = self.home(index, usable)
+        return min(usable, key=lambda n: (load[n], n == drained_by, n != home, usable.index(n)))
 
     def plan_move(self, placed: Mapping[int, str | None]) -> Move | None:
         """The next move towards an even spread, or None when spread (or nowhere to go)."""
@@ -116,7 +132,7 @@ class NodeSet:
             return None
         on_fullest = [i for i, n in sorted(placed.items()) if n == fullest]
         # The one whose home is the emptiest node, so the spread ends as i mod n.
-        homed = [i for i in on_fullest if usable[i % len(usable)] == emptiest]
+        homed = [i for i in on_fullest if self.home(i, usable) == emptiest]
         return Move((homed or on_fullest)[-1], emptiest, "spread")
 
 
