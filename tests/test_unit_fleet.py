@@ -97,7 +97,8 @@ def test_cluster_settings_from_the_environment(tmp_path, monkeypatch):
 
 
 def record(**kw) -> NodeRecord:
-    load_ = WorkerLoad((ClientLoad("c1", "g1", "c1/0", 3, False, ("web",)),), ("header_fields",))
+    load_ = WorkerLoad((ClientLoad("c1", "g1", "c1/0", 3, False, ("web",), 1700000000.25, ("edge-1.agents",),
+                                   "5f0c"),), ("header_fields",))
     return NodeRecord("a", "tcp://10.0.0.2:7100", "10.0.0.2:50001", started=1.5, groups={"g1": 1},
                       workers={"w0": load_}, **kw)
 
@@ -112,6 +113,10 @@ def test_record_workers_round_trip_and_in_flight_is_no_routing_change():
         rec.workers["w0"], clients=(dataclasses.replace(rec.workers["w0"].clients[0], draining=True),))})
     assert routing_changed(rec, draining) and routing_changed(rec, dataclasses.replace(rec, workers={}))
     old = orjson.loads(rec.to_json())
+    older = orjson.loads(rec.to_json())
+    for key in ("connected_at", "certificate", "instance"):  # a node older than duplicate detection
+        del older["workers"]["w0"]["clients"][0][key]
+    assert NodeRecord.from_json(orjson.dumps(older)).workers["w0"].clients[0].instance == ""
     del old["workers"]  # a record of a node that publishes none: no workers to route to
     assert NodeRecord.from_json(orjson.dumps(old)).workers == {}
 
@@ -123,6 +128,9 @@ def test_record_workers_round_trip_and_in_flight_is_no_routing_change():
     (("workers", "w0", "clients", 0, "inflight"), True),
     (("workers", "w0", "clients", 0, "inflight"), -1),
     (("workers", "w0", "clients", 0, "inflight"), "3"),
+    (("workers", "w0", "clients", 0, "connected_at"), "now"),
+    (("workers", "w0", "clients", 0, "certificate"), "edge-1"),
+    (("workers", "w0", "clients", 0, "instance"), 7),
     (("workers", "w0", "clients", 0, "draining"), 0),
     (("workers", "w0", "clients", 0, "client_id"), 7),
     (("workers", "w0", "clients", 0, "unhealthy"), "web"),

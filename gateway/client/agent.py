@@ -40,6 +40,7 @@ class Agent:
         self.last_rejection = ""
         self.fatal = ""  # why the agent stopped by itself (the process exits 1)
         self._stop: asyncio.Event | None = None
+        self.instance = os.urandom(8).hex()  # this process: its HELLOs tell its own moves from a duplicate's
         self.connections = [Connection(self, i) for i in range(config.connections)]
         self.nodes = NodeSet(config.server.split(","), offset=home_offset(config.group, config.client_id))
         self._rr = itertools.count()

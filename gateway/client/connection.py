@@ -138,7 +138,7 @@ class Connection:
         cfg = self.agent.config
         hello = frames.hello(
             client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
-            capabilities=["http", frames.HEADER_FIELDS], connection_index=self.index,
+            capabilities=["http", frames.HEADER_FIELDS], connection_index=self.index, instance=self.agent.instance,
         )
         await transport.write(frames.encode_frame(hello))
         raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)

@@ -18,7 +18,9 @@ _WORKER = re.compile(r"w[0-9]{1,6}")
 @dataclass(frozen=True, slots=True)
 class ClientLoad:
     """One client stream a node's worker holds, as other nodes route by it:
-    requests in flight on it, whether it drains, the upstreams its client reports down."""
+    requests in flight on it, whether it drains, the upstreams its client reports down;
+    and what tells a duplicate identity on another node (when it connected, the
+    certificate's names with mTLS, the client process's instance)."""
 
     client_id: str
     group: str
@@ -26,6 +28,9 @@ class ClientLoad:
     inflight: int = 0
     draining: bool = False
     unhealthy: tuple[str, ...] = ()
+    connected_at: float = 0.0
+    certificate: tuple[str, ...] = ()
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +105,15 @@ def _client(d: Any) -> ClientLoad:
     inflight = _of(int, d["inflight"])
     if inflight < 0:
         raise ValueError("inflight below 0")
+    # The identity fields are newer than the rest: a record of an older node lacks them.
+    connected_at = d.get("connected_at", 0.0)
+    if type(connected_at) is int:  # a whole number of seconds, as JSON may write it
+        connected_at = float(connected_at)
     return ClientLoad(_of(str, d["client_id"]), _of(str, d["group"]), _of(str, d["connection"]), inflight,
-                      _of(bool, d["draining"]), tuple(_of(str, u) for u in _of(list, d["unhealthy"])))
+                      _of(bool, d["draining"]), tuple(_of(str, u) for u in _of(list, d["unhealthy"])),
+                      _of(float, connected_at),
+                      tuple(_of(str, n) for n in _of(list, d.get("certificate", []))),
+                      _of(str, d.get("instance", "")))
 
 
 def _worker(d: Any) -> WorkerLoad:

@@ -111,7 +111,7 @@ class Cluster:
         self.peers.heartbeat(now)
         gone = self.peers.expire(now)
         for peer in gone:
-            self._lose(peer, "silent")
+            self._lose(peer, "silent", was_live=True)  # expire() has marked it not live already
         if gone:
             self._rebuild()
         self._publish(snapshot)
@@ -173,8 +173,8 @@ class Cluster:
             if peer.live:
                 self.peers.send(peer, lost)
 
-    def _lose(self, peer: Peer, reason: str) -> None:
-        if not (peer.live or peer.identities):
+    def _lose(self, peer: Peer, reason: str, was_live: bool = False) -> None:
+        if not (was_live or peer.live or peer.identities):
             return  # never reached (or lost already): no worker of ours has anything with it
         log.warning("peer node lost", extra={"peer_node": peer.node_id, "reason": reason,
                                              "channels": len(peer.identities)})
@@ -208,7 +208,9 @@ class Cluster:
                     "node": rec.node_id, "worker": int(wid[1:]), "node_state": rec.state,
                     "capabilities": list(load.capabilities),
                     "clients": [{"client_id": c.client_id, "group": c.group, "connection": c.connection,
-                                 "inflight": c.inflight, "draining": c.draining, "unhealthy": list(c.unhealthy)}
+                                 "inflight": c.inflight, "draining": c.draining, "unhealthy": list(c.unhealthy),
+                                 "connected_at": c.connected_at, "certificate": list(c.certificate),
+                                 "instance": c.instance}
                                 for c in load.clients],
                 }
         self.rows = rows
@@ -220,7 +222,8 @@ class Cluster:
             for group, n in info.get("streams", {}).items():
                 groups[group] = groups.get(group, 0) + n
             clients = tuple(ClientLoad(c["client_id"], c["group"], c["connection"], c["pending"] + c["serving"],
-                                       bool(c["draining"]), tuple(c.get("unhealthy", ())))
+                                       bool(c["draining"]), tuple(c.get("unhealthy", ())), c.get("connected_at", 0.0),
+                                       tuple(c.get("certificate", ())), c.get("instance", ""))
                             for c in info.get("clients", ()))
             workers[wid] = WorkerLoad(clients, tuple(info.get("capabilities", ())))
         if (groups, workers) != self._published:

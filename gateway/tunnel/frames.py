@@ -342,7 +342,8 @@ def goaway(reason: str) -> pb.Frame:
 
 
 def hello(
-    *, client_id: str, group: str, token: str, version: str, capabilities: Sequence[str], connection_index: int
+    *, client_id: str, group: str, token: str, version: str, capabilities: Sequence[str], connection_index: int,
+    instance: str = "",
 ) -> pb.Frame:
     return pb.Frame(
         hello=pb.Hello(
@@ -352,6 +353,7 @@ def hello(
             version=version,
             capabilities=list(capabilities),
             connection_index=connection_index,
+            instance=instance,
         )
     )
 

@@ -60,6 +60,7 @@ def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
         "connection": s.label,
         "group": s.group,
         "certificate": list(getattr(s, "certificate", ())),  # with mTLS: part of the client's identity
+        "instance": getattr(s, "instance", ""),  # the client process (tells its own moves from a duplicate)
         "worker": worker,
         "remote": getattr(s, "remote", ""),
         "connected_at": s.connected_at,
@@ -207,25 +208,35 @@ class Routing:
         self._spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
 
     def _replace_elsewhere(self, stream: TunnelStream) -> None:
-        """An older stream of the same identity and connection on another worker (by
-        the shard table): that worker is told to replace it."""
+        """An older stream of the same identity and connection on another worker of
+        this node, or on another node (by the shard table and the fleet's rows):
+        that worker is told to replace it. On another node only when it is another
+        client process's: a client moving a connection between nodes opens the new
+        stream before it lets the old one go (make-before-break)."""
         link = self.link
         if link is None or not link.router_ok:
             return
         certificate = list(getattr(stream, "certificate", ()))
+        instance = getattr(stream, "instance", "")
         command = {"op": "replace", "group": stream.group, "connection": stream.label, "certificate": certificate,
-                   "before": stream.connected_at, "remote": getattr(stream, "remote", "")}
-        for info in link.table.values():
-            if info.get("worker") == self.index:
-                continue
-            if any(c["group"] == stream.group and c["connection"] == stream.label and not c["draining"]
-                   and c.get("certificate", []) == certificate and c["connected_at"] < stream.connected_at
-                   for c in info.get("clients", ())):
-                self._spawn(self._send_command(link, info["worker"], command))
+                   "before": stream.connected_at, "remote": getattr(stream, "remote", ""), "instance": instance}
 
-    async def _send_command(self, link: PeerLink, worker: int, command: dict) -> None:
+        def older(c: Mapping[str, Any]) -> bool:
+            return (c["group"] == stream.group and c["connection"] == stream.label and not c["draining"]
+                    and list(c.get("certificate", [])) == certificate and c.get("connected_at", 0) < stream.connected_at)
+
+        for info in link.table.values():
+            if info.get("worker") != self.index and any(older(c) for c in info.get("clients", ())):
+                self._spawn(self._send_command(link, f"w{info['worker']}", command))
+        if not instance:
+            return  # a client too old to say which process it is: its moves would look like duplicates
+        for info in link.remote.values():
+            if any(older(c) and c.get("instance") and c["instance"] != instance for c in info["clients"]):
+                self._spawn(self._send_command(link, f"{info['node']}/w{info['worker']}", {**command, "from_node": True}))
+
+    async def _send_command(self, link: PeerLink, worker: str, command: dict) -> None:
         try:
-            await link.send_command(f"w{worker}", command)
+            await link.send_command(worker, command)
         except Exception as exc:  # a worker gone meanwhile: its streams went with it
             log.warning("cannot send a command to worker %s: %s", worker, exc, extra={"command": command})
 
@@ -235,7 +246,9 @@ class Routing:
         for s in list(self.registry):
             if (s.group == command.get("group") and s.label == command.get("connection") and not s.draining
                     and list(getattr(s, "certificate", ())) == command.get("certificate", [])
-                    and s.connected_at < command.get("before", 0)):
+                    and s.connected_at < command.get("before", 0)
+                    # From another node, the same process's stream is the one it is moving (see above).
+                    and not (command.get("from_node") and getattr(s, "instance", "") == command.get("instance"))):
                 self._replace(s, command.get("remote", ""))
                 n += 1
         return n

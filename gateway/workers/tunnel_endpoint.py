@@ -267,6 +267,7 @@ class TunnelEndpoint:
         )
         stream.remote = peer  # type: ignore[attr-defined]
         stream.certificate = sorted(names)  # type: ignore[attr-defined]
+        stream.instance = hello.instance  # type: ignore[attr-defined]
         stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
         stream.config_version = group.client.version
         await transport.write(
