@@ -103,6 +103,9 @@ class Stack:
     gateway_config: Path | None = None
     clients: dict[str, tuple[ProcGroup, int, int]] = field(default_factory=dict)  # id -> (proc, local, admin)
     backend: ProcGroup | None = None
+    # A command every process of this stack runs under, e.g. ["ip", "netns", "exec", NS]: it must
+    # exec the rest in place (so stopping the process stops what runs), as `ip netns exec` does.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -130,7 +133,8 @@ class Stack:
 
     def start_backend(self, name: str = "backend") -> ProcGroup:
         self.backend_port = self.backend_port or free_port()
-        self.backend = self.procs.start(name, [sys.executable, "scripts/demo_backend.py", "--port", str(self.backend_port)])
+        self.backend = self.procs.start(name, [*self.prefix, sys.executable, "scripts/demo_backend.py", "--port",
+                                               str(self.backend_port)])
         wait_until(lambda: http("GET", f"{self.backend_url}/stats", timeout=2).status == 200, what="backend",
                    watch=self.backend)
         # Another process on the port would answer too: make sure it is ours.
@@ -167,7 +171,8 @@ class Stack:
         doc = doc or self.gateway_doc(**kw)
         self.gateway_config = self.tmp / "gateway.toml"
         self.gateway_config.write_text(to_toml(doc))
-        self.gateway = self.procs.start(self.name, [sys.executable, "-m", "gateway.cli", "-c", str(self.gateway_config)])
+        self.gateway = self.procs.start(self.name, [*self.prefix, sys.executable, "-m", "gateway.cli", "-c",
+                                                    str(self.gateway_config)])
         wait_until(self._gateway_ready, what="gateway /healthz", watch=self.gateway)
         shards = get_json(f"{self.admin_url}/admin/shards")["workers"]
         assert all(w["pid"] in children_of(self.gateway.popen.pid) for w in shards), "admin port taken"
@@ -181,7 +186,7 @@ class Stack:
                      extra: list[str] | None = None) -> ProcGroup:
         local, admin = (self.clients[client_id][1:] if client_id in self.clients else (free_port(), free_port()))
         args = [
-            sys.executable, "-m", "gateway.client.main", "--server", f"{self.host}:{self.tunnel_port}",
+            *self.prefix, sys.executable, "-m", "gateway.client.main", "--server", f"{self.host}:{self.tunnel_port}",
             "--group", group, "--token", token, "--client-id", client_id,
             "--local-port", str(local), "--admin-port", str(admin), "--reconnect-initial", "0.2",
             "--reconnect-max", "2", *(extra or []),

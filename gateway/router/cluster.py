@@ -101,6 +101,7 @@ class Cluster:
             if self.peers.revived:
                 self.peers.revived = False
                 changed = True
+                self._tell_the_revived()
                 self._rebuild()
         return changed
 
@@ -188,6 +189,20 @@ class Cluster:
                 self._send_local(env.to_worker(worker, env.ROUTER_ID, env.LOST, identity))
         peer.identities.clear()
         peer.live = False
+        peer.was_lost = True
+
+    def _tell_the_revived(self) -> None:
+        """A node we declared lost is heard again (a partition healed before it lost
+        us): we failed what we had with it, and it must fail what it has with us, or
+        it would serve requests whose callers got a 502 long ago, and wait for answers
+        to requests we dropped. Our workers are LOST to it, as after a restart."""
+        for peer in self.peers.peers.values():
+            if peer.live and peer.was_lost:
+                peer.was_lost = False
+                log.info("peer node back after it was lost: it fails what it had with this node",
+                         extra={"peer_node": peer.node_id})
+                for worker in self._workers():
+                    self.peers.send(peer, env.to_peer(b"", env.remote_identity(self.own_id, worker), env.LOST, b""))
 
     def _drop(self, peer: Peer, why: str) -> None:
         if time.monotonic() - self._dropped_logged >= 1.0:
