@@ -28,4 +28,8 @@ EXPOSE 8001 8002 50001 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('HEALTH_PORT', '9090'), timeout=2)"]
 
-CMD ["tunnel-gateway", "--config", "/etc/tunnel-gateway/gateway.toml"]
+# The image's own config is the demo's (conf/gateway.toml, on loopback); in a container the
+# public ports must listen on every address (a container's loopback is unreachable from
+# outside). The admin port stays on the container's loopback (admin_host in the file): a
+# non-loopback admin needs admin_token, and the HEALTHCHECK reaches it from inside.
+CMD ["tunnel-gateway", "--config", "/etc/tunnel-gateway/gateway.toml", "--host", "0.0.0.0"]

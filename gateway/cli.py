@@ -21,10 +21,11 @@ from gateway.cluster.config import curve_keypair
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
 from gateway.exposure import mask_headers, mask_settings, mask_url
 from gateway.ports import PortUnavailable, claim_ports, listen_for_peers
+from gateway.quick_start import add_quick_arguments, quick_banner, quick_config_file
 from gateway.settings import ConfigError, add_arguments
 from gateway.supervisor import EXIT_BOOT_ERROR, Supervisor
 
-__all__ = ["main", "build_parser", "effective_config"]
+__all__ = ["main", "build_parser", "effective_config", "report_errors"]
 
 EXIT_BAD_CONFIG = 2
 
@@ -39,9 +40,11 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     if check:
         p.add_argument("config", help="TOML config file to check")
     else:
-        p.add_argument("--config", "-c", default="conf/gateway.toml", help="TOML config file (default: conf/gateway.toml)")
+        p.add_argument("--config", "-c", default=None, help="TOML config file (default: conf/gateway.toml)")
     p.add_argument("--version", action="version", version=f"tunnel-gateway {__version__}")
     add_arguments(p, GATEWAY_SETTINGS, ENV_PREFIX)
+    if not check:
+        add_quick_arguments(p)
     return p
 
 
@@ -71,10 +74,33 @@ def effective_config(config: GatewayConfig) -> dict:
             for name, g in config.groups.items()
         },
         "routes": [rule(r) for r in config.routes],
+        "grpc_routes": [rule(r) for r in config.grpc_routes],
+        "quick": None if config.quick is None else {
+            "tokens": len(config.quick.tokens), "public_url": config.quick.public_url,
+            "max_tunnels": config.quick.max_tunnels, "timeout": config.quick.timeout,
+        },
         "forward": [rule(r) for r in config.forward],
         "upstreams": {u: {"servers": [mask_url(s) for s in up.servers], "balance": up.balance}
                       for u, up in config.upstreams.items()},
     }
+
+
+def report_errors(program: str, exc: ConfigError) -> None:
+    """Every error of a config, one `file: key: message` a line, on stderr."""
+    count = len(exc.errors)
+    print(f"{program}: bad config ({count} error{'s' if count > 1 else ''}):", file=sys.stderr)
+    for e in exc.errors:
+        print(e.line, file=sys.stderr)
+
+
+def config_warnings(config: GatewayConfig) -> list[str]:
+    """What is valid but likely not meant: a gateway that can serve nothing."""
+    out = []
+    if not config.groups:
+        out.append(f"{config.path}: groups: no [groups.NAME]: no tunnel client can join")
+    if not config.routes and not config.grpc_routes:
+        out.append(f"{config.path}: routes: no [[routes]] or [[grpc_routes]]: every request to the entry gets 404")
+    return out
 
 
 def check_config(argv: list[str]) -> int:
@@ -82,9 +108,11 @@ def check_config(argv: list[str]) -> int:
     try:
         config = load_gateway_config(args.config, args)
     except ConfigError as exc:
-        print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
+        report_errors("tunnel-gateway", exc)
         return EXIT_BAD_CONFIG
     sys.stdout.write(orjson.dumps(effective_config(config), option=orjson.OPT_INDENT_2).decode() + "\n")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok", file=sys.stderr)
     return 0
 
@@ -103,12 +131,32 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(argv[1:])
     if argv == ["keygen"]:
         return keygen()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    remove_quick_file = None
+    if args.quick:
+        if args.config is not None:
+            parser.error("--quick runs without a config file; a configured gateway allows quick tunnels "
+                         "with a [quick] table")
+        args.config, remove_quick_file = quick_config_file(args)
+    elif args.token is not None:
+        parser.error("--token goes with --quick (a configured gateway lists tokens in its [quick] table)")
+    args.config = args.config or "conf/gateway.toml"
     try:
-        config = load_gateway_config(args.config, args)
+        return _run(args, args.config)
+    finally:
+        if remove_quick_file is not None:
+            remove_quick_file()
+
+
+def _run(args: argparse.Namespace, path: str) -> int:
+    try:
+        config = load_gateway_config(path, args)
     except ConfigError as exc:
-        print(f"tunnel-gateway: bad config: {exc}", file=sys.stderr)
+        report_errors("tunnel-gateway", exc)
         return EXIT_BAD_CONFIG
+    if config.quick is not None:
+        print(quick_banner(config, args.token if args.quick else None), flush=True)
     workers = config.workers or os.cpu_count() or 1
     try:
         # Held while the gateway runs: its workers bind beside these, another gateway cannot (gateway/ports.py).

@@ -17,18 +17,21 @@ from typing import Any, Mapping
 from gateway.balance import STREAM_POLICIES
 from gateway.cluster.config import CLUSTER_SETTINGS, check_cluster
 from gateway.exposure import is_loopback, mask_settings
+from gateway.inspection import header_names
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
 from gateway.ports import port_clash
+from gateway.quick import QUICK_PREFIX, QuickConfig, parse_quick
 from gateway.rules import Rule, parse_rules
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, entry_settings, load_section, port,
+    ConfigError, Errors, Setting, SettingsAccess, apply_env, apply_overrides, boolean, check_mapping, choice, entry_settings,
+    load_section, port, unknown_keys,
     non_negative_int, positive_float, positive_int, read_toml, string,
 )
 
 ENV_PREFIX = "TUNNEL_GATEWAY_"
 
-__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "RESTART_ONLY", "GroupSpec", "Token", "GatewayConfig", "load_gateway_config",
+__all__ = ["ENV_PREFIX", "GATEWAY_SETTINGS", "RESTART_ONLY", "RestartRequired", "GroupSpec", "Token", "GatewayConfig", "load_gateway_config",
            "restart_only_change"]
 
 def worker_count(v: Any) -> int:
@@ -92,7 +95,18 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("worker_timeout", 30.0, positive_float,
             "a worker whose event loop is silent this long (hung, stopped) is killed and respawned"),
     Setting("access_log", "stdout", string, "access log: off, stdout or a file path"),
-    Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
+    Setting("inspect", True, boolean,
+            "keep the last requests of each worker for the Inspector (/inspector, /admin/requests): headers and "
+            "the start of each body, secrets masked"),
+    Setting("inspect_requests", 200, positive_int, "requests the Inspector keeps per worker"),
+    Setting("inspect_body_bytes", 65536, non_negative_int,
+            "bytes of each request and response body the Inspector keeps (a request whose body was kept "
+            "whole can be replayed)"),
+    Setting("inspect_mask_headers", (), header_names,
+            "headers the Inspector masks besides Authorization, Cookie, Set-Cookie, Proxy-Authorization, "
+            "X-Api-Key and names holding token, secret, password, api-key, auth, session or signature"),
+    Setting("log_level", "info", choice("debug", "info", "warning", "error", fold_case=True),
+            "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
 )
 
@@ -109,15 +123,24 @@ RESTART_ONLY: tuple[str, ...] = (
 )
 
 
-def restart_only_change(old: "GatewayConfig", new: "GatewayConfig") -> ConfigError | None:
-    """The first setting a reload from `old` to `new` cannot apply, as an error naming it."""
+class RestartRequired(ConfigError):
+    """A reload refused because settings that take a restart changed; names each."""
+
+
+def restart_only_change(old: "GatewayConfig", new: "GatewayConfig") -> RestartRequired | None:
+    """The settings a reload from `old` to `new` cannot apply: one error naming
+    the first, carrying one for each other one (`errors`), or None."""
+    changed = []
     for key in RESTART_ONLY:
         if old.settings.get(key) != new.settings.get(key):
             # Masked: a secret (cluster_secret_key) must not reach the log by a reload.
             was, now = (mask_settings({key: c.settings.get(key)})[key] for c in (old, new))
-            return ConfigError(new.path, key, f"takes a restart (running with {was!r}, "
-                                              f"the file says {now!r}); nothing reloaded")
-    return None
+            changed.append(ConfigError(new.path, f"gateway.{key}", f"takes a restart (running with {was!r}, "
+                                                                   f"the file says {now!r}); nothing reloaded"))
+    if not changed:
+        return None
+    first, *rest = changed
+    return RestartRequired(first.file, first.key, first.message, rest)
 
 
 @dataclass(frozen=True)
@@ -149,95 +172,143 @@ class GatewayConfig(SettingsAccess):
     forward: tuple[Rule, ...]
     upstreams: Mapping[str, Upstream]
     grpc_routes: tuple[Rule, ...] = ()
+    quick: QuickConfig | None = None  # quick tunnels allowed ([quick])
 
 
 def _parse_tokens(raw: Any, file: str, key: str) -> tuple[Token, ...]:
     """Tokens are strings, or tables {token = "...", expires = 2026-12-01T00:00:00Z} for rotation."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError(file, key, "must be a non-empty list of tokens")
+    errors = Errors()
     out = []
     for i, item in enumerate(raw):
-        if isinstance(item, str) and item:
-            out.append(Token(item))
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
-            raise ConfigError(file, f"{key}[{i}]", "must be a non-empty string or {token = \"...\", expires = DATETIME}")
-        unknown = set(item) - {"token", "expires"}
-        if unknown:
-            raise ConfigError(file, f"{key}[{i}].{sorted(unknown)[0]}", "unknown key")
-        expires = item.get("expires")
-        if expires is not None:
-            if not isinstance(expires, datetime.datetime):
-                raise ConfigError(file, f"{key}[{i}].expires", "must be a TOML date-time like 2026-12-01T00:00:00Z")
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=datetime.timezone.utc)
-            expires = expires.timestamp()
-        out.append(Token(item["token"], expires))
+        token = errors.check(_parse_token, item, file, f"{key}[{i}]")
+        if token is not None:
+            out.append(token)
+    errors.raise_any()
     return tuple(out)
 
 
+def _parse_token(item: Any, file: str, key: str) -> Token:
+    # A token's value is never quoted in a message: it is a secret.
+    if isinstance(item, str) and item:
+        return Token(item)
+    if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
+        raise ConfigError(file, key, "must be a non-empty string or {token = \"...\", expires = DATETIME}, "
+                                     f"got a {type(item).__name__}")
+    errors = Errors()
+    for exc in unknown_keys(item, ("token", "expires"), file, key):
+        errors.add(exc)
+    expires = item.get("expires")
+    if expires is not None:
+        if not isinstance(expires, datetime.datetime):
+            errors.add(ConfigError(file, f"{key}.expires",
+                                   f"must be a TOML date-time like 2026-12-01T00:00:00Z, got {expires!r}"))
+            expires = None
+        else:
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=datetime.timezone.utc)
+            expires = expires.timestamp()
+    errors.raise_any()
+    return Token(item["token"], expires)
+
+
+_GROUP_KEYS = ("tokens", "balance", "hash_key", "rules", "upstreams", "client_cert_names", *sorted(LIMIT_KEYS))
+
+
+def _parse_group(name: str, table: Any, file: str) -> GroupSpec:
+    key = f"groups.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(file, key, f"must be a table, got {table!r}")
+    if name.startswith(QUICK_PREFIX):
+        raise ConfigError(file, key, f"{name!r}: group names starting with {QUICK_PREFIX!r} are quick tunnels'")
+    errors = Errors()
+    for exc in unknown_keys(table, _GROUP_KEYS, file, key):
+        errors.add(exc)
+    balance = table.get("balance", "round_robin")
+    if balance not in STREAM_POLICIES:
+        errors.add(ConfigError(file, f"{key}.balance", f"must be one of {', '.join(STREAM_POLICIES)}, got {balance!r}"))
+    hash_key = table.get("hash_key", "client_ip")
+    if not isinstance(hash_key, str) or not (
+        hash_key == "client_ip" or hash_key.startswith("header:") or hash_key.startswith("cookie:")
+    ):
+        errors.add(ConfigError(file, f"{key}.hash_key", f"must be client_ip, header:NAME or cookie:NAME, got {hash_key!r}"))
+    names = table.get("client_cert_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        errors.add(ConfigError(file, f"{key}.client_cert_names",
+                               f"must be a list of name patterns like *.agents.example, got {names!r}"))
+    tokens = errors.check(_parse_tokens, table.get("tokens"), file, f"{key}.tokens")
+    client = errors.check(parse_group_config, table, file, key)
+    limits = errors.check(parse_limits, table, file, key)
+    errors.raise_any()
+    return GroupSpec(name, tokens, balance, client, hash_key, limits, tuple(names))
+
+
 def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:
+    errors = Errors()
     groups = {}
     for name, table in check_mapping(raw, file, "groups").items():
-        key = f"groups.{name}"
-        if not isinstance(table, dict):
-            raise ConfigError(file, key, "must be a table")
-        unknown = set(table) - {"tokens", "balance", "hash_key", "rules", "upstreams", "client_cert_names"} - LIMIT_KEYS
-        if unknown:
-            raise ConfigError(file, f"{key}.{sorted(unknown)[0]}", "unknown key")
-        balance = table.get("balance", "round_robin")
-        if balance not in STREAM_POLICIES:
-            raise ConfigError(file, f"{key}.balance", f"must be one of {', '.join(STREAM_POLICIES)}")
-        hash_key = table.get("hash_key", "client_ip")
-        if not isinstance(hash_key, str) or not (
-            hash_key == "client_ip" or hash_key.startswith("header:") or hash_key.startswith("cookie:")
-        ):
-            raise ConfigError(file, f"{key}.hash_key", "must be client_ip, header:NAME or cookie:NAME")
-        names = table.get("client_cert_names", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(file, f"{key}.client_cert_names", "must be a list of name patterns like *.agents.example")
-        groups[name] = GroupSpec(
-            name, _parse_tokens(table.get("tokens"), file, f"{key}.tokens"), balance,
-            parse_group_config(table, file, key), hash_key, parse_limits(table, file, key), tuple(names),
-        )
+        group = errors.check(_parse_group, name, table, file)
+        if group is not None:
+            groups[name] = group
+    errors.raise_any()
     return groups
 
 
-def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> GatewayConfig:
-    """Read and validate `path`; CLI flags in `args` override the file."""
-    doc = read_toml(path)
-    unknown = set(doc) - {"gateway", "groups", "routes", "grpc_routes", "forward", "upstreams"}
-    if unknown:
-        raise ConfigError(path, sorted(unknown)[0], "unknown table")
-    settings = load_section(doc.get("gateway"), GATEWAY_SETTINGS, path, "gateway")
-    apply_env(settings, GATEWAY_SETTINGS, ENV_PREFIX)
-    if args is not None:
-        apply_overrides(settings, args, GATEWAY_SETTINGS)
+def _check_settings(settings: dict[str, Any], path: str, errors: Errors) -> None:
+    """The checks across settings, each error added to `errors`."""
+    def error(key: str, message: str) -> None:
+        errors.add(ConfigError(path, f"gateway.{key}", message))
+
     if settings["chunk_size"] > settings["stream_window"]:
-        raise ConfigError(path, "gateway.chunk_size", "must not exceed gateway.stream_window")
+        error("chunk_size", f"must not exceed gateway.stream_window ({settings['chunk_size']} > {settings['stream_window']})")
     if settings["max_header_bytes"] + settings["chunk_size"] > settings["max_batch_bytes"] * 3:
-        raise ConfigError(path, "gateway.max_batch_bytes", "too small for a head plus a chunk")
+        error("max_batch_bytes", f"too small for a head plus a chunk, got {settings['max_batch_bytes']}")
     for key in ("tls_cert", "tls_key", "tls_client_ca"):
         if settings[key] and not os.path.isfile(settings[key]):
-            raise ConfigError(path, f"gateway.{key}", f"file {settings[key]!r} not found")
+            error(key, f"file {settings[key]!r} not found")
     if bool(settings["tls_cert"]) != bool(settings["tls_key"]):
-        raise ConfigError(path, "gateway.tls_key", "tls_cert and tls_key go together")
+        error("tls_key", "tls_cert and tls_key go together")
     if (settings["tls_client_ca"] or settings["http_tls"]) and not settings["tls_cert"]:
-        raise ConfigError(path, "gateway.tls_cert", "is required for tls_client_ca and http_tls")
+        error("tls_cert", "is required for tls_client_ca and http_tls")
     if settings["admin_port"] and not is_loopback(settings["admin_host"]) and not settings["admin_token"]:
-        raise ConfigError(path, "gateway.admin_token",
-                          f"is required when admin_host ({settings['admin_host']}) is not a loopback address")
-    check_cluster(settings, path)
+        error("admin_token", f"is required when admin_host ({settings['admin_host']!r}) is not a loopback address")
+    errors.check(check_cluster, settings, path)
     clash = port_clash(settings)
     if clash is not None:
         first, second = clash
-        raise ConfigError(path, f"gateway.{second}",
-                          f"port {settings[second]} is also gateway.{first} (on overlapping addresses)")
-    groups = _parse_groups(doc.get("groups"), path)
-    routes = parse_rules(doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"],
-                         retry=True)
-    grpc_routes = parse_rules(doc.get("grpc_routes"), path, "grpc_routes", "group", groups,
-                              settings["request_timeout"])
-    upstreams = parse_upstreams(doc.get("upstreams"), path, "upstreams")
-    forward = parse_rules(doc.get("forward"), path, "forward", "upstream", upstreams, settings["request_timeout"])
-    return GatewayConfig(path, settings, groups, routes, forward, upstreams, grpc_routes)
+        error(second, f"port {settings[second]} is also gateway.{first} (on overlapping addresses)")
+
+
+def load_gateway_config(path: str, args: argparse.Namespace | None = None) -> GatewayConfig:
+    """Read and validate `path`; CLI flags in `args` override the file. Every error
+    found is raised together: one ConfigError naming the first, carrying the rest."""
+    doc = read_toml(path)
+    errors = Errors()
+    for exc in unknown_keys(doc, ("gateway", "groups", "routes", "grpc_routes", "forward", "upstreams", "quick"),
+                            path, "", "table"):
+        errors.add(exc)
+    settings = load_section(doc.get("gateway"), GATEWAY_SETTINGS, path, "gateway", errors)
+    errors.check(apply_env, settings, GATEWAY_SETTINGS, ENV_PREFIX)
+    if args is not None:
+        errors.check(apply_overrides, settings, args, GATEWAY_SETTINGS)
+    _check_settings(settings, path, errors)
+    groups = errors.check(_parse_groups, doc.get("groups"), path, default=None)
+    if groups is None:  # routes are checked against the names it has
+        raw = doc.get("groups")
+        groups = dict.fromkeys(raw) if isinstance(raw, dict) else {}
+    routes = errors.check(parse_rules, doc.get("routes"), path, "routes", "group", groups, settings["request_timeout"],
+                          retry=True, default=())
+    grpc_routes = errors.check(parse_rules, doc.get("grpc_routes"), path, "grpc_routes", "group", groups,
+                               settings["request_timeout"], default=())
+    upstreams = errors.check(parse_upstreams, doc.get("upstreams"), path, "upstreams", default=None)
+    if upstreams is None:
+        raw = doc.get("upstreams")
+        upstreams = dict.fromkeys(raw) if isinstance(raw, dict) else {}
+    forward = errors.check(parse_rules, doc.get("forward"), path, "forward", "upstream", upstreams,
+                           settings["request_timeout"], default=())
+    quick = errors.check(parse_quick, doc.get("quick"), path, request_timeout=settings["request_timeout"],
+                         parse_tokens=_parse_tokens, default=None,
+                         overrides={"domain": getattr(args, "domain", None), "public_url": getattr(args, "public_url", None)})
+    errors.raise_any()
+    return GatewayConfig(path, settings, groups, routes, forward, upstreams, grpc_routes, quick)

@@ -10,7 +10,7 @@ import orjson
 
 from gateway.balance import UPSTREAM_POLICIES, ServerPool
 from gateway.rules import Rule, parse_rules
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, Errors, unknown_keys
 
 __all__ = ["Upstream", "GroupConfig", "parse_upstreams", "parse_group_config", "group_config_from_json"]
 
@@ -30,42 +30,57 @@ class Upstream:
 
 
 def parse_upstreams(raw: Any, file: str, key: str) -> dict[str, Upstream]:
+    """The upstreams of a table; every error found is raised together (one ConfigError)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(file, key, "must be a table of upstreams")
+        raise ConfigError(file, key, f"must be a table of upstreams, got {type(raw).__name__}")
+    errors = Errors()
     out = {}
     for name, table in raw.items():
-        k = f"{key}.{name}"
-        if not isinstance(table, dict):
-            raise ConfigError(file, k, "must be a table")
-        unknown = set(table) - {"servers", "balance", "health_path", "health_interval", "max_fails", "fail_timeout"}
-        if unknown:
-            raise ConfigError(file, f"{k}.{sorted(unknown)[0]}", "unknown key")
-        servers = table.get("servers")
-        if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
-            raise ConfigError(file, f"{k}.servers", "must be a non-empty list of URLs")
-        for s in servers:
-            scheme, sep, host = s.rstrip("/").partition("://")
-            if scheme not in ("http", "https") or not sep or not host or "/" in host:
-                raise ConfigError(file, f"{k}.servers", f"{s!r} must be a base URL like http://host:port")
-        balance = table.get("balance", "round_robin")
-        if balance not in UPSTREAM_POLICIES:
-            raise ConfigError(file, f"{k}.balance", f"must be one of {', '.join(UPSTREAM_POLICIES)}")
-        health_path = table.get("health_path", "")
-        if not isinstance(health_path, str) or (health_path and not health_path.startswith("/")):
-            raise ConfigError(file, f"{k}.health_path", "must be a path starting with /")
-        numbers = {}
-        for key_name, default, kind in (("health_interval", 5.0, float), ("fail_timeout", 10.0, float),
-                                        ("max_fails", 3, int)):
-            v = table.get(key_name, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (kind is int and not isinstance(v, int)):
-                raise ConfigError(file, f"{k}.{key_name}", f"must be a non-negative {'integer' if kind is int else 'number'}")
-            numbers[key_name] = kind(v)
-        if health_path and numbers["health_interval"] <= 0:
-            raise ConfigError(file, f"{k}.health_interval", "must be positive when health_path is set")
-        out[name] = Upstream(name, tuple(s.rstrip("/") for s in servers), balance, health_path, **numbers)
+        up = errors.check(_parse_upstream, name, table, file, f"{key}.{name}")
+        if up is not None:
+            out[name] = up
+    errors.raise_any()
     return out
+
+
+_UPSTREAM_KEYS = ("servers", "balance", "health_path", "health_interval", "max_fails", "fail_timeout")
+
+
+def _parse_upstream(name: str, table: Any, file: str, k: str) -> Upstream:
+    if not isinstance(table, dict):
+        raise ConfigError(file, k, f"must be a table, got {table!r}")
+    errors = Errors()
+    for exc in unknown_keys(table, _UPSTREAM_KEYS, file, k):
+        errors.add(exc)
+    servers = table.get("servers")
+    if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
+        errors.add(ConfigError(file, f"{k}.servers", f"must be a non-empty list of URLs, got {servers!r}"))
+        servers = []
+    for s in servers:
+        scheme, sep, host = s.rstrip("/").partition("://")
+        if scheme not in ("http", "https") or not sep or not host or "/" in host:
+            errors.add(ConfigError(file, f"{k}.servers", f"{s!r} must be a base URL like http://host:port"))
+    balance = table.get("balance", "round_robin")
+    if balance not in UPSTREAM_POLICIES:
+        errors.add(ConfigError(file, f"{k}.balance", f"must be one of {', '.join(UPSTREAM_POLICIES)}, got {balance!r}"))
+    health_path = table.get("health_path", "")
+    if not isinstance(health_path, str) or (health_path and not health_path.startswith("/")):
+        errors.add(ConfigError(file, f"{k}.health_path", f"must be a path starting with /, got {health_path!r}"))
+    numbers = {}
+    for key_name, default, kind in (("health_interval", 5.0, float), ("fail_timeout", 10.0, float),
+                                    ("max_fails", 3, int)):
+        v = table.get(key_name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (kind is int and not isinstance(v, int)):
+            errors.add(ConfigError(file, f"{k}.{key_name}",
+                                   f"must be a non-negative {'integer' if kind is int else 'number'}, got {v!r}"))
+            v = default
+        numbers[key_name] = kind(v)
+    if health_path and numbers["health_interval"] <= 0:
+        errors.add(ConfigError(file, f"{k}.health_interval", "must be positive when health_path is set"))
+    errors.raise_any()
+    return Upstream(name, tuple(s.rstrip("/") for s in servers), balance, health_path, **numbers)
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,13 @@ class GroupConfig:
 
 
 def parse_group_config(table: Mapping[str, Any], file: str, key: str) -> GroupConfig:
-    upstreams = parse_upstreams(table.get("upstreams"), file, f"{key}.upstreams")
-    rules = parse_rules(table.get("rules"), file, f"{key}.rules", "upstream", upstreams)
+    errors = Errors()
+    upstreams = errors.check(parse_upstreams, table.get("upstreams"), file, f"{key}.upstreams", default=None)
+    if upstreams is None:  # its rules' targets are checked against the names it has
+        raw_ups = table.get("upstreams")
+        upstreams = {n: None for n in raw_ups} if isinstance(raw_ups, dict) else {}
+    rules = errors.check(parse_rules, table.get("rules"), file, f"{key}.rules", "upstream", upstreams, default=())
+    errors.raise_any()
     raw = {"rules": table.get("rules", []), "upstreams": table.get("upstreams", {})}
     return GroupConfig(rules, upstreams, raw)
 

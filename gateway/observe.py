@@ -9,20 +9,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
+import urllib.parse
 from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["AccessRecord", "AccessLog", "RateWindow", "RequestMetrics", "NO_METRICS"]
+__all__ = ["AccessRecord", "AccessLog", "RateWindow", "RequestMetrics", "NO_METRICS", "mask_query"]
 
 log = logging.getLogger("gateway.access")
 
 
+# A query parameter whose name holds one of these (api_key, access_token, X-Amz-Signature)
+# carries a credential: its value never reaches the access log.
+_SECRET_PARAM = re.compile(r"token|key|secret|passw|sig|auth", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_query(target: str) -> str:
+    """`target` (path and query) with the values of credential-like parameters masked."""
+    path, sep, query = target.partition("?")
+    if not sep or not _SECRET_PARAM.search(query):
+        return target
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        name, eq, value = part.partition("=")
+        if eq and value and _SECRET_PARAM.search(urllib.parse.unquote_plus(name)):
+            parts[i] = f"{name}={MASK}"
+    return f"{path}?{'&'.join(parts)}"
+
+
 class AccessRecord:
     __slots__ = ("started", "request_id", "trace_id", "method", "host", "path", "status", "bytes_in", "bytes_out",
-                 "duration", "group", "rule", "client_id", "worker", "direction", "error", "retried")
+                 "duration", "group", "rule", "client_id", "worker", "direction", "error", "retried", "remote",
+                 "user_agent")
 
     def __init__(self, *, request_id: str, trace_id: str, method: str, host: str, path: str, worker: str,
                  direction: str) -> None:
@@ -43,6 +65,8 @@ class AccessRecord:
         self.client_id = ""
         self.error = ""
         self.retried = False  # the tunnel was lost before any response byte and the request went again
+        self.remote = ""  # the caller's address (the peer of the connection)
+        self.user_agent = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,7 +75,7 @@ class AccessRecord:
             "trace_id": self.trace_id,
             "method": self.method,
             "host": self.host,
-            "path": self.path,
+            "path": mask_query(self.path),
             "status": self.status,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -63,6 +87,8 @@ class AccessRecord:
             "direction": self.direction,
             "error": self.error,
             "retried": self.retried,
+            "remote": self.remote,
+            "user_agent": self.user_agent,
         }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, Errors, unknown_keys
 
 __all__ = ["Rule", "first_match", "parse_rules", "host_matches", "path_matches"]
 
@@ -97,25 +97,59 @@ _RULE_KEYS = {
 
 def _positive(where: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(where, key, "must be a non-negative number of seconds")
+        raise ConfigError(where, key, f"must be a non-negative number of seconds, got {value!r}")
     return float(value)
 
 
 def _str(where: str, key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(where, key, f"must be a string, got {type(value).__name__}")
+        raise ConfigError(where, key, f"must be a string, got {type(value).__name__} {value!r}")
     return value
 
 
 def _str_map(where: str, key: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ConfigError(where, key, "must be a table of strings")
+        raise ConfigError(where, key, f"must be a table of strings, got {value!r}")
     return tuple((k.lower(), v) for k, v in value.items())
 
 
 def _str_list(where: str, key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(where, key, "must be a list of strings")
+        raise ConfigError(where, key, f"must be a list of strings, got {value!r}")
+    return value
+
+
+def _target(where: str, key: str, value: Any, target_key: str, known: set[str]) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, key, "is required")
+    if value not in known:
+        raise ConfigError(where, key, f"names unknown {target_key} {value!r}")
+    return value
+
+
+def _prefix(where: str, key: str, value: Any) -> str:
+    prefix = _str(where, key, value)
+    if not prefix.startswith("/"):
+        raise ConfigError(where, key, f"must start with /, got {prefix!r}")
+    return prefix
+
+
+def _host(where: str, key: str, value: Any) -> str:
+    host = _str(where, key, value).lower()
+    if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[1:]):
+        raise ConfigError(where, key, f"wildcards are only allowed as a leading '*.', got {host!r}")
+    return host
+
+
+def _timeout(where: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(where, key, f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _flag(where: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(where, key, f"must be true or false, got {value!r}")
     return value
 
 
@@ -123,55 +157,52 @@ def parse_rules(
     raw: Any, where: str, key: str, target_key: str, targets: Iterable[str], default_timeout: float = 30.0,
     *, retry: bool = False,
 ) -> tuple[Rule, ...]:
-    """Validate a TOML array of rule tables; errors name the file and key.
+    """Validate a TOML array of rule tables; errors name the file and key, and all
+    of them are raised together (one ConfigError carrying the others).
     `retry`: the rules may say `retry = true` (the HTTP routes)."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConfigError(where, key, "must be an array of tables ([[...]])")
+        raise ConfigError(where, key, f"must be an array of tables ([[{key}]]), got {type(raw).__name__}")
     known = set(targets)
+    errors = Errors()
     rules = []
     for i, item in enumerate(raw):
-        k = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(where, k, "must be a table")
-        unknown = set(item) - _RULE_KEYS - {target_key} - ({"retry"} if retry else set())
-        if unknown:
-            raise ConfigError(where, f"{k}.{sorted(unknown)[0]}", "unknown key")
-        target = item.get(target_key)
-        if not isinstance(target, str) or not target:
-            raise ConfigError(where, f"{k}.{target_key}", "is required")
-        if target not in known:
-            raise ConfigError(where, f"{k}.{target_key}", f"names unknown {target_key} {target!r}")
-        prefix = _str(where, f"{k}.path_prefix", item.get("path_prefix", "/"))
-        if not prefix.startswith("/"):
-            raise ConfigError(where, f"{k}.path_prefix", "must start with /")
-        host = _str(where, f"{k}.host", item.get("host", "")).lower()
-        if "*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[1:]):
-            raise ConfigError(where, f"{k}.host", "wildcards are only allowed as a leading '*.'")
-        timeout = item.get("timeout", default_timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ConfigError(where, f"{k}.timeout", "must be a positive number of seconds")
-        for flag in ("strip_prefix", "retry"):
-            if not isinstance(item.get(flag, False), bool):
-                raise ConfigError(where, f"{k}.{flag}", "must be true or false")
-        rules.append(
-            Rule(
-                name=_str(where, f"{k}.name", item.get("name", f"{key}[{i}]")),
-                target=target,
-                host=host,
-                path_prefix=prefix,
-                methods=frozenset(m.upper() for m in _str_list(where, f"{k}.methods", item.get("methods", []))),
-                headers=_str_map(where, f"{k}.headers", item.get("headers", {})),
-                set_host=_str(where, f"{k}.set_host", item.get("set_host", "")),
-                add_headers=_str_map(where, f"{k}.add_headers", item.get("add_headers", {})),
-                remove_headers=frozenset(h.lower() for h in _str_list(where, f"{k}.remove_headers", item.get("remove_headers", []))),
-                strip_prefix=item.get("strip_prefix", False),
-                timeout=float(timeout),
-                idle_timeout=_positive(where, f"{k}.idle_timeout", item.get("idle_timeout", 0.0)),
-                service_prefix=_str(where, f"{k}.match_service", item.get("match_service", "")).lstrip("/"),
-                limits=parse_limits(item, where, k),
-                retry=item.get("retry", False),
-            )
-        )
+        rule = errors.check(_parse_rule, item, where, key, i, target_key, known, default_timeout, retry)
+        if rule is not None:
+            rules.append(rule)
+    errors.raise_any()
     return tuple(rules)
+
+
+def _parse_rule(item: Any, where: str, key: str, i: int, target_key: str, known: set[str],
+                default_timeout: float, retry: bool) -> Rule:
+    k = f"{key}[{i}]"
+    if not isinstance(item, dict):
+        raise ConfigError(where, k, f"must be a table, got {item!r}")
+    errors = Errors()
+    for exc in unknown_keys(item, sorted(_RULE_KEYS | {target_key} | ({"retry"} if retry else set())), where, k):
+        errors.add(exc)
+
+    def get(name: str, check: Any, default: Any, *more: Any) -> Any:
+        return errors.check(check, where, f"{k}.{name}", item.get(name, default), *more, default=default)
+
+    target = get(target_key, _target, "", target_key, known)
+    rule = dict(
+        name=get("name", _str, f"{key}[{i}]"),
+        host=get("host", _host, ""),
+        path_prefix=get("path_prefix", _prefix, "/"),
+        methods=frozenset(m.upper() for m in get("methods", _str_list, [])),
+        headers=get("headers", _str_map, {}),
+        set_host=get("set_host", _str, ""),
+        add_headers=get("add_headers", _str_map, {}),
+        remove_headers=frozenset(h.lower() for h in get("remove_headers", _str_list, [])),
+        strip_prefix=get("strip_prefix", _flag, False),
+        timeout=get("timeout", _timeout, default_timeout),
+        idle_timeout=get("idle_timeout", _positive, 0.0),
+        service_prefix=get("match_service", _str, "").lstrip("/"),
+        limits=errors.check(parse_limits, item, where, k, default=Limits()),
+        retry=get("retry", _flag, False),
+    )
+    errors.raise_any()
+    return Rule(target=target, **rule)

@@ -7,26 +7,97 @@ description); `load_section` validates a TOML table against it and
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-__all__ = ["ConfigError", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
+from gateway.exposure import is_secret_name
+
+__all__ = ["ConfigError", "Errors", "unknown_keys", "Setting", "SettingsAccess", "read_toml", "load_section", "add_arguments", "apply_overrides", "apply_env",
            "env_name", "entry_settings",
            "positive_int", "non_negative_int", "positive_float", "port", "string", "choice", "boolean", "host_port", "networks"]
 
 
 class ConfigError(Exception):
-    """A bad configuration value; names the file and the key."""
+    """A bad configuration value; names the file and the key. One error may carry
+    others found in the same file (`also`): `errors` lists them all, the first
+    being this one, and `str()` is one `file: key: message` line each."""
 
-    def __init__(self, file: str, key: str, message: str) -> None:
-        super().__init__(f"{file}: {key}: {message}")
+    def __init__(self, file: str, key: str, message: str, also: Sequence["ConfigError"] = ()) -> None:
         self.file = file
         self.key = key
         self.message = message
+        self.errors: tuple[ConfigError, ...] = (self, *also)
+        super().__init__("\n".join(e.line for e in self.errors))
+
+    @property
+    def line(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}"
+
+
+T = TypeVar("T")
+
+
+class Errors:
+    """Collects the config errors of a file, so that every one is reported, not only the first."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def add(self, exc: ConfigError) -> None:
+        self.found.extend(exc.errors)
+
+    def check(self, fn: Callable[..., T], *args: Any, default: Any = None, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`, or `default` when it raises ConfigError (kept)."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            self.add(exc)
+            return default
+
+    def __bool__(self) -> bool:
+        return bool(self.found)
+
+    def raise_any(self) -> None:
+        """Raise one ConfigError carrying every error found (the first names file and key)."""
+        if self.found:
+            first, *rest = self.found
+            raise ConfigError(first.file, first.key, first.message, rest)
+
+
+def unknown_keys(table: Mapping[str, Any], known: Iterable[str], file: str, section: str,
+                 what: str = "key") -> list[ConfigError]:
+    """An error for each key of `table` not in `known`, quoting it (and the nearest known name)."""
+    known = list(known)
+    out = []
+    for key in table:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        out.append(ConfigError(file, f"{section}.{key}" if section else str(key), f"unknown {what} {key!r}{hint}"))
+    return out
+
+
+def _shown(name: str, value: Any) -> str:
+    """A value quoted in an error message; a secret's never is."""
+    if is_secret_name(name):
+        return "a value of type " + type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _quoting(message: str, name: str, value: Any) -> str:
+    """A validator's message, quoting the value it refused unless it quotes (a part of) it already."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [value]
+    if any(repr(p) in message for p in parts if p != ""):
+        return message
+    return f"{message}, got {_shown(name, value)}"
 
 
 Validator = Callable[[Any], Any]
@@ -68,8 +139,11 @@ def boolean(v: Any) -> bool:
     return v
 
 
-def choice(*options: str) -> Validator:
+def choice(*options: str, fold_case: bool = False) -> Validator:
+    """One of `options`; with `fold_case`, in any case (INFO, Debug), kept in the options' case."""
     def check(v: Any) -> str:
+        if fold_case and isinstance(v, str):
+            v = v.lower()
         if v not in options:
             raise ValueError(f"must be one of {', '.join(options)}")
         return v
@@ -154,26 +228,40 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(str(p), "-", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(p), "-", f"not valid TOML: {exc}") from None
+        # tomllib's message ends "(at line L, column C)" (3.11 has no attributes for them): say where first.
+        at = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
+        where = f"line {at[1]}, column {at[2]}" if at else "-"
+        message = str(exc)[:at.start()] if at else str(exc)
+        raise ConfigError(str(p), where, f"not valid TOML: {message}") from None
+    except IsADirectoryError:
+        raise ConfigError(str(p), "-", "is a directory, not a file") from None
 
 
-def load_section(table: Any, settings: Sequence[Setting], file: str, section: str) -> dict[str, Any]:
-    """Defaults overlaid with the file's [section]; unknown keys are errors."""
+def load_section(table: Any, settings: Sequence[Setting], file: str, section: str,
+                 collect: Errors | None = None) -> dict[str, Any]:
+    """Defaults overlaid with the file's [section]; unknown keys are errors. Every error
+    is raised as one ConfigError, or added to `collect` (a bad value then reads as its default)."""
     if table is None:
         table = {}
+    errors = Errors()
     if not isinstance(table, dict):
-        raise ConfigError(file, section, "must be a table")
-    known = {s.name: s for s in settings}
-    for key in table:
-        if key not in known:
-            raise ConfigError(file, f"{section}.{key}", "unknown key")
+        errors.add(ConfigError(file, section, f"must be a table, got {_shown(section, table)}"))
+        table = {}
+    for exc in unknown_keys(table, (s.name for s in settings), file, section):
+        errors.add(exc)
     values: dict[str, Any] = {}
     for s in settings:
         raw = table.get(s.name, s.default)
         try:
             values[s.name] = s.validate(raw)
         except ValueError as exc:
-            raise ConfigError(file, f"{section}.{s.name}", str(exc)) from None
+            errors.add(ConfigError(file, f"{section}.{s.name}", _quoting(str(exc), s.name, raw)))
+            values[s.name] = s.default  # so the checks after this one still run
+    if collect is None:
+        errors.raise_any()
+    else:
+        for exc in errors.found:
+            collect.add(exc)
     return values
 
 
@@ -211,13 +299,15 @@ def apply_env(values: dict[str, Any], settings: Sequence[Setting], prefix: str,
               environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Environment variables (PREFIX + NAME) override the file."""
     environ = os.environ if environ is None else environ
+    errors = Errors()
     for s in settings:
         name = env_name(prefix, s)
         if name in environ:
             try:
                 values[s.name] = s.validate(_from_text(environ[name], s.default))
             except ValueError as exc:
-                raise ConfigError("environment", name, str(exc)) from None
+                errors.add(ConfigError("environment", name, _quoting(str(exc), s.name, environ[name])))
+    errors.raise_any()
     return values
 
 
@@ -236,6 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting], 
 
 
 def apply_overrides(values: dict[str, Any], args: argparse.Namespace, settings: Sequence[Setting], where: str = "command line") -> dict[str, Any]:
+    errors = Errors()
     for s in settings:
         v = getattr(args, s.name, None)
         if v is None:
@@ -243,7 +334,8 @@ def apply_overrides(values: dict[str, Any], args: argparse.Namespace, settings: 
         try:
             values[s.name] = s.validate(v)
         except ValueError as exc:
-            raise ConfigError(where, s.option, str(exc)) from None
+            errors.add(ConfigError(where, s.option, _quoting(str(exc), s.name, v)))
+    errors.raise_any()
     return values
 
 
@@ -251,5 +343,5 @@ def check_mapping(value: Any, file: str, key: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(file, key, "must be a table")
+        raise ConfigError(file, key, f"must be a table, got {_shown(key, value)}")
     return value

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from setproctitle import setproctitle
 
 from gateway.cluster.config import ClusterSettings, cluster_settings
-from gateway.config import GatewayConfig, load_gateway_config, restart_only_change
+from gateway.config import GatewayConfig, RestartRequired, load_gateway_config, restart_only_change
 from gateway.exposure import is_loopback
 from gateway.ids import new_instance_id
 from gateway.logs import setup_logging
@@ -199,8 +199,9 @@ class Supervisor:
             new = load_gateway_config(self.config.path, self.overrides)
             if (restart := restart_only_change(self.config, new)) is not None:
                 raise restart
-        except ConfigError as exc:
-            log.error("config reload rejected: %s", exc, extra={"file": exc.file, "key": exc.key})
+        except ConfigError as exc:  # every error, one line; a restart asked for is the operator's call: a warning
+            log.log(logging.WARNING if isinstance(exc, RestartRequired) else logging.ERROR, "config reload rejected: %s",
+                    "; ".join(e.line for e in exc.errors), extra={"file": exc.file, "keys": [e.key for e in exc.errors]})
             return
         try:
             self._hand_off(new)

@@ -6,7 +6,10 @@ stops everything it started.
 """
 from __future__ import annotations
 
+import errno
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +17,60 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What the demo listens on (conf/gateway.toml, conf/client.toml, the backend), all on loopback.
+DEMO_PORTS = {8080: "the demo backend", 8001: "the gateway's HTTP entry", 8002: "the gateway's gRPC entry",
+              50001: "the gateway's tunnel port", 9090: "the gateway's admin port",
+              7001: "the client's local entry", 7002: "the client's status port"}
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP `port` (any address), from /proc/net/tcp and tcp6."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_holder(port: int) -> str:
+    """The process listening on `port` ("pid 123 (python3 -m http.server)"), or "" when not to be seen
+    (another user's process, no /proc)."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return ""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"pid {pid} ({cmd.strip()[:120]})"
+        except OSError:
+            continue
+    return ""
+
+
+def busy_ports(ports: dict[int, str]) -> list[str]:
+    """A line for each port of `ports` something else holds on loopback, naming the holder."""
+    out = []
+    for port, what in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no holder
+            try:
+                s.bind(("127.0.0.1", port))
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        holder = port_holder(port)
+        out.append(f"port {port} ({what}) is in use" + (f" by {holder}" if holder else " (by a process not shown here)"))
+    return out
 
 
 def wait_http(url: str, what: str, procs: list[subprocess.Popen], timeout: float = 30.0, ok=(200,)) -> None:
@@ -44,6 +101,11 @@ def main() -> int:
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM (docker stop, kill) stops everything, as Ctrl-C does
 
+    busy = busy_ports(DEMO_PORTS)
+    if busy:
+        print("demo: cannot start: " + "; ".join(busy) + ". Stop it (or change the ports in conf/*.toml); "
+              "nothing was started.", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, stop)
     try:
         start("scripts/demo_backend.py", "--port", "8080")
@@ -58,6 +120,8 @@ def main() -> int:
             "  curl -i http://127.0.0.1:8001/\n"
             "egress (client's local entry -> tunnel -> gateway -> backend):\n"
             "  curl -i http://127.0.0.1:7001/hello\n"
+            "status page (the inspector will be there too):\n"
+            "  http://127.0.0.1:9090/\n"
             "state:\n"
             "  curl -s http://127.0.0.1:9090/admin/shards\n"
             "Ctrl-C stops everything.\n",

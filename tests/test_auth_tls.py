@@ -47,11 +47,11 @@ def token_stack(make_stack) -> Stack:
 def test_refused_tokens(token_stack, token, code, reason):
     stack = token_stack
     bad = stack.start_client("bad", token=token, wait=False)
-    # A refusal no retry mends: the client says why and stops, with status 1, at its first
+    # A refusal no retry mends: the client says why and stops, with status 2, at its first
     # answer (one attempt per tunnel connection at most): it cannot hammer the gateway.
     wait_until(lambda: not bad.alive(), 15, what="the refused client to exit")
     out = bad.output()
-    assert bad.popen.returncode == 1, out
+    assert bad.popen.returncode == 2, out
     assert code in out and "it stops" in out
     assert 1 <= _attempts(stack, "bad") <= 2
     assert "bad" not in _connected_ids(stack)
@@ -164,9 +164,9 @@ def test_mtls_rejects_a_certificate_of_the_wrong_name(make_stack, pki):
     assert http("GET", f"{stack.url}/hello").status == 200
     evil = stack.start_client("evil", wait=False,
                               extra=[*tls, "--tls-cert", str(pki / "evil.pem"), "--tls-key", str(pki / "evil.key")])
-    # bad_certificate is fatal: the client stops with status 1.
+    # bad_certificate is fatal: the client stops with status 2.
     wait_until(lambda: not evil.alive(), 15, what="evil rejected and stopped")
-    assert "bad_certificate" in evil.output() and evil.popen.returncode == 1
+    assert "bad_certificate" in evil.output() and evil.popen.returncode == 2
     assert "evil" not in _connected_ids(stack)
     # No certificate at all: the TLS handshake itself fails.
     stack.start_client("anon", wait=False, extra=tls)

@@ -230,8 +230,8 @@ def test_wrong_token_and_unknown_group_are_refused_alike_and_stop_the_client(sta
     for cid, (group, token, reason) in cases.items():
         proc = stack.clients[cid][0]
         out = proc.output()
-        # A refusal no retry mends: one answer, the same for both, and the client stops (status 1).
-        assert proc.popen.returncode == 1, out
+        # A refusal no retry mends: one answer, the same for both, and the client stops (status 2).
+        assert proc.popen.returncode == 2, out
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         rejected = [l for l in lines if l["msg"].startswith("gateway rejected this client")]
         assert 1 <= len(rejected) <= 2, out  # at most one answer per tunnel connection

@@ -1,7 +1,7 @@
 """Who a tunnel client is, and how many may knock: a client's identity is (group,
 client_id[, certificate]), so a client of one group cannot evict another's; a refused
 HELLO tells an unauthenticated client nothing about which groups exist, and the
-refusals that no retry mends stop the client (exit 1); tunnel admission bounds new
+refusals that no retry mends stop the client (exit 2); tunnel admission bounds new
 connections and failed HELLOs per source address, and charges a group only for
 authenticated HELLOs."""
 from __future__ import annotations
@@ -146,14 +146,14 @@ async def _poll(check, timeout: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("code", ["bad_credentials", "missing_token", "token_expired", "bad_certificate"])
-def test_fatal_refusal_stops_the_client_with_status_1(procs, code):
+def test_fatal_refusal_stops_the_client_with_status_2(procs, code):
     async def main() -> None:
         hellos: list[str] = []
         server, port = await _fake_gateway(code, hellos)
         try:
             proc = _client(procs, port, "refused")
             await _poll(lambda: not proc.alive(), 20, "the refused client to exit")
-            assert proc.popen.returncode == 1, proc.output()
+            assert proc.popen.returncode == 2, proc.output()
             out = proc.output()
             assert re.search(rf'"level":"error".*gateway refused this client \({code}: refused\).*stops', out), out
             assert "sekrit-client-token" not in out

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from typing import Sequence
 
 import orjson
@@ -17,7 +18,10 @@ from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.client.connection import Connection
 from gateway.client.fleet import NodeSet, home_offset
+from gateway.client.inspector import captured, finish
+from gateway.client.quick import Console
 from gateway.groupconfig import group_config_from_json
+from gateway.inspection import Inspector
 from gateway.settings import ConfigError
 from gateway.dispatch import RuleDispatcher
 from gateway.http.upstream import UpstreamClients
@@ -41,6 +45,8 @@ class Agent:
         self.fatal = ""  # why the agent stopped by itself (the process exits 1)
         self._stop: asyncio.Event | None = None
         self.instance = os.urandom(8).hex()  # this process: its HELLOs tell its own moves from a duplicate's
+        self.console: Console | None = None  # `tunnel-client http`: the public URL, a line a request
+        self.inspector: Inspector | None = None  # the last requests served, for the status port's Inspector
         self.connections = [Connection(self, i) for i in range(config.connections)]
         self.nodes = NodeSet(config.server.split(","), offset=home_offset(config.group, config.client_id))
         self._rr = itertools.count()
@@ -52,7 +58,19 @@ class Agent:
         if dispatcher is None:
             ex.reset("upstream_unavailable", "client has no config yet")
             return
-        await dispatcher.handle(ex)
+        if self.console is None and self.inspector is None:
+            await dispatcher.handle(ex)
+            return
+        started = time.monotonic()
+        served, cap = captured(self.inspector, ex, self.config) if self.inspector is not None else (ex, None)
+        try:
+            await dispatcher.handle(served)
+        finally:
+            if cap is not None:
+                finish(cap, ex, started)
+            if self.console is not None:
+                self.console.request(ex.head.method, ex.head.path.partition("?")[0], ex.status,
+                                     time.monotonic() - started)
 
     def apply_config(self, version: str, raw: bytes, *, cache: bool = True) -> str:
         """Swap in a group config from the gateway atomically: requests in

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gateway.client.fleet import server_list
+from gateway.inspection import header_names
 from gateway.settings import (
-    ConfigError, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, entry_settings, load_section, port,
-    positive_float,
-    positive_int, read_toml, string,
+    ConfigError, Errors, Setting, SettingsAccess, apply_env, apply_overrides, boolean, choice, entry_settings, load_section,
+    non_negative_int, port, positive_float, positive_int, read_toml, string, unknown_keys,
 )
 
 ENV_PREFIX = "TUNNEL_CLIENT_"
@@ -26,12 +26,25 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
             "use the fleet's nodes the gateway names, spreading the connections (false: only the server list)"),
     Setting("group", "", string, "client group to join (required)"),
     Setting("token", "", string, "token of the group (required)"),
+    Setting("quick_upstream", "", string,
+            "a quick tunnel: every request to this base URL, under a public name the gateway routes on the fly "
+            "(tunnel-client http PORT sets it)"),
+    Setting("quick_name", "", string, "a quick tunnel's public name, one DNS label (tunnel-client http --name)"),
     Setting("client_id", "", string, "this client's id (default: hostname-pid)"),
     Setting("connections", 2, positive_int, "parallel tunnel connections (each its own stream)"),
     Setting("local_host", "127.0.0.1", string, "address of the local egress entry"),
     Setting("local_port", 7001, port, "local egress entry port (0: off)"),
     Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),
-    Setting("admin_port", 0, port, "client status port: /healthz, /status (0: off)"),
+    Setting("admin_port", 0, port, "client status port: /healthz, /status and the Inspector at / (0: off)"),
+    Setting("inspect", True, boolean,
+            "keep the last requests this client served from the tunnel for the Inspector on the status port "
+            "(/, /api/requests): headers and the start of each body, secrets masked"),
+    Setting("inspect_requests", 200, positive_int, "requests the Inspector keeps"),
+    Setting("inspect_body_bytes", 65536, non_negative_int,
+            "bytes of each request and response body the Inspector keeps (whole: the request can be replayed)"),
+    Setting("inspect_mask_headers", (), header_names,
+            "headers the Inspector masks besides Authorization, Cookie, Set-Cookie, Proxy-Authorization, "
+            "X-Api-Key and names holding token, secret, password, api-key, auth, session or signature"),
     Setting("config_cache", "", string, "file keeping the last group config, used at start until the gateway answers"),
     Setting("tls", False, boolean, "connect to the gateway over TLS"),
     Setting("tls_ca", "", string, "CA (PEM) to verify the gateway with (default: the system's roots)"),
@@ -50,8 +63,12 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", 10.0, positive_float, "seconds to wait for the gateway's WELCOME"),
     Setting("reconnect_initial", 0.5, positive_float, "first reconnect delay, seconds"),
     Setting("reconnect_max", 30.0, positive_float, "reconnect delay cap, seconds"),
+    Setting("retry_on_reject", False, boolean,
+            "keep retrying (a few times a minute) when the gateway refuses the credentials (bad_credentials, "
+            "missing_token, token_expired, bad_certificate) instead of exiting with status 2"),
     Setting("access_log", "stdout", string, "access log of the local entry: off, stdout or a file path"),
-    Setting("log_level", "info", choice("debug", "info", "warning", "error"), "log level"),
+    Setting("log_level", "info", choice("debug", "info", "warning", "error", fold_case=True),
+            "log level"),
     Setting("log_format", "json", choice("json", "text"), "log line format"),
 )
 
@@ -63,18 +80,23 @@ class ClientConfig(SettingsAccess):
 
 
 def load_client_config(path: str | None, args: argparse.Namespace | None = None) -> ClientConfig:
+    """Read and validate `path` (None: defaults, flags and environment only); every
+    error found is raised together: one ConfigError naming the first, carrying the rest."""
     doc = read_toml(path) if path else {}
     where = path or "defaults"
-    unknown = set(doc) - {"client"}
-    if unknown:
-        raise ConfigError(where, sorted(unknown)[0], "unknown table")
-    settings = load_section(doc.get("client"), CLIENT_SETTINGS, where, "client")
-    apply_env(settings, CLIENT_SETTINGS, ENV_PREFIX)
+    errors = Errors()
+    for exc in unknown_keys(doc, ("client",), where, "", "table"):
+        errors.add(exc)
+    settings = load_section(doc.get("client"), CLIENT_SETTINGS, where, "client", errors)
+    errors.check(apply_env, settings, CLIENT_SETTINGS, ENV_PREFIX)
     if args is not None:
-        apply_overrides(settings, args, CLIENT_SETTINGS)
+        errors.check(apply_overrides, settings, args, CLIENT_SETTINGS)
+    if settings["quick_upstream"] and not settings["group"]:
+        settings["group"] = "quick"  # the gateway makes the tunnel's own group, quick.NAME
     for key in ("group", "token"):
         if not settings[key]:
-            raise ConfigError(where, f"client.{key}", "is required")
+            errors.add(ConfigError(where, f"client.{key}", f"is required (--{key}, {ENV_PREFIX}{key.upper()})"))
+    errors.raise_any()
     if not settings["client_id"]:
         settings["client_id"] = f"{socket.gethostname()}-{os.getpid()}"
     return ClientConfig(where, settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,18 +26,38 @@ from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, C
 if TYPE_CHECKING:
     from gateway.client.agent import Agent
 
-__all__ = ["Connection", "FATAL_REFUSALS", "describe"]
+__all__ = ["Connection", "FATAL_REFUSALS", "Refused", "describe"]
 
 log = logging.getLogger("gateway.client")
 
 # A connection that stayed up this long resets the back-off.
 HEALTHY_AFTER = 10.0
 REJECTED_MIN_DELAY = 15.0
-# Refusals no retry can mend: the client stops (exit status 1). `draining` is not
-# one (another worker or server takes the client); bad_token and unknown_group
-# are what gateways before bad_credentials said.
+# Refusals no retry can mend: the client stops at the first (exit status 2, as for
+# bad config: its credentials are), unless retry_on_reject. `draining` is not one
+# (another worker or server takes the client); bad_token and unknown_group are
+# what gateways before bad_credentials said.
 FATAL_REFUSALS = frozenset({"bad_credentials", "missing_token", "token_expired", "bad_certificate",
                             "bad_token", "unknown_group"})
+
+
+# A quick tunnel's name refused (taken, not a name) or quick tunnels off: the person who
+# ran `tunnel-client http` has to choose again.
+QUICK_REFUSALS = frozenset({"name_taken", "bad_name", "quick_disabled"})
+
+
+class Refused(Exception):
+    """The gateway refused this client's credentials (a FATAL_REFUSALS code): the
+    process ends with status 2 (`tunnel-client` main says why)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+# The last "reconnecting" line of each agent: (back-off step, when). Its connections
+# reconnecting together say it once a step, not once each.
+_reconnect_said: "weakref.WeakKeyDictionary[Agent, tuple[int, float]]" = weakref.WeakKeyDictionary()
 # A GOAWAY for these means the node goes away (not one worker handing over inside
 # it): the connection reconnects to another node.
 NODE_LEAVING = frozenset({"shutdown"})
@@ -71,6 +92,9 @@ class Connection:
         self._move_to: tuple[str, str] = ("", "")
         self.move_done = asyncio.Event()
         self._drain_tasks: set[asyncio.Task] = set()
+        self.refusal: Refused | None = None  # the gateway refused the credentials for good
+        self.last_error = ""  # why the last attempt failed
+        self._warned = ""  # the failure last logged as a warning (a repeat is logged at debug)
 
     def request_move(self, node: str, why: str) -> None:
         """Move to `node` (the serving loop opens it, then lets the old stream go); `move_done` is set after."""
@@ -102,6 +126,8 @@ class Connection:
                 outcome = await self._connect_once(
                     self.agent.nodes.target(self.index, self.agent.placed(), drained_by), stop)
                 drained_by = ""
+                if outcome == "rejected" and self.refusal is not None:
+                    raise self.refusal
                 if stop.is_set():
                     break
                 if outcome == "goaway" and self.goaway_reason == "replaced_by_newer_connection":
@@ -122,9 +148,7 @@ class Connection:
                 if outcome == "rejected" and self.agent.last_rejection != "draining":
                     # Retrying a refusal fast helps nobody: a few attempts a minute at most.
                     delay = max(delay, REJECTED_MIN_DELAY)
-                log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome,
-                                                "connection": self.index,
-                                                "node": self.agent.nodes.target(self.index, self.agent.placed())})
+                self._say_reconnecting(backoff.attempt, delay, outcome)
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
                 except asyncio.TimeoutError:
@@ -134,11 +158,33 @@ class Connection:
             for task in list(self._drain_tasks):
                 task.cancel()
 
+    def _unreachable(self, node: str, exc: BaseException) -> None:
+        """A failed attempt: a warning the first time (this node, this error), then debug
+        while it repeats (the "reconnecting" line of each step carries it)."""
+        self.last_error = f"{node}: {describe(exc)}"
+        level = logging.DEBUG if self.last_error == self._warned else logging.WARNING
+        self._warned = self.last_error
+        log.log(level, "cannot reach gateway: %s", describe(exc), extra={"server": node, "connection": self.index})
+
+    def _say_reconnecting(self, step: int, delay: float, outcome: str) -> None:
+        """One "reconnecting" line a back-off step for the whole client: a connection
+        whose sibling said it for this step within its delay stays quiet."""
+        now = time.monotonic()
+        said = _reconnect_said.get(self.agent)
+        if said is not None and said[0] >= step and now - said[1] < max(delay, 1.0):
+            return  # a sibling said this step (or a later one) just now
+        _reconnect_said[self.agent] = (step, now)
+        waiting = [c.index for c in self.agent.connections if c.stream is None]
+        log.info("reconnecting", extra={"in_seconds": round(delay, 2), "after": outcome, "step": step,
+                                        "connections": waiting, "error": self.last_error if outcome == "unreachable" else "",
+                                        "node": self.agent.nodes.target(self.index, self.agent.placed())})
+
     async def _handshake(self, transport: ClientTransport) -> frames.pb.Welcome | None:
         cfg = self.agent.config
         hello = frames.hello(
             client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
             capabilities=["http", frames.HEADER_FIELDS], connection_index=self.index, instance=self.agent.instance,
+            quick_upstream=cfg.quick_upstream, quick_name=cfg.quick_name,
         )
         await transport.write(frames.encode_frame(hello))
         raw = await asyncio.wait_for(transport.read(), cfg.connect_timeout)
@@ -154,9 +200,11 @@ class Connection:
             level = logging.WARNING if welcome.code == "draining" else logging.ERROR
             log.log(level, "gateway rejected this client: %s: %s", welcome.code, welcome.message,
                     extra={"code": welcome.code, "group": cfg.group, "connection": self.index})
-            if welcome.code in FATAL_REFUSALS:
+            fatal = FATAL_REFUSALS | QUICK_REFUSALS if cfg.quick_upstream else FATAL_REFUSALS
+            if welcome.code in fatal and not cfg.retry_on_reject:
+                self.refusal = Refused(welcome.code, welcome.message)
                 self.agent.fail(f"the gateway refused this client ({welcome.code}: {welcome.message}): "
-                                f"check its group, token and certificate; it stops")
+                                f"check its group, token and certificate; it stops (retry_on_reject keeps trying)")
             return None
         return welcome
 
@@ -193,8 +241,10 @@ class Connection:
                 return "rejected"
             self.agent.apply_config(welcome.config_version, welcome.config_json)
             self.agent.learn(welcome.nodes, node)
+            if welcome.public_url and self.agent.console is not None:
+                self.agent.console.forwarding(welcome.public_url)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
-            log.warning("cannot reach gateway: %s", describe(exc), extra={"server": node, "connection": self.index})
+            self._unreachable(node, exc)
             self.agent.nodes.mark_down(node)
             await channel.close()
             return "unreachable"
@@ -221,6 +271,7 @@ class Connection:
         self.connects += 1
         self.connected_since = time.time()
         self.agent.last_rejection = ""
+        self._warned = ""  # connected: the next failure is news again
         return asyncio.get_running_loop().create_task(opened.stream.run())
 
     def _retire(self, opened: Opened, run_task: asyncio.Task) -> None:
@@ -269,12 +320,13 @@ class Connection:
             await run_task
             if not stop.is_set():
                 self.agent.nodes.mark_down(opened.node)
-            log.warning("tunnel lost", extra={"reason": opened.stream.close_reason, "server": opened.node,
-                                              "connection": self.index})
+            # Stopping is no loss: said at info.
+            log.log(logging.INFO if stop.is_set() else logging.WARNING,
+                    "tunnel closed: client stopping" if stop.is_set() else "tunnel lost",
+                    extra={"reason": opened.stream.close_reason, "server": opened.node, "connection": self.index})
             return "served"
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
-            log.warning("cannot reach gateway: %s", describe(exc), extra={"server": opened.node,
-                                                                          "connection": self.index})
+            self._unreachable(opened.node, exc)
             return "unreachable"
         finally:
             stopping.cancel()

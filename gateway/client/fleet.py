@@ -44,15 +44,29 @@ def server_list(value: object) -> str:
     items = [p.strip() for p in value.split(",")]
     if not items or any(not p for p in items):
         raise ValueError("must be 'host:port' or a comma-separated list of them (no empty item)")
-    out: list[str] = []
-    for item in items:
-        try:
-            host_port(item)
-        except ValueError:
-            raise ValueError(f"{item!r} is not 'host:port'") from None
-        if item not in out:
-            out.append(item)
-    return ",".join(out)
+    problems = [f"{item!r} is not 'host:port': {problem}" for item in items if (problem := _server_problem(item))]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return ",".join(dict.fromkeys(items))  # each once, in order
+
+
+def _server_problem(item: str) -> str:
+    """Why `item` is no address a tunnel can dial ("" when it is one)."""
+    scheme, sep, rest = item.partition("://")
+    if sep:
+        return f"no scheme: write {rest.split('/', 1)[0] or 'host:port'!r} (TLS is the tls setting, not https://)"
+    if any(c.isspace() or c in "/@?#" for c in item):
+        return "a host name or address and a port, nothing more (no path, no user)"
+    try:
+        host_port(item)
+    except ValueError:
+        return "it needs ':PORT', a port number (the gateway's tunnel port is 50001 by default)"
+    host, _, port = item.rpartition(":")
+    if int(port) == 0:
+        return "port 0 cannot be dialled"
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        return "an IPv6 address goes in brackets: [::1]:50001"
+    return ""
 
 
 def home_offset(group: str, client_id: str) -> int:

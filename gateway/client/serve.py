@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.client.agent import Agent
 from gateway.client.config import ClientConfig
+from gateway.client.inspector import add_client_inspector_routes, client_inspector
 from gateway.client.local_entry import LocalEntry
+from gateway.client.quick import Console
 from gateway.grpc_io import grpc_io_in_use
 from gateway.http.connections import EntryLimits
 from gateway.http.entry import entry_runner
@@ -23,7 +25,7 @@ from gateway.observe import AccessLog
 __all__ = ["serve"]
 
 
-async def serve(config: ClientConfig) -> int:
+async def serve(config: ClientConfig, console: Console | None = None) -> int:
     """Run the agent (and the local entry and admin port when configured) until SIGTERM or
     SIGINT (exit status 0), or until it fails for good (1: a refused HELLO, a duplicate identity)."""
     loop = asyncio.get_running_loop()
@@ -32,6 +34,8 @@ async def serve(config: ClientConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     upstreams = UpstreamClients()
     agent = Agent(config, upstreams)
+    agent.console = console
+    agent.inspector = client_inspector(config)  # None without a status port or with inspect = false
     agent.load_cache()
     runners = []
     registry = CollectorRegistry()
@@ -98,6 +102,8 @@ async def _start_admin(agent: Agent, config: ClientConfig, registry: CollectorRe
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status", status)
+    if agent.inspector is not None:
+        add_client_inspector_routes(app, agent, agent.inspector)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.admin_host, config.admin_port).start()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from gateway.ports import is_wildcard
-from gateway.settings import ConfigError, Setting, port, positive_float, string
+from gateway.settings import ConfigError, Errors, Setting, port, positive_float, string
 
 __all__ = ["CLUSTER_SETTINGS", "ClusterSettings", "check_cluster", "cluster_settings", "NODE_ID",
            "curve_keypair", "curve_public", "parse_public_keys"]
@@ -221,24 +221,30 @@ def check_cluster(settings: dict[str, Any], path: str) -> None:
     """With `cluster` set: fill in node_id (the host name) and advertise_host
     (host), and refuse what cannot work, naming the key. The CURVE keys are
     checked (and read from their files) either way."""
-    check_curve(settings, path)
+    errors = Errors()  # every error found, raised together
+    errors.check(check_curve, settings, path)
     if not settings["cluster"]:
+        errors.raise_any()
         return
     if not settings["node_id"]:
         name = socket.gethostname()
         if not NODE_ID.fullmatch(name):
-            raise ConfigError(path, "gateway.node_id", f"the host name {name!r} is not a valid node id: set node_id")
-        settings["node_id"] = name
+            errors.add(ConfigError(path, "gateway.node_id", f"the host name {name!r} is not a valid node id: set node_id"))
+        else:
+            settings["node_id"] = name
     if not settings["peer_port"]:
-        raise ConfigError(path, "gateway.peer_port", "must be set (not 0) with cluster")
+        errors.add(ConfigError(path, "gateway.peer_port", "must be set (not 0) with cluster"))
     if not settings["advertise_host"]:
         if is_wildcard(settings["host"]):
-            raise ConfigError(path, "gateway.advertise_host",
-                              f"is required with cluster when host ({settings['host'] or '*'}) is a wildcard: "
-                              "the address other nodes and clients dial for this node")
-        settings["advertise_host"] = settings["host"]
-    if is_wildcard(settings["advertise_host"]):
-        raise ConfigError(path, "gateway.advertise_host", "must be an address other nodes can dial, not a wildcard")
+            errors.add(ConfigError(path, "gateway.advertise_host",
+                                   f"is required with cluster when host ({settings['host'] or '*'}) is a wildcard: "
+                                   "the address other nodes and clients dial for this node"))
+        else:
+            settings["advertise_host"] = settings["host"]
+    elif is_wildcard(settings["advertise_host"]):
+        errors.add(ConfigError(path, "gateway.advertise_host",
+                               f"must be an address other nodes can dial, not a wildcard ({settings['advertise_host']!r})"))
+    errors.raise_any()
 
 
 def _read(path: str, key: str, file: str) -> str:

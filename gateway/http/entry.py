@@ -5,12 +5,14 @@ its gRPC entry and the client's local entry each compose these."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
+from gateway.history import History, process_history
 from gateway.http.connections import BoundedServer, EntryLimits
 from gateway.http.headers import end_to_end, forwarded, header_bytes, is_trusted
 from gateway.http.relay import error_response, expectation
@@ -18,13 +20,18 @@ from gateway.ids import RequestIds
 from gateway.observe import NO_METRICS, AccessLog, AccessRecord, RateWindow, RequestMetrics
 from gateway.tunnel.errors import TunnelError
 
-__all__ = ["EntryLog", "entry_runner", "head_problem", "body_problem", "forward_headers"]
+if TYPE_CHECKING:
+    from gateway.tunnel.exchange import InboundExchange
+
+__all__ = ["EntryLog", "ObservedExchange", "entry_runner", "head_problem", "body_problem", "forward_headers"]
 
 log = logging.getLogger("gateway.access")
 
 _ANSWERED_HERE = frozenset({b"expect"})
 
 Problem = tuple[str, str]  # (error code, message)
+
+_serving: contextvars.ContextVar[web.BaseRequest | None] = contextvars.ContextVar("entry_request", default=None)
 
 
 def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: int, limits: EntryLimits,
@@ -35,7 +42,14 @@ def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: in
     # aiohttp's own limits sit above ours so oversize heads reach the
     # handler and get our 431 with a JSON body.
     limit = max(8190, max_header_bytes * 2)
-    server = BoundedServer(handler, limits=limits, on_drop=on_drop, handler_cancellation=True, access_log=None,
+
+    async def handle(request: web.BaseRequest) -> Any:
+        # The request being served, for its access record (EntryLog.record): the entries
+        # need not hand it down. Set in the request's own task, so it never leaks to another.
+        _serving.set(request)
+        return await handler(request)
+
+    server = BoundedServer(handle, limits=limits, on_drop=on_drop, handler_cancellation=True, access_log=None,
                            max_line_size=limit, max_field_size=limit)
     return web.ServerRunner(server, handle_signals=False)
 
@@ -67,6 +81,7 @@ class _Tracking:
         book.access_log.write(rec)
         book.metrics.observe(rec)
         book.window.add(bool(rec.error) or rec.status >= 500)
+        book.history.add(rec.group, rec.duration, rec.status >= 500)  # the status page's graphs
 
 
 class EntryLog:
@@ -74,7 +89,7 @@ class EntryLog:
 
     def __init__(self, ids: RequestIds, *, worker: str, direction: str, access_log: AccessLog | None = None,
                  metrics: RequestMetrics = NO_METRICS, logger: logging.Logger = log,
-                 failure: str = "request failed") -> None:
+                 failure: str = "request failed", history: History | None = None) -> None:
         self.ids = ids
         # Where a failure is logged, and as what ("request failed: <code>").
         self.log = logger
@@ -87,11 +102,19 @@ class EntryLog:
         self.active = 0
         self.errors: dict[str, int] = {}
         self.window = RateWindow()
+        # The last 15 minutes by group (gateway/history.py); by default the process's own.
+        self.history = history if history is not None else process_history()
 
     def record(self, *, trace_id: str, method: str, host: str, path: str) -> AccessRecord:
-        """A new request's record, with a fresh request id."""
-        return AccessRecord(request_id=self.ids.next(), trace_id=trace_id, method=method, host=host, path=path,
-                            worker=self.worker, direction=self.direction)
+        """A new request's record, with a fresh request id, and the caller's address and
+        User-Agent when an entry_runner serves it."""
+        rec = AccessRecord(request_id=self.ids.next(), trace_id=trace_id, method=method, host=host, path=path,
+                           worker=self.worker, direction=self.direction)
+        request = _serving.get()
+        if request is not None:
+            rec.remote = request.remote or ""
+            rec.user_agent = request.headers.get("User-Agent", "")
+        return rec
 
     def track(self, rec: AccessRecord) -> _Tracking:
         """`with book.track(rec):` around serving a request: counts it, and at
@@ -114,6 +137,35 @@ class EntryLog:
 
     def fail_with(self, rec: AccessRecord, error: TunnelError) -> web.Response:
         return self.fail(rec, error.code, error.message, retry_after=1 if error.status == 503 else None)
+
+
+class ObservedExchange:
+    """A request a peer sent up a tunnel (an InboundExchange), its answer noted on its
+    access record as it goes: the status of the head sent, or of the RESET (and its
+    code as the error). Everything else is the exchange's own."""
+
+    __slots__ = ("_ex", "_rec")
+
+    def __init__(self, ex: "InboundExchange", rec: AccessRecord) -> None:
+        self._ex = ex
+        self._rec = rec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ex, name)
+
+    def respond(self, status: int, reason: str, headers: Any, *, end_stream: bool) -> None:
+        self._rec.status = status
+        self._ex.respond(status, reason, headers, end_stream=end_stream)
+
+    def respond_head(self, head: Any) -> None:
+        self._rec.status = head.status
+        self._ex.respond_head(head)
+
+    def reset(self, code: str, message: str = "") -> None:
+        if not self._rec.status:  # before a head: what the caller gets instead
+            self._rec.status = TunnelError(code, message).status
+        self._rec.error = self._rec.error or code
+        self._ex.reset(code, message)
 
 
 def head_problem(request: web.BaseRequest, max_header: int) -> Problem | None:

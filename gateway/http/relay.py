@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 from gateway.http.headers import has_body_response
 from gateway.http.response_head import check_response_head
 from gateway.http.websocket import MAX_MESSAGE, bridge_entry, is_websocket
+from gateway.inspection import Capture
 from gateway.observe import AccessRecord
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError, error_body
@@ -56,14 +57,19 @@ async def _send_kept(ex: OutboundExchange, body: bytes, chunk_size: int) -> None
     ex.sender.end()
 
 
-async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, chunk_size: int) -> None:
+async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, chunk_size: int,
+                     capture: Capture | None = None) -> None:
     total = 0
     async for chunk in request.content.iter_chunked(chunk_size):
         total += len(chunk)
         if total > max_body:
             raise BodyTooLarge()
+        if capture is not None:
+            capture.request_chunk(chunk)
         await ex.sender.write(chunk)
     ex.sender.end()
+    if capture is not None:
+        capture.request_end()
 
 
 async def relay_request(
@@ -83,12 +89,14 @@ async def relay_request(
     record: AccessRecord | None = None,
     body: bytes | None = None,
     wire_id: str = "",
+    capture: Capture | None = None,
 ) -> web.StreamResponse:
     """Send `request` down `stream` and stream the response back to the caller.
     `record`, when given, gets the status, the body sizes and any error.
     `body`: the request's body, read whole already (a request that may be
     retried), sent instead of the caller's. `wire_id`: the id on the tunnel
-    when it is not `request_id` (a retry's)."""
+    when it is not `request_id` (a retry's). `capture`: the inspector's (gateway/inspection.py),
+    given the body chunks as they pass and a streamed response's head."""
     websocket = is_websocket(request.method, request.headers)
     # A WebSocket's messages travel as its body, so its body stays open.
     has_body = request.body_exists or websocket
@@ -112,7 +120,7 @@ async def relay_request(
         if has_body and not websocket:
             if body is None:
                 await send_continue(request)
-                pump = loop.create_task(_pump_body(request, ex, max_body, stream.limits.chunk_size))
+                pump = loop.create_task(_pump_body(request, ex, max_body, stream.limits.chunk_size, capture))
             else:
                 pump = loop.create_task(_send_kept(ex, body, stream.limits.chunk_size))
             await wait_head(ex.head, pump, ex.sender, timeout)
@@ -179,6 +187,8 @@ async def relay_request(
         resp = web.StreamResponse(status=checked.status, reason=checked.reason or None, headers=checked.headers)
         _stamp_ids(resp.headers, request_id, trace_id)
         await resp.prepare(request)
+        if capture is not None:
+            capture.response_headers = resp.headers
         sent = 0
         if with_body:
             try:
@@ -188,6 +198,8 @@ async def relay_request(
                         sent = length
                         raise _overrun(client, group, request_id, trace_id, f"more body than Content-Length {length}")
                     sent += len(chunk)
+                    if capture is not None:
+                        capture.response_chunk(chunk)
                     await resp.write(chunk)
                 if length is not None and sent < length:
                     raise _overrun(client, group, request_id, trace_id,

@@ -62,6 +62,7 @@ class Broker:
         self._sock: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._pids: dict[bytes, int] = {}
+        self._stopping: set[bytes] = set()  # workers that announced they are shutting down
 
     def bind(self) -> None:
         self._ctx = zmq.Context()
@@ -143,12 +144,20 @@ class Broker:
                 log.warning("worker restarted", extra={"worker": src.decode(), "old_pid": old_pid, "pid": pid})
                 self._lost(src)
             self._pids[src] = pid
+            if info.get("stopping"):
+                self._stopping.add(src)
+            else:
+                self._stopping.discard(src)
             if self.table.update(src.decode(), info, time.monotonic()):
                 self.broadcast()
 
     def tick(self) -> None:
         for gone in self.table.expire(time.monotonic(), env.HEARTBEAT_INTERVAL * env.HEARTBEAT_LIVENESS):
-            log.warning("worker lost", extra={"worker": gone})
+            if gone.encode() in self._stopping:  # it said it was shutting down: an expected silence
+                log.info("worker stopped", extra={"worker": gone})
+            else:
+                log.warning("worker lost", extra={"worker": gone})
+            self._stopping.discard(gone.encode())
             self._lost(gone.encode())
         if self.cluster is not None:
             self.cluster.tick(self.table.snapshot())

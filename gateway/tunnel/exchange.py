@@ -94,7 +94,7 @@ class InboundExchange:
     """A request the peer originated: read its body, send a response."""
 
     __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "task", "responded", "_closed", "started",
-                 "cause")
+                 "cause", "status")
 
     def __init__(self, stream: "TunnelStream", request_id: str, trace_id: str, head: frames.pb.Headers) -> None:
         self.stream = stream
@@ -108,6 +108,7 @@ class InboundExchange:
         self._closed = False
         self.started = time.monotonic()
         self.cause: TunnelError | None = None  # the peer's RESET, passed on by whoever relays this request
+        self.status = 0  # of the response head sent (0: none, e.g. a RESET)
 
     def on_frame(self, f: frames.Frame | frames.DataFrame, kind: str) -> None:
         if kind == "data":
@@ -125,11 +126,15 @@ class InboundExchange:
                 self.task.cancel()
 
     def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], *, end_stream: bool) -> None:
+        self.respond_head(frames.response_headers(status=status, reason=reason, headers=headers,
+                                                  end_stream=end_stream, fields=self.stream.header_fields))
+
+    def respond_head(self, head: frames.pb.Headers) -> None:
+        """Send a response head built already (one passed on from another stream)."""
         self.responded = True
-        head = frames.response_headers(status=status, reason=reason, headers=headers, end_stream=end_stream,
-                                       fields=self.stream.header_fields)
+        self.status = head.status
         self.stream.push_encoded(frames.encode_head(self.request_id, self.trace_id, head, reply=True))
-        if end_stream:
+        if head.end_stream:
             self.sender.ended = True
 
     def reset(self, code: str, message: str = "") -> None:

@@ -341,52 +341,14 @@ def goaway(reason: str) -> pb.Frame:
     return pb.Frame(goaway=pb.GoAway(reason=reason))
 
 
-def hello(
-    *, client_id: str, group: str, token: str, version: str, capabilities: Sequence[str], connection_index: int,
-    instance: str = "",
-) -> pb.Frame:
-    return pb.Frame(
-        hello=pb.Hello(
-            client_id=client_id,
-            group=group,
-            token=token,
-            version=version,
-            capabilities=list(capabilities),
-            connection_index=connection_index,
-            instance=instance,
-        )
-    )
+def hello(**fields: Any) -> pb.Frame:
+    """HELLO, the client's first frame: the fields of tunnel.proto's Hello."""
+    return pb.Frame(hello=pb.Hello(**fields))
 
 
-def welcome(
-    *,
-    accepted: bool,
-    code: str = "",
-    message: str = "",
-    config_version: str = "",
-    config_json: bytes = b"",
-    heartbeat_ms: int = 0,
-    worker: str = "",
-    window: int = 0,
-    chunk_size: int = 0,
-    capabilities: Sequence[str] = (),
-    nodes: Sequence[str] = (),
-) -> pb.Frame:
-    return pb.Frame(
-        welcome=pb.Welcome(
-            accepted=accepted,
-            code=code,
-            message=message,
-            config_version=config_version,
-            config_json=config_json,
-            heartbeat_ms=heartbeat_ms,
-            worker=worker,
-            window=window,
-            chunk_size=chunk_size,
-            capabilities=list(capabilities),
-            nodes=list(nodes),
-        )
-    )
+def welcome(**fields: Any) -> pb.Frame:
+    """WELCOME, the gateway's answer to HELLO: the fields of tunnel.proto's Welcome."""
+    return pb.Frame(welcome=pb.Welcome(**fields))
 
 
 def config(config_version: str, config_json: bytes, error: str = "") -> pb.Frame:

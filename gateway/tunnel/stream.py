@@ -174,17 +174,18 @@ class TunnelStream:
 
     # -- originating requests ------------------------------------------------
 
-    def open_request(self, request_id: str, trace_id: str, *, end_stream: bool, **head: Any) -> OutboundExchange:
-        """Send a request head (the fields of `frames.request_headers`); raises
-        TunnelError when the stream cannot take another request."""
+    def open_request(self, request_id: str, trace_id: str, *, end_stream: bool, head: frames.pb.Headers | None = None,
+                     **fields: Any) -> OutboundExchange:
+        """Send a request head: `head` as it is, else the one `frames.request_headers` makes of
+        `fields`; raises TunnelError when the stream cannot take another request."""
         if self.closed or self.draining:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} is closing")
         if len(self.pending) >= self.limits.max_inflight or self.queue_full:
             raise TunnelError("overloaded", f"tunnel to {self.peer_id} is at its in-flight limit")
         # Encoded first: a head protobuf refuses leaves nothing registered.
-        raw = frames.encode_head(
-            request_id, trace_id, frames.request_headers(end_stream=end_stream, fields=self.header_fields, **head),
-            reply=False)
+        if head is None:
+            head = frames.request_headers(end_stream=end_stream, fields=self.header_fields, **fields)
+        raw = frames.encode_head(request_id, trace_id, head, reply=False)
         ex = OutboundExchange(self, request_id, trace_id)
         self.pending[request_id] = ex
         self.requests_originated += 1
@@ -306,8 +307,9 @@ class TunnelStream:
             explain = getattr(self.transport, "known_end", None)
             known = exc if isinstance(exc, TransportClosed) else explain(exc) if explain else None
             reason = known.reason if known else f"transport_error: {type(exc).__name__}"
-            if known:  # the transport knows why: the log says it, not "closed_by_peer"
-                log.warning("tunnel transport ended: %s", known, extra={"peer": self.peer_id})
+            if known:  # the transport knows why: the log says it, not "closed_by_peer" (a fault: at warning)
+                log.log(logging.WARNING if reason.startswith(_FAULTS) else logging.INFO, "tunnel transport ended: %s",
+                        known, extra={"peer": self.peer_id})
         self.close(reason)
 
     async def _heartbeat(self) -> None:

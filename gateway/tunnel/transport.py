@@ -92,11 +92,19 @@ def transport_closed(exc: BaseException) -> TransportClosed | None:
     return None
 
 
+def server_stopping(exc: BaseException) -> TransportClosed | None:
+    """A read cut by this worker's own grpc server stopping (its shutdown): not a fault."""
+    if type(exc).__name__ == "_ServerStoppedError":  # grpc.aio's, not exported
+        return TransportClosed("gateway_stopping", "this gateway worker is shutting down")
+    return None
+
+
 class ServerTransport:
     """The gateway's end: the servicer context of one Connect call. A message
     over `max_message` bytes raises TransportClosed (message_too_large)."""
 
     __slots__ = ("_ctx", "_max")
+    known_end = staticmethod(server_stopping)
 
     def __init__(self, ctx: grpc.aio.ServicerContext, max_message: int = 0) -> None:
         self._ctx = ctx

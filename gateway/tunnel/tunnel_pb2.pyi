@@ -123,7 +123,7 @@ class GoAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("client_id", "group", "token", "version", "capabilities", "connection_index", "instance")
+    __slots__ = ("client_id", "group", "token", "version", "capabilities", "connection_index", "instance", "quick_upstream", "quick_name")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,8 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_INDEX_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    QUICK_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    QUICK_NAME_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     group: str
     token: str
@@ -138,10 +140,12 @@ class Hello(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     connection_index: int
     instance: str
-    def __init__(self, client_id: _Optional[str] = ..., group: _Optional[str] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., connection_index: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+    quick_upstream: str
+    quick_name: str
+    def __init__(self, client_id: _Optional[str] = ..., group: _Optional[str] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., connection_index: _Optional[int] = ..., instance: _Optional[str] = ..., quick_upstream: _Optional[str] = ..., quick_name: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities", "nodes")
+    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities", "nodes", "public_url")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +157,7 @@ class Welcome(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_URL_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     code: str
     message: str
@@ -164,7 +169,8 @@ class Welcome(_message.Message):
     chunk_size: int
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    public_url: str
+    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ..., public_url: _Optional[str] = ...) -> None: ...
 
 class Fleet(_message.Message):
     __slots__ = ("nodes",)

@@ -17,13 +17,15 @@ import orjson
 from aiohttp import web
 
 from gateway.grpc_io import grpc_io_in_use
+from gateway.history import merge, process_history, view
 from gateway.metrics import CONTENT_TYPE_LATEST, render
+from gateway.workers.inspector import add_inspector_routes
 from gateway.workers.status_page import render_status_page
 
 if TYPE_CHECKING:
     from gateway.workers.worker import Worker
 
-__all__ = ["admin_app", "worker_report", "all_workers", "cluster_view"]
+__all__ = ["admin_app", "worker_report", "all_workers", "cluster_view", "node_history"]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -43,6 +45,7 @@ def worker_report(worker: "Worker") -> dict[str, Any]:
         "errors": book.errors,
         "last_minute": book.window.last_minute(),
         "config_versions": worker.routing.config_versions(),
+        "stopping": worker.stopping,  # the router takes its silence for a stop, not a loss
         **worker.routing.streams_report(),
     }
 
@@ -128,7 +131,29 @@ def drain_targets(worker: "Worker", body: Mapping[str, Any]) -> tuple[str, dict[
                           "message": f"node {node_id} is not reachable from this node now"}, 503)
     if "worker" in body:
         rows = {k: v for k, v in rows.items() if v.get("worker") == body["worker"]}
+        index = body["worker"]
+        if not rows and node_id == own and isinstance(index, int) and 0 <= index < worker.workers:
+            # One of ours the shard table does not list yet (just started or respawned): it runs the command.
+            rows = {f"w{index}": {"worker": index}}
     return node_id, rows
+
+
+def _drain_target_missing(body: Mapping[str, Any], rows: Mapping[str, dict[str, Any]],
+                          node_id: str) -> web.Response | None:
+    """404 when the drain names a worker, or a client (client_id, connection, group), that
+    the node does not have; None when it has (a client whose streams all drain already is had)."""
+    if "worker" in body and not rows:
+        return _json({"error": "unknown_worker", "node": node_id, "worker": body["worker"],
+                      "message": f"no worker {body['worker']!r} on node {node_id}"}, 404)
+    keys = [k for k in ("client_id", "connection", "group") if k in body]
+    if not any(k in body for k in ("client_id", "connection")) or not any("clients" in r for r in rows.values()):
+        return None  # rows that list no clients (an older worker's) cannot tell
+    if any(all(c.get(k) == body[k] for k in keys) for r in rows.values() for c in r.get("clients", ())):
+        return None
+    named = ", ".join(f"{k} {body[k]!r}" for k in keys)
+    return _json({"error": "unknown_client", "node": node_id, **{k: body[k] for k in keys},
+                  "message": f"no client stream with {named} on node {node_id}"
+                             + (f" worker {body['worker']!r}" if "worker" in body else "")}, 404)
 
 
 async def drain_workers(worker: "Worker", rows: Mapping[str, dict[str, Any]],
@@ -163,6 +188,27 @@ async def drain_workers(worker: "Worker", rows: Mapping[str, dict[str, Any]],
         "drained_here": counts.get(own) or 0,
         "sent_to_workers": sorted(rows[k]["worker"] for k in counts if k != own),
     }
+
+
+# How long the graphs wait for the other workers' history: the page must not hang on one.
+HISTORY_TIMEOUT = 1.0
+
+
+async def node_history(worker: "Worker", group: str | None = None) -> dict[str, Any]:
+    """/admin/history: this node's last 15 minutes, total and by group, its workers'
+    histories added up. This worker asks each other worker of the node for its own
+    (op "history" through the router, answered from its process's History) rather than
+    have every worker announce 15 minutes of buckets in the shard table every 0.5 s."""
+    snapshots = [process_history().snapshot(group)]
+    names = sorted(k for k in worker.link.table if k != f"w{worker.index}") if worker.link is not None else []
+    command = {"op": "history", **({"group": group} if group is not None else {})}
+    answers = await asyncio.gather(*(worker.link.query(n, command, HISTORY_TIMEOUT) for n in names))
+    snapshots += answers
+    configured = worker.routing.config_versions()
+    answer = view(merge(snapshots), group, configured)
+    answer["workers"] = {"answered": sorted([f"w{worker.index}", *(n for n, a in zip(names, answers) if a)]),
+                         "unanswered": [n for n, a in zip(names, answers) if not a]}
+    return answer
 
 
 # Open without the token: the liveness probe (container health checks).
@@ -222,6 +268,9 @@ def admin_app(worker: "Worker") -> web.Application:
         if isinstance(found, web.Response):
             return found
         node_id, rows = found
+        missing = _drain_target_missing(body, rows, node_id)
+        if missing is not None:
+            return missing
         answer = await drain_workers(worker, rows, command)
         if rows and node_id != own_node_id(worker) and len(answer["unanswered"]) == len(rows):
             return _json({"error": "node_unreachable", "node": node_id,
@@ -234,10 +283,21 @@ def admin_app(worker: "Worker") -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def page(_request: web.Request) -> web.Response:
+    async def history(request: web.Request) -> web.Response:
+        """The graphs' data: ?group=G for that group (beside the total), else every group."""
+        group = request.query.get("group") or None
+        if group is not None and group not in worker.routing.config_versions():
+            return _json({"error": "unknown_group", "group": group, "message": "no group of that name"}, 404)
+        return _json(await node_history(worker, group))
+
+    async def page(request: web.Request) -> web.Response:
+        group = request.query.get("group") or None
+        if group not in worker.routing.config_versions():
+            group = None  # the page shows every group then
         body = render_status_page(all_workers(worker), worker.routing.config_versions(),
                                   worker.link.router_ok if worker.link else None,
-                                  cluster_view(worker) if worker.config.cluster else None)
+                                  cluster_view(worker) if worker.config.cluster else None,
+                                  history=await node_history(worker, group))
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     app = web.Application(middlewares=[_token_gate(worker)])
@@ -248,5 +308,7 @@ def admin_app(worker: "Worker") -> web.Application:
     app.router.add_get("/admin/shards", shards)
     app.router.add_get("/admin/clients", clients)
     app.router.add_get("/admin/cluster", cluster)
+    app.router.add_get("/admin/history", history)
     app.router.add_post("/admin/drain", drain)
+    add_inspector_routes(app, worker)  # /admin/requests, /inspector (gateway/workers/inspector.py)
     return app

@@ -15,14 +15,15 @@ from gateway.http.relay import relay_request, send_continue
 from gateway.http.websocket import is_websocket
 from gateway.http.target import BadTarget, Target, normalise_target, with_host
 from gateway.ids import RequestIds, trace_id_from
+from gateway.inspection import Capture, process_inspector
 from gateway.limits import LimitGate
 from gateway.observe import AccessLog, AccessRecord, RequestMetrics
-from gateway.rules import first_match
+from gateway.quick import group_of, name_of_group
+from gateway.rules import Rule, first_match, strip_port
 from gateway.tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, GroupSpec
-    from gateway.rules import Rule
     from gateway.workers.routing import Routing
 
 __all__ = ["HttpEntry", "hash_key_of", "IDEMPOTENT"]
@@ -50,7 +51,7 @@ class RoutePlan:
 
     def __init__(self, routing: "Routing", rule: "Rule") -> None:
         cfg = routing.config
-        spec = cfg.groups[rule.target]
+        spec = cfg.groups.get(rule.target) or cfg.quick.spec(name_of_group(rule.target))  # type: ignore[union-attr]
         self.rule = rule
         self.spec = spec
         limits = (cfg.max_body_bytes, spec.limits.max_body_bytes, rule.limits.max_body_bytes)
@@ -67,13 +68,17 @@ class HttpEntry:
         self.routing = routing
         self.book = EntryLog(ids, worker=str(routing.index), direction="ingress", access_log=access_log,
                              metrics=metrics)
-        self._plans: dict[int, RoutePlan] = {}  # by id() of a rule of `_plans_for`, which keeps it alive
+        self._plans: dict[int, RoutePlan] = {}  # by id() of a rule of `_plans_for` or `_quick`, which keep it alive
         self._plans_for: "GatewayConfig | None" = None
+        self._quick: dict[str, Rule] = {}  # quick tunnels' routes, by name
+        self.inspector = process_inspector()  # the last requests, for the admin port (gateway/inspection.py)
+        self._inspect_for: "GatewayConfig | None" = None
 
     def plan(self, rule: "Rule") -> RoutePlan:
         cfg = self.routing.config
         if cfg is not self._plans_for:  # a reload: plan again, with the new limits
             self._plans = {}
+            self._quick = {}
             self._plans_for = cfg
         plan = self._plans.get(id(rule))
         if plan is None:
@@ -89,10 +94,26 @@ class HttpEntry:
             return self._bad_target(request, str(exc))
         rec = book.record(trace_id=trace_id_from(request.headers), method=request.method, host=target.host,
                           path=target.path_and_query)
-        with book.track(rec):
-            resp = await self._admit(request, rec, target)
-            rec.status = resp.status
-            return resp
+        cap = self._capture(rec, request)
+        resp = None
+        try:
+            with book.track(rec):
+                resp = await self._admit(request, rec, target, cap)
+                rec.status = resp.status
+                return resp
+        finally:
+            if cap is not None:
+                cap.finish(resp.headers if resp is not None else None,
+                           resp.body if isinstance(resp, web.Response) else None)
+
+    def _capture(self, rec: AccessRecord, request: web.BaseRequest) -> Capture | None:
+        """The inspector's capture of a request starting (None with `inspect = false`)."""
+        cfg = self.routing.config
+        if cfg is not self._inspect_for:  # started, or a reload
+            self._inspect_for = cfg
+            self.inspector.configure(enabled=cfg.inspect, size=cfg.inspect_requests,
+                                     body_bytes=cfg.inspect_body_bytes, mask=cfg.inspect_mask_headers)
+        return self.inspector.open(rec, request.raw_headers, request.body_exists)
 
     def _bad_target(self, request: web.BaseRequest, message: str) -> web.StreamResponse:
         """400 `bad_target`, recorded with the target as it was sent."""
@@ -104,7 +125,8 @@ class HttpEntry:
             rec.status = resp.status
             return resp
 
-    async def _admit(self, request: web.BaseRequest, rec: AccessRecord, target: Target) -> web.StreamResponse:
+    async def _admit(self, request: web.BaseRequest, rec: AccessRecord, target: Target,
+                     cap: Capture | None = None) -> web.StreamResponse:
         """Route the request and hold its limits' gates while it is relayed."""
         cfg = self.routing.config
         refused = head_problem(request, cfg.max_header_bytes)
@@ -114,6 +136,8 @@ class HttpEntry:
         if request.method == "TRACE":  # only a route that names TRACE in its methods takes it
             routes = tuple(r for r in routes if "TRACE" in r.methods)
         rule = first_match(routes, target.host, target.path, request.method, request.headers)
+        if rule is None and cfg.quick is not None and request.method != "TRACE":
+            rule = self._quick_route(cfg, target.host)
         if rule is None:
             if request.method == "TRACE":
                 return self.book.fail(rec, "method_not_allowed", "TRACE is not allowed here", status=405)
@@ -134,13 +158,28 @@ class HttpEntry:
                     return self.book.fail(rec, code, f"{code.replace('_', ' ')} by the limits of {rule.name!r}",
                                           retry_after=max(1, math.ceil(wait)))
                 admitted.append(gate)
-            return await self._relay(request, rec, plan, target)
+            return await self._relay(request, rec, plan, target, cap)
         finally:
             for gate in admitted:
                 gate.release()
 
+    def _quick_route(self, cfg: "GatewayConfig", host: str) -> "Rule | None":
+        """The route of the quick tunnel `host` names, while one of that name is connected
+        (configured routes were tried first: they win)."""
+        assert cfg.quick is not None
+        name = cfg.quick.name_of(strip_port(host))
+        if name is None or not self.routing.candidates(group_of(name)):
+            return None
+        rule = self._quick.get(name)
+        if rule is None:
+            if len(self._quick) > 4 * cfg.quick.max_tunnels:  # names come and go: keep the memo bounded
+                self._quick, self._plans = {}, {}
+            rule = self._quick[name] = Rule(f"quick:{name}", group_of(name), host=cfg.quick.host(name),
+                                            timeout=cfg.quick.timeout)
+        return rule
+
     async def _relay(self, request: web.BaseRequest, rec: AccessRecord, plan: RoutePlan,
-                     target: Target) -> web.StreamResponse:
+                     target: Target, cap: Capture | None = None) -> web.StreamResponse:
         rule, spec = plan.rule, plan.spec
         path = rule.rewrite_path(target.path_and_query)
         authority = rule.set_host or target.host
@@ -151,6 +190,8 @@ class HttpEntry:
             kept = await self._kept_body(request, rule)
         except TunnelError as exc:
             return self.book.fail_with(rec, exc)
+        if cap is not None and kept is not None:
+            cap.request_whole(kept)
         deadline = time.monotonic() + rule.timeout
         failed = ""  # the client whose tunnel was lost under the first attempt
         while True:
@@ -169,7 +210,7 @@ class HttpEntry:
                     headers=headers, path=path, authority=authority,
                     timeout=max(0.001, deadline - time.monotonic()), max_body=plan.max_body, group=spec.name,
                     target_client=rec.client_id, idle_timeout=plan.idle_timeout, record=rec,
-                    body=kept if kept else None, wire_id=f"{rec.request_id}.2" if failed else "",
+                    body=kept if kept else None, wire_id=f"{rec.request_id}.2" if failed else "", capture=cap,
                 )
             except TunnelError as exc:
                 if failed or kept is None or exc.code != "tunnel_closed" or time.monotonic() >= deadline:

@@ -20,9 +20,11 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from gateway.history import process_history
 from gateway.router import envelope as env
 from gateway.tunnel import frames
 from gateway.tunnel.stream import TunnelStream
+from gateway.workers.inspector import answer_op
 
 if TYPE_CHECKING:
     from gateway.workers.routing import Routing
@@ -97,7 +99,7 @@ class RouterLink:
         self._last_table = 0.0
         self._announce_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._asked: dict[str, tuple[bytes, asyncio.Future[int | None]]] = {}  # ask id -> (worker, its answer)
+        self._asked: dict[str, tuple[bytes, asyncio.Future[dict | None]]] = {}  # ask id -> (worker, its answer)
         self._asked_seq = 0
         self._ctx: zmq.asyncio.Context | None = None
         self.sock: zmq.asyncio.Socket | None = None
@@ -211,7 +213,10 @@ class RouterLink:
                     log.info("router connected")
                 self.router_ok = True
             elif kind == env.LOST:
-                log.warning("worker lost", extra={"peer": payload.decode()})
+                row = self.table.get(payload.decode()) or {}
+                # A worker that said it is shutting down (a SIGTERM'd gateway) stops; any other is lost.
+                log.log(logging.INFO if row.get("stopping") else logging.WARNING,
+                        "worker stopped" if row.get("stopping") else "worker lost", extra={"peer": payload.decode()})
                 self.lose(payload, "worker_lost")
             elif kind == env.FULL:
                 self.undelivered(src, payload)
@@ -256,9 +261,21 @@ class RouterLink:
         """Send an admin command to `worker` ("wI", or "NODE/wI" on another node) and
         wait for how many streams it touched; None when it did not answer in time (gone,
         unreachable, or a worker of a version that does not answer)."""
+        answer = await self._ask(worker, command, timeout)
+        count = answer.get("count") if answer is not None else None
+        return count if isinstance(count, int) else None
+
+    async def query(self, worker: str, command: Mapping[str, Any], timeout: float = ASK_TIMEOUT) -> dict | None:
+        """Like `ask`, for a command answered with data (op "history": the worker's
+        snapshot, gateway/history.py); None when it did not answer with any in time."""
+        answer = await self._ask(worker, command, timeout)
+        data = answer.get("data") if answer is not None else None
+        return data if isinstance(data, dict) else None
+
+    async def _ask(self, worker: str, command: Mapping[str, Any], timeout: float) -> dict | None:
         self._asked_seq += 1
         ask_id = f"{self.identity.decode()}:{self._asked_seq}"
-        answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[dict | None] = asyncio.get_running_loop().create_future()
         self._asked[ask_id] = (worker.encode(), answer)
         message = env.to_router(env.COMMAND, worker.encode(), orjson.dumps({**command, "ask": ask_id}))
         try:
@@ -283,18 +300,23 @@ class RouterLink:
             return
         if command.get("op") == "result":
             asked = self._asked.get(str(command.get("ask")))
-            count = command.get("count")
             # Only the worker asked may answer: another could not end someone else's wait.
-            if asked is not None and asked[0] == src and not asked[1].done() and isinstance(count, int):
-                asked[1].set_result(count)
+            if asked is not None and asked[0] == src and not asked[1].done():
+                asked[1].set_result(command)
             return
         try:
-            count = self.on_command(command)
+            if command.get("op") == "history":  # the status page's graphs: this worker's last 15 minutes
+                group = command.get("group")
+                result: dict[str, Any] = {"data": process_history().snapshot(group if isinstance(group, str) else None)}
+            elif command.get("op") == "requests":  # the Inspector: this worker's last requests (or one to replay)
+                result = {"data": answer_op(command)}
+            else:
+                result = {"count": self.on_command(command)}
         except Exception:
             log.exception("admin command failed")
             return
         if "ask" in command:
-            answer = {"op": "result", "ask": command["ask"], "count": count}
+            answer = {"op": "result", "ask": command["ask"], **result}
             try:
                 await self.sock.send_multipart(env.to_router(env.COMMAND, src, orjson.dumps(answer)), zmq.NOBLOCK)
             except zmq.Again:

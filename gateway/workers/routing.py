@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Mapping, Protocol
 
 from gateway.balance import Balancer, Candidate
 from gateway.limits import LimitGate, Limits
+from gateway.quick import name_of_group
 from gateway.router.envelope import remote_identity, worker_identity
 from gateway.rules import first_match
 from gateway.tunnel import frames
@@ -169,10 +170,18 @@ class Routing:
     async def serve_remote(self, ex: InboundExchange) -> None:
         """A request another worker sent: put it on one of our client streams."""
         group = ex.head.group
-        candidates = self.candidates(group, local_only=True)
-        # The origin chose the client (policy, health); keep to it while it is here.
-        chosen = [c for c in candidates if c.client_id == ex.head.target_client] or candidates
-        pick = self.balancer.pick(group, "round_robin", chosen)
+        # The origin chose the client (policy, health); keep to it while it is here. Its
+        # streams picked as the balancer would (the one filling a gRPC message, else each
+        # in turn), without a Candidate list for what is most often one client's two streams.
+        target = ex.head.target_client
+        streams = [s for s in self.registry.usable(group) if s.peer_id == target] if target else []
+        if streams:
+            stream = streams[0] if len(streams) == 1 else next((s for s in streams if s.filling_batch), None)
+            if stream is None:
+                stream = streams[self.balancer._next(f"{group}\0{target}", len(streams))]
+            await relay_exchange(ex, stream)
+            return
+        pick = self.balancer.pick(group, "round_robin", self.candidates(group, local_only=True))
         if pick is None:
             ex.reset("no_client_available", f"worker {self.index} holds no stream of group {group!r}")
             return
@@ -300,6 +309,8 @@ class Routing:
         pushed = 0
         for s in list(self.registry):
             spec = new.groups.get(s.group)
+            if spec is None and new.quick is not None and name_of_group(s.group) is not None:
+                continue  # a quick tunnel: its config is the upstream its client named
             if spec is None:
                 self._spawn(s.goaway("group_removed", new.shutdown_grace))
             elif spec.client.version != s.config_version:

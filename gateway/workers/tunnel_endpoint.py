@@ -10,15 +10,20 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from gateway.dispatch import RuleDispatcher
+from gateway.http.entry import EntryLog, ObservedExchange
 from gateway.http.upstream import UpstreamClients
+from gateway.ids import RequestIds
 from gateway.metrics import Metrics
+from gateway.observe import AccessLog, AccessRecord
 from gateway.tls import name_allowed, peer_names
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.exchange import InboundExchange
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import ServerTransport
+from gateway.quick import name_of_group
 from gateway.workers.admission import Admission, source_address
+from gateway.workers.quick_tunnels import QuickRefused, admit_quick, quick_group
 from gateway.workers.registry import connection_key
 
 if TYPE_CHECKING:
@@ -86,6 +91,10 @@ class TunnelEndpoint:
         self.routing = routing
         self.upstreams = upstreams
         self.metrics = metrics
+        # The egress requests this worker serves: access log lines and metrics, as the entries'.
+        self.egress_log = EntryLog(RequestIds("egress-"), worker=str(routing.index), direction="egress",
+                                   access_log=AccessLog(routing.config.access_log), metrics=metrics,
+                                   logger=log, failure="egress request failed")
         self.stopping = False
         cfg = routing.config
         self.egress = RuleDispatcher(cfg.forward, cfg.upstreams, upstreams)
@@ -134,12 +143,27 @@ class TunnelEndpoint:
 
     def close(self) -> None:
         self.egress.close()
+        self.egress_log.access_log.close()
         if self._fleet_task is not None:
             self._fleet_task.cancel()
 
     async def handle_egress(self, ex: InboundExchange) -> None:
-        """A request a client sent up its tunnel: serve it by the forward rules."""
-        await self.egress.handle(ex)
+        """A request a client sent up its tunnel: serve it by the forward rules, and log
+        and count it (direction egress) as the entries do theirs."""
+        head = ex.head
+        host = next((v for n, v in frames.header_list(head) if n.lower() == "host"), "") or head.authority
+        rec = AccessRecord(request_id=ex.request_id, trace_id=ex.trace_id, method=head.method, host=host,
+                           path=head.path, worker=self.egress_log.worker, direction="egress")
+        rec.client_id, rec.group = ex.stream.peer_id, ex.stream.group
+        peer = ex.stream.transport.peer()  # a client's own stream: its gRPC peer (behind PROXY: resolved)
+        rec.remote = source_address(self.resolve_peer(peer) if self.resolve_peer is not None else peer)
+        with self.egress_log.track(rec):
+            try:
+                await self.egress.handle(ObservedExchange(ex, rec))
+            finally:
+                rec.bytes_out = ex.sender.bytes_sent
+                if rec.error:
+                    self.egress_log.errors[rec.error] = self.egress_log.errors.get(rec.error, 0) + 1
 
     async def _reject(self, transport: ServerTransport, code: str, message: str, peer: str, *,
                       reason: str = "", group: str | None = None) -> None:
@@ -232,7 +256,12 @@ class TunnelEndpoint:
             await self._reject(transport, "missing_token", f"HELLO without a token (group {hello.group!r})", peer,
                                group=hello.group)
             return
-        group = cfg.groups.get(hello.group)
+        quick = bool(hello.quick_upstream)  # `tunnel-client http PORT`: a route made for it
+        try:
+            group = quick_group(hello, cfg) if quick else cfg.groups.get(hello.group)
+        except QuickRefused as exc:
+            await self._reject(transport, exc.code, exc.message, peer, group="quick")
+            return
         if group is None:
             await self._reject(transport, "bad_credentials", f"group {hello.group!r} is not configured", peer,
                                reason="unknown_group", group=hello.group)
@@ -251,31 +280,41 @@ class TunnelEndpoint:
         if not hello.client_id:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer, group=hello.group)
             return
+        name = group.name  # the group's, or the quick tunnel's (quick.NAME)
+        client = group.client
+        if quick:
+            try:
+                client = admit_quick(group, hello, cfg, routing)
+            except QuickRefused as exc:
+                await self._reject(transport, exc.code, exc.message, peer, group="quick")
+                return
         # Authenticated: only now is the group charged, so no one without its
         # credentials can spend its connections or streams.
-        refused_by = self.admission.admit(hello.group, routing.registry.count(hello.group))
+        refused_by = self.admission.admit(name, routing.registry.count(name))
         if refused_by is not None:
-            self._refuse(transport, refused_by, hello.group, peer)
+            self._refuse(transport, refused_by, name, peer)
             return
         label = f"{hello.client_id}/{hello.connection_index}"
         # Its identity: group, client id and (with mTLS) certificate; only a connection
         # of the same identity and index is replaced by this one.
-        key = connection_key(hello.group, hello.client_id, hello.connection_index, frozenset(names) or None)
+        key = connection_key(name, hello.client_id, hello.connection_index, frozenset(names) or None)
         stream = TunnelStream(
             transport, limits=routing.stream_limits(), on_request=self.handle_egress, peer_id=hello.client_id,
-            group=hello.group, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
+            group=name, label=label, on_control=lambda f, kind: self._on_control(stream, f, kind),
         )
         stream.remote = peer  # type: ignore[attr-defined]
         stream.certificate = sorted(names)  # type: ignore[attr-defined]
         stream.instance = hello.instance  # type: ignore[attr-defined]
         stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
-        stream.config_version = group.client.version
+        stream.config_version = client.version
+        public_url = cfg.quick.url(name_of_group(name) or "", cfg.http_port) if quick and cfg.quick else ""
         await transport.write(
             frames.encode_frame(
                 frames.welcome(
                     accepted=True,
-                    config_version=group.client.version,
-                    config_json=group.client.to_json(),
+                    config_version=client.version,
+                    config_json=client.to_json(),
+                    public_url=public_url,
                     heartbeat_ms=int(cfg.heartbeat_interval * 1000),
                     worker=str(routing.index),
                     window=cfg.stream_window,
@@ -285,10 +324,11 @@ class TunnelEndpoint:
                 )
             )
         )
-        self.metrics.connects.labels(hello.group).inc()
+        self.metrics.connects.labels(name).inc()
         routing.add_stream(stream, key)
-        log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": hello.group,
-                                              "connection": hello.connection_index})
+        log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
+                                              "connection": hello.connection_index, **(
+                                                  {"public_url": public_url} if public_url else {})})
         try:
             await stream.run()
         finally:

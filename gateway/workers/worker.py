@@ -27,7 +27,7 @@ from gateway.grpc_io import choose_grpc_io
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
 
-__all__ = ["Worker", "worker_main", "EXIT_BOOT_ERROR"]
+__all__ = ["Worker", "worker_main", "listen_urls", "EXIT_BOOT_ERROR"]
 
 log = logging.getLogger("gateway.worker")
 
@@ -175,10 +175,10 @@ class Worker:
 
         listeners = Listeners(self)
         await listeners.start()
-        log.info(
-            "listening",
-            extra={"http_port": cfg.http_port, "tunnel_port": cfg.tunnel_port, "admin_port": cfg.admin_port},
-        )
+        urls = listen_urls(cfg)
+        log.info("listening: %s", ", ".join(f"{what} {url}" for what, url in urls.items()),
+                 extra={"http_port": cfg.http_port, "tunnel_port": cfg.tunnel_port, "admin_port": cfg.admin_port,
+                        "urls": urls})
         await stop.wait()
         await self.shutdown(listeners)
 
@@ -186,8 +186,13 @@ class Worker:
         """In order: stop accepting, drain streams, then end the rest."""
         self.stopping = True
         self.endpoint.stopping = True
+        if self.link is not None:
+            self.link.announce_soon()
         grace = self.config.shutdown_grace
         log.info("shutting down", extra={"grace": grace})
+        # grpc says at warning that it aborts each call still open when its server stops; at a
+        # shutdown that is the plan (each stream's own line says how it ended).
+        logging.getLogger("grpc._cython.cygrpc").setLevel(logging.ERROR)
         stopping = await listeners.stop_accepting(grace)
         drains = [self.spawn(s.goaway("shutdown", grace)) for s in list(self.routing.registry)]
         deadline = time.monotonic() + grace
@@ -206,6 +211,21 @@ class Worker:
         await self.upstreams.close()
         self.access_log.close()
         log.info("stopped")
+
+
+def listen_urls(cfg: GatewayConfig) -> dict[str, str]:
+    """Where to reach each port, as a URL to paste (a wildcard host shown as loopback)."""
+    def at(host: str, port: int) -> str:
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "*") else "[::1]" if host == "::" else host
+        return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+    urls = {"http": f"{'https' if cfg.http_tls else 'http'}://{at(cfg.host, cfg.http_port)}"}
+    if cfg.grpc_port:
+        urls["grpc"] = f"{'https' if cfg.http_tls else 'http'}://{at(cfg.host, cfg.grpc_port)}"
+    urls["tunnel"] = at(cfg.host, cfg.tunnel_port)  # what a client's server setting takes
+    if cfg.admin_port:
+        urls["admin"] = f"http://{at(cfg.admin_host, cfg.admin_port)}/"
+    return urls
 
 
 def read_handoff(path: str) -> GatewayConfig:

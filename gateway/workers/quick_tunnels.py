@@ -1,0 +1,61 @@
+"""The tunnel endpoint's side of quick tunnels (gateway/quick.py): whether a HELLO
+asking for one may have it, under which name, and what its client is told.
+
+Two steps, so that nothing about names is told to a caller without a token: the
+group a HELLO names (before the token check), then, once authenticated, whether
+the name is free (on every worker and, in a fleet, every node), no configured
+route takes its host, and the gateway holds fewer than `max_tunnels`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.quick import QUICK_PREFIX, client_config, group_of, random_name, valid_name
+from gateway.rules import first_match
+from gateway.settings import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig, GroupSpec
+    from gateway.groupconfig import GroupConfig
+    from gateway.tunnel import tunnel_pb2 as pb
+    from gateway.workers.routing import Routing
+
+__all__ = ["QuickRefused", "quick_group", "admit_quick"]
+
+
+class QuickRefused(Exception):
+    """A quick tunnel refused: `code` for WELCOME, the message for the client's user."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def quick_group(hello: "pb.Hello", cfg: "GatewayConfig") -> "GroupSpec":
+    """The group of the quick tunnel `hello` asks for (a random free-looking name when it names none)."""
+    if cfg.quick is None:
+        raise QuickRefused("quick_disabled", "this gateway does not allow quick tunnels (no [quick] table)")
+    name = hello.quick_name or random_name()
+    if not valid_name(name):
+        raise QuickRefused("bad_name", f"{name!r} is not a name: one DNS label, lower case (a-z, 0-9, inner -)")
+    return cfg.quick.spec(name)
+
+
+def admit_quick(spec: "GroupSpec", hello: "pb.Hello", cfg: "GatewayConfig", routing: "Routing") -> "GroupConfig":
+    """The config the quick tunnel's client gets; raises QuickRefused when the name is taken
+    by another client or a configured route, or the gateway is full."""
+    assert cfg.quick is not None
+    name = spec.name[len(QUICK_PREFIX):]
+    host = cfg.quick.host(name)
+    if first_match(cfg.routes, host, "/", "GET", {}) is not None:
+        raise QuickRefused("name_taken", f"{host} is served by a configured route; choose another name")
+    holders = {c.client_id for c in routing.candidates(group_of(name))}
+    if holders - {hello.client_id}:
+        raise QuickRefused("name_taken", f"the name {name!r} is in use by another tunnel; choose another name")
+    held = sum(1 for g in routing.visible_streams() if g.startswith(QUICK_PREFIX))
+    if not holders and held >= cfg.quick.max_tunnels:
+        raise QuickRefused("overloaded", f"this gateway holds its maximum of {cfg.quick.max_tunnels} quick tunnels")
+    try:
+        return client_config(hello.quick_upstream, "HELLO")
+    except ConfigError as exc:
+        raise QuickRefused("bad_request", f"quick tunnel upstream: {exc}") from None
