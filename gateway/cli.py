@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.request
 
 import orjson
 
 from gateway import __version__
 from gateway.cluster.config import curve_keypair
 from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, GatewayConfig, load_gateway_config
-from gateway.exposure import mask_headers, mask_settings, mask_url
 from gateway.ports import PortUnavailable, claim_ports, listen_for_peers
+from gateway.config_view import diff_configs, effective_config
 from gateway.quick_start import add_quick_arguments, quick_banner, quick_config_file
 from gateway.settings import ConfigError, add_arguments
 from gateway.supervisor import EXIT_BOOT_ERROR, Supervisor
@@ -39,6 +40,11 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     )
     if check:
         p.add_argument("config", help="TOML config file to check")
+        p.add_argument("--diff", action="store_true",
+                       help="print what a reload of the file would change in the running gateway (asks its admin "
+                            "port, with the file's admin_token: GET /admin/config)")
+        p.add_argument("--admin", default=None, help="with --diff: the running gateway's admin URL "
+                                                     "(default: the file's admin_host and admin_port)")
     else:
         p.add_argument("--config", "-c", default=None, help="TOML config file (default: conf/gateway.toml)")
     p.add_argument("--version", action="version", version=f"tunnel-gateway {__version__}")
@@ -46,43 +52,6 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     if not check:
         add_quick_arguments(p)
     return p
-
-
-def effective_config(config: GatewayConfig) -> dict:
-    """The config as the gateway will run it, secrets left out: group tokens as a
-    count, admin_token and other secrets masked, passwords in URLs masked."""
-
-    def rule(r) -> dict:
-        out = {}
-        for f in r.__dataclass_fields__:
-            v = getattr(r, f)
-            out[f] = sorted(v) if isinstance(v, frozenset) else v
-        out["headers"], out["add_headers"] = mask_headers(r.headers), mask_headers(r.add_headers)
-        return mask_settings(out)
-
-    return {
-        "file": config.path,
-        "gateway": mask_settings(config.settings),
-        "groups": {
-            name: {
-                "tokens": len(g.tokens),
-                "balance": g.balance,
-                "config_version": g.client.version,
-                "rules": [rule(r) for r in g.client.rules],
-                "upstreams": {u: [mask_url(s) for s in up.servers] for u, up in g.client.upstreams.items()},
-            }
-            for name, g in config.groups.items()
-        },
-        "routes": [rule(r) for r in config.routes],
-        "grpc_routes": [rule(r) for r in config.grpc_routes],
-        "quick": None if config.quick is None else {
-            "tokens": len(config.quick.tokens), "public_url": config.quick.public_url,
-            "max_tunnels": config.quick.max_tunnels, "timeout": config.quick.timeout,
-        },
-        "forward": [rule(r) for r in config.forward],
-        "upstreams": {u: {"servers": [mask_url(s) for s in up.servers], "balance": up.balance}
-                      for u, up in config.upstreams.items()},
-    }
 
 
 def report_errors(program: str, exc: ConfigError) -> None:
@@ -110,10 +79,28 @@ def check_config(argv: list[str]) -> int:
     except ConfigError as exc:
         report_errors("tunnel-gateway", exc)
         return EXIT_BAD_CONFIG
+    if args.diff:
+        return print_diff(config, args.admin)
     sys.stdout.write(orjson.dumps(effective_config(config), option=orjson.OPT_INDENT_2).decode() + "\n")
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok", file=sys.stderr)
+    return 0
+
+
+def print_diff(config: GatewayConfig, admin: str | None) -> int:
+    """`check-config --diff`: the running gateway's config against the file's, a line a change."""
+    host = config.admin_host if config.admin_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"{admin or f'http://{host}:{config.admin_port}'}/admin/config"
+    headers = {"Authorization": f"Bearer {config.admin_token}"} if config.admin_token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            running = orjson.loads(r.read())
+    except (OSError, ValueError) as exc:
+        print(f"tunnel-gateway: cannot read the running config from {url}: {exc}", file=sys.stderr)
+        return 1
+    changes = diff_configs(running, effective_config(config))
+    print("\n".join(changes) if changes else f"{config.path}: a reload changes nothing")
     return 0
 
 

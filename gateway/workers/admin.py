@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import orjson
 from aiohttp import web
 
+from gateway.config_view import effective_config
 from gateway.grpc_io import grpc_io_in_use
 from gateway.history import merge, process_history, view
 from gateway.metrics import CONTENT_TYPE_LATEST, render
@@ -280,6 +281,10 @@ def admin_app(worker: "Worker") -> web.Application:
     async def cluster(_request: web.Request) -> web.Response:
         return _json(cluster_view(worker))
 
+    async def config(_request: web.Request) -> web.Response:
+        """The config this worker runs, secrets left out (check-config --diff reads it)."""
+        return _json(effective_config(worker.routing.config))
+
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -308,6 +313,7 @@ def admin_app(worker: "Worker") -> web.Application:
     app.router.add_get("/admin/shards", shards)
     app.router.add_get("/admin/clients", clients)
     app.router.add_get("/admin/cluster", cluster)
+    app.router.add_get("/admin/config", config)
     app.router.add_get("/admin/history", history)
     app.router.add_post("/admin/drain", drain)
     add_inspector_routes(app, worker)  # /admin/requests, /inspector (gateway/workers/inspector.py)
