@@ -34,6 +34,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def foreign_to_loopback(host_header: str, origin: str | None, method: str) -> str | None:
+    """Why a request to a port bound to loopback without a token comes from elsewhere, or
+    None. A web page can rebind its own name to 127.0.0.1 (its Host is then that name) or
+    post a form here (its Origin is then the page's): neither may read request data or
+    replay requests."""
+    host = host_header.strip()
+    name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+    if not is_loopback(name):
+        return f"Host {host_header!r} is not a loopback name"
+    if method not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null":
+        from urllib.parse import urlsplit  # here: only a form post from a page asks
+
+        if not is_loopback(urlsplit(origin).hostname or ""):
+            return f"Origin {origin!r} is not a loopback page"
+    return None
+
+
 def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name.lower()))
 

@@ -208,9 +208,16 @@ class Capture:
         rec = self.rec
         return {
             "id": rec.request_id, "method": rec.method, "host": rec.host, "target": rec.path,
-            "headers": [[k, v] for k, v in pairs if k.lower() not in _HOP],
+            # Nor what the caller said of who forwarded it: the replay comes from loopback, which
+            # trusted_proxies may trust, and would vouch for it.
+            "headers": [[k, v] for k, v in pairs if k.lower() not in _HOP and not _forwarding(k)],
             "body": base64.b64encode(self.request_body()).decode(),
         }
+
+
+def _forwarding(name: str) -> bool:
+    lowered = name.lower()
+    return lowered == "forwarded" or lowered.startswith("x-forwarded-")
 
 
 def _websocket(pairs: list[tuple[str, str]]) -> bool:

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess, values
 
 from gateway.observe import AccessRecord
+from gateway.quick import label_of
 
 __all__ = ["Metrics", "render", "CONTENT_TYPE_LATEST"]
 
@@ -84,10 +85,16 @@ class Metrics:
         key = (rec.direction, rec.group, rec.rule, rec.status // 100)
         pair = self._pairs.get(key)
         if pair is None:
-            pair = self._pairs[key] = (
-                self._child(self.requests, rec.direction, rec.group, rec.rule, f"{rec.status // 100}xx"),
-                self._child(self.duration, rec.direction, rec.group),
-            )
+            group = label_of(rec.group)
+            rule = "quick" if group == "quick" else rec.rule  # quick routes are per name: one series
+            if group == "quick":  # a quick name's own key would grow the memo without bound
+                key = (rec.direction, group, rule, rec.status // 100)
+                pair = self._pairs.get(key)
+            if pair is None:
+                pair = self._pairs[key] = (
+                    self._child(self.requests, rec.direction, group, rule, f"{rec.status // 100}xx"),
+                    self._child(self.duration, rec.direction, group),
+                )
         pair[0].inc()
         pair[1].observe(rec.duration)
         if rec.bytes_in:
@@ -109,7 +116,10 @@ class Metrics:
         """Gauges and counters read from live state, once a second."""
         self.inflight.labels(worker).set(inflight)
         seen = set()
+        by_label: dict[str, int] = {}
         for group, n in streams.items():
+            by_label[label_of(group)] = by_label.get(label_of(group), 0) + n
+        for group, n in by_label.items():
             self.streams.labels(group, worker).set(n)
             seen.add((group, worker))
         for labels in self._stream_labels - seen:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gateway.config import GroupSpec, Token
 
 __all__ = ["QUICK_PREFIX", "DEFAULT_PUBLIC_URL", "QuickConfig", "parse_quick", "valid_name", "random_name",
-           "group_of", "name_of_group"]
+           "group_of", "name_of_group", "label_of"]
 
 QUICK_PREFIX = "quick."
 DEFAULT_PUBLIC_URL = "http://{name}.localhost:{http_port}"
@@ -50,6 +50,12 @@ def group_of(name: str) -> str:
 
 def name_of_group(group: str) -> str | None:
     return group[len(QUICK_PREFIX):] if group.startswith(QUICK_PREFIX) else None
+
+
+def label_of(group: str) -> str:
+    """A group as metrics and graphs name it: every quick tunnel as "quick" (names come and
+    go: one series each would grow without bound)."""
+    return "quick" if group.startswith(QUICK_PREFIX) else group
 
 
 @dataclass(frozen=True)

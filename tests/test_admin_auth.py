@@ -138,3 +138,19 @@ def test_a_client_warns_when_its_tunnel_to_a_remote_server_has_no_tls(procs):
     line = [json.loads(x) for x in client.output().splitlines() if "without TLS" in x][0]
     assert line["level"] == "warning" and "192.0.2.1:50001" in line["msg"]
     assert TOKEN_VALUE not in client.output()
+
+
+def test_a_tokenless_loopback_admin_port_refuses_other_names_and_origins(make_stack):
+    """A web page can rebind its name to 127.0.0.1 or post a form to the admin port: without
+    a token, only loopback names and loopback pages are served (not /healthz's callers)."""
+    stack = make_stack(client=None)
+    admin = f"http://127.0.0.1:{stack.admin_port}"
+    assert http("GET", admin + "/admin/requests", headers={"Host": f"localhost:{stack.admin_port}"}).status == 200
+    for path in ("/admin/requests", "/admin/status", "/"):
+        r = http("GET", admin + path, headers={"Host": f"evil.example:{stack.admin_port}"})
+        assert r.status == 403 and "not a loopback name" in r.body.decode(), (path, r.body[:200])
+    assert http("GET", admin + "/healthz", headers={"Host": "evil.example"}).status == 200
+    r = http("POST", admin + "/admin/drain", b'{"worker": 0, "limit": 0}', {"Origin": "http://evil.example"})
+    assert r.status == 403 and "not a loopback page" in r.body.decode()
+    assert http("POST", admin + "/admin/drain", b'{"worker": 0, "limit": 0}',
+                {"Origin": f"http://127.0.0.1:{stack.admin_port}"}).status == 200

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import time
 
 import orjson
@@ -32,6 +33,7 @@ def two(procs, tmp_path) -> Stack:
     stack.access_log = tmp_path / "access.log"
     routes = [{"name": "retry", "path_prefix": "/retry", "group": "g1", "retry": True, "strip_prefix": True,
                "timeout": 20.0},
+              {"name": "short", "path_prefix": "/short", "group": "g1", "timeout": 1.0, "strip_prefix": True},
               {"name": "main", "path_prefix": "/", "group": "g1", "timeout": 20.0}]
     stack.start_gateway(settings={"workers": 2, "access_log": str(stack.access_log), "retry_body_bytes": KEPT},
                         routes=routes)
@@ -124,3 +126,17 @@ def test_the_retry_is_made_once(two):
     assert pending.done_at - killed < 2.0
     assert access_line(two, r.header("x-request-id"))["retried"] is True
     two.wait_idle()
+
+
+def test_a_declared_body_that_never_comes_times_out(two):
+    """A GET that may be retried is read whole first: one that declares a body and sends
+    none gets 504 within the route's timeout (1 s here), not a slot held for ever."""
+    with socket.create_connection(("127.0.0.1", two.http_port), timeout=10) as s:
+        started = time.monotonic()
+        s.sendall(f"GET /short/hello HTTP/1.1\r\nHost: 127.0.0.1:{two.http_port}\r\nContent-Length: 1000\r\n\r\n"
+                  .encode())
+        head = s.recv(4096).decode()
+        took = time.monotonic() - started
+    assert head.startswith("HTTP/1.1 504") and '"timeout"' in head, head[:300]
+    assert took < 3.0, f"504 after {took:.2f}s"
+    assert http("GET", f"{two.url}/hello").status == 200

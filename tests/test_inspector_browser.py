@@ -103,7 +103,7 @@ def _devtools_port(profile: Path, proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it")
-def test_inspector_in_headless_chromium(make_stack, capsys):
+def test_inspector_in_headless_chromium(make_stack):
     s = make_stack(settings={"workers": 2})
     original = http("POST", f"{s.url}/echo/browser?token=T9", body=b'{"from": "the browser test"}',
                     headers={"Authorization": "Bearer hunter2", "Content-Type": "application/json",
@@ -126,8 +126,7 @@ def test_inspector_in_headless_chromium(make_stack, capsys):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    with capsys.disabled():
-        print("\nchromium saw:", json.dumps(seen, indent=1)[:3000])
+    print("\nchromium saw:", json.dumps(seen, indent=1)[:3000])  # shown with -s
     assert seen["list_path"] == "/inspector" and rid in seen["rows"]
     assert seen["detail_path"] == f"/inspector/{rid}"
     assert seen["summary"].startswith("POST ") and "/echo/browser?token=***" in seen["summary"]

@@ -71,10 +71,15 @@ def test_one_line_tunnel(quick):
 
 
 def test_names_taken_bad_and_random(quick):
-    quick.client("demo")
+    first = quick.client("demo", TOKEN, "--client-id", "victim")
     second = quick.client("demo", wait=False)
     wait_until(lambda: not second.alive(), 15, what="the second demo to exit")
     assert second.popen.returncode == 2 and "in use" in second.output(), second.output()
+    # The same client id does not make another process the name's holder (ids are claimed, not proven).
+    thief = quick.client("demo", TOKEN, "--client-id", "victim", wait=False)
+    wait_until(lambda: not thief.alive(), 15, what="the thief to exit")
+    assert thief.popen.returncode == 2 and "in use" in thief.output(), thief.output()
+    assert first.alive() and quick.get("demo.localhost").status == 200
     random = quick.client("", wait=True)
     name = re.search(r"Forwarding http://([a-z0-9]{10})\.localhost:", random.output()).group(1)
     assert quick.get(f"{name}.localhost").status == 200
@@ -106,7 +111,8 @@ def test_configured_routes_win(make_stack):
 
     def edit(stack: Stack, doc: dict) -> None:
         doc["quick"] = {"tokens": [TOKEN]}
-        doc["routes"] = [{"host": "app.localhost", "path_prefix": "/", "group": "g1"}]
+        # A route for part of a host takes the whole host from quick tunnels.
+        doc["routes"] = [{"host": "app.localhost", "path_prefix": "/v1", "methods": ["GET"], "group": "g1"}]
 
     stack = make_stack(edit=edit, client=None)
     base = [sys.executable, "-m", "gateway.client.main", "http", str(stack.backend_port),
@@ -114,12 +120,19 @@ def test_configured_routes_win(make_stack):
     taken = stack.procs.start("quick-app", [*base, "--name", "app"])
     wait_until(lambda: not taken.alive(), 15, what="the name of a configured host refused")
     assert taken.popen.returncode == 2 and "configured route" in taken.output(), taken.output()
-    free = stack.procs.start("quick-free", [*base, "--name", "free"])
+    local = free_port()
+    free = stack.procs.start("quick-free", [*base, "--name", "free", "--local-port", str(local)])
     wait_until(lambda: "Forwarding http://free.localhost" in free.output(), 15, what="free connected", watch=free)
     r = raw_request(stack.http_port, "GET", "/hello", headers=[("Host", "free.localhost")])
     assert r.status == 200
     groups = get_json(f"{stack.admin_url}/admin/status")["groups"]
     assert groups.get("quick.free") == 2, groups
+    # A quick token opens no way to the gateway's backends: its egress is refused.
+    r = http("GET", f"http://127.0.0.1:{local}/hello")
+    assert r.status == 404 and r.json()["error"] == "no_matching_rule", r.body[:300]
+    # Metrics name every quick tunnel "quick": names come and go, series would not.
+    metrics = http("GET", f"{stack.admin_url}/metrics").body.decode()
+    assert 'group="quick"' in metrics and "quick.free" not in metrics
 
 
 def test_a_name_is_one_tunnel_fleet_wide(redis_server, make_stack):

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.exposure import is_loopback
+from gateway.exposure import foreign_to_loopback, is_loopback
 from gateway.http.headers import apply_rule
 from gateway.inspection import REPLAY_HEADER, Capture, Inspector, NotReplayable, status_filter
 from gateway.inspect_page import html_response, render_detail, render_list, render_refused, replay_answer
@@ -204,10 +204,11 @@ def add_client_inspector_routes(app: web.Application, agent: "Agent", inspector:
     title = f"tunnel-client {config.client_id}"
 
     def closed(request: web.Request) -> web.Response | None:
-        if is_loopback(config.admin_host):
+        foreign = foreign_to_loopback(request.host, request.headers.get("Origin"), request.method)
+        if is_loopback(config.admin_host) and foreign is None:
             return None
         return web.Response(status=403, content_type="application/json", body=orjson.dumps(
-            {"error": "forbidden", "message": "the Inspector is served only with admin_host on loopback"}))
+            {"error": "forbidden", "message": foreign or "the Inspector is served only with admin_host on loopback"}))
 
     def query_of(request: web.Request) -> tuple[dict[str, str], str]:
         query = {k: request.query[k] for k in ("limit", "group", "status") if request.query.get(k)}

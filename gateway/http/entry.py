@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import web
 
 from gateway.history import History, process_history
+from gateway.quick import label_of
 from gateway.http.connections import BoundedServer, EntryLimits
 from gateway.http.headers import end_to_end, forwarded, header_bytes, is_trusted
 from gateway.http.relay import error_response, expectation
@@ -81,7 +82,7 @@ class _Tracking:
         book.access_log.write(rec)
         book.metrics.observe(rec)
         book.window.add(bool(rec.error) or rec.status >= 500)
-        book.history.add(rec.group, rec.duration, rec.status >= 500)  # the status page's graphs
+        book.history.add(label_of(rec.group), rec.duration, rec.status >= 500)  # the status page's graphs
 
 
 class EntryLog:

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from gateway.config_view import effective_config
+from gateway.exposure import foreign_to_loopback
 from gateway.grpc_io import grpc_io_in_use
 from gateway.history import merge, process_history, view
 from gateway.metrics import CONTENT_TYPE_LATEST, render
@@ -220,6 +221,11 @@ def _token_gate(worker: "Worker") -> Any:
     @web.middleware
     async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
         token = worker.config.admin_token  # read each time: a reload may change it
+        if not token and request.path not in OPEN_PATHS:
+            foreign = foreign_to_loopback(request.host, request.headers.get("Origin"), request.method)
+            if foreign is not None:
+                return _json({"error": "forbidden", "message": f"{foreign}: set admin_token to reach the admin "
+                                                               "port by another name"}, 403)
         if token and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, f"Bearer {token}".encode()):  # constant time

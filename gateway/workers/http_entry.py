@@ -2,6 +2,7 @@
 client stream (this worker's or another's), relay."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -186,13 +187,13 @@ class HttpEntry:
         key = hash_key_of(spec, request) if spec.balance == "consistent_hash" else None
         headers = forward_headers(request, self.routing.config.trusted_proxies)
         headers = apply_rule(with_host(headers, target.host), rule)  # an absolute-form target's host goes on as Host
+        deadline = time.monotonic() + rule.timeout  # the route's timeout counts the body read below
         try:
             kept = await self._kept_body(request, rule)
         except TunnelError as exc:
             return self.book.fail_with(rec, exc)
         if cap is not None and kept is not None:
             cap.request_whole(kept)
-        deadline = time.monotonic() + rule.timeout
         failed = ""  # the client whose tunnel was lost under the first attempt
         while True:
             chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
@@ -236,6 +237,10 @@ class HttpEntry:
             return None
         await send_continue(request)
         try:
-            return await request.content.readexactly(length)
+            # Bounded: a caller that declares a body and sends none must not hold the route's gates.
+            async with asyncio.timeout(rule.timeout):
+                return await request.content.readexactly(length)
+        except TimeoutError:
+            raise TunnelError("timeout", f"the request body did not arrive within {rule.timeout:g}s") from None
         except Exception as exc:  # the caller's upload broke (short, reset, a bad chunk)
             raise TunnelError("bad_request", f"request body failed: {exc}") from None

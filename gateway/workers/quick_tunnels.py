@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.quick import QUICK_PREFIX, client_config, group_of, random_name, valid_name
-from gateway.rules import first_match
+from gateway.rules import first_match, host_matches
 from gateway.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -47,10 +47,15 @@ def admit_quick(spec: "GroupSpec", hello: "pb.Hello", cfg: "GatewayConfig", rout
     assert cfg.quick is not None
     name = spec.name[len(QUICK_PREFIX):]
     host = cfg.quick.host(name)
-    if first_match(cfg.routes, host, "/", "GET", {}) is not None:
+    # Any route naming this host, whatever its path, methods or headers, takes it: a quick
+    # tunnel would get the requests it leaves over. A route for every host leaves it nothing.
+    if any(r.host and host_matches(r.host, host) for r in cfg.routes) or first_match(
+            cfg.routes, host, "/", "GET", {}) is not None:
         raise QuickRefused("name_taken", f"{host} is served by a configured route; choose another name")
-    holders = {c.client_id for c in routing.candidates(group_of(name))}
-    if holders - {hello.client_id}:
+    # A name is held by a process (its HELLO's random instance), not by a client id, which
+    # anyone may claim: another process, whatever id it gives, is refused.
+    holders = routing.holders(group_of(name))
+    if holders and (not hello.instance or holders != {(hello.client_id, hello.instance)}):
         raise QuickRefused("name_taken", f"the name {name!r} is in use by another tunnel; choose another name")
     held = sum(1 for g in routing.visible_streams() if g.startswith(QUICK_PREFIX))
     if not holders and held >= cfg.quick.max_tunnels:

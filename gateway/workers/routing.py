@@ -33,6 +33,8 @@ __all__ = ["Routing", "PeerLink", "stream_info"]
 
 log = logging.getLogger("gateway.worker")
 
+# Gates kept before the idle ones of quick names gone are dropped (times 4).
+QUICK_GATES = 256
 # A channel to another worker carries the requests of all its clients at once.
 CHANNEL_INFLIGHT_FACTOR = 16
 
@@ -140,6 +142,16 @@ class Routing:
                                           node=info["node"]))
         return serving if serving or serving_only else draining
 
+    def holders(self, group: str) -> set[tuple[str, str]]:
+        """(client id, process instance) of every stream of `group` this worker knows of:
+        its own, other workers', other nodes' (draining ones too: they still hold it)."""
+        out = {(s.peer_id, getattr(s, "instance", "")) for s in self.registry if s.group == group}
+        link = self.link
+        if link is not None and link.router_ok:
+            for info in [*link.table.values(), *link.remote.values()]:
+                out |= {(c["client_id"], c.get("instance", "")) for c in info.get("clients", ()) if c["group"] == group}
+        return out
+
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
                key: str | None, avoid: str = "") -> tuple[TunnelStream, str] | None:
         """(stream, client id) for a request to group `spec`: by its policy, its
@@ -194,6 +206,12 @@ class Routing:
         key = (kind, name)
         gate = self._gates.get(key)
         if gate is None or gate.limits != limits:
+            if gate is None and name_of_group(name) is not None and len(self._gates) > 4 * QUICK_GATES:
+                # Quick names come and go: forget the idle gates of names gone (a rate bucket
+                # starting full again is all an idle name loses).
+                held = self.registry.groups()
+                self._gates = {k: g for k, g in self._gates.items()
+                               if name_of_group(k[1]) is None or g.inflight or k[1] in held}
             gate = self._gates[key] = LimitGate(limits, self.workers)
         return gate
 

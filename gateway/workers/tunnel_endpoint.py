@@ -21,7 +21,7 @@ from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.exchange import InboundExchange
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import ServerTransport
-from gateway.quick import name_of_group
+from gateway.quick import label_of, name_of_group
 from gateway.workers.admission import Admission, source_address
 from gateway.workers.quick_tunnels import QuickRefused, admit_quick, quick_group
 from gateway.workers.registry import connection_key
@@ -158,6 +158,11 @@ class TunnelEndpoint:
         peer = ex.stream.transport.peer()  # a client's own stream: its gRPC peer (behind PROXY: resolved)
         rec.remote = source_address(self.resolve_peer(peer) if self.resolve_peer is not None else peer)
         with self.egress_log.track(rec):
+            if name_of_group(rec.group) is not None:
+                # A quick tunnel's token is handed out widely: it opens no way to the backends.
+                rec.error, rec.status = "no_matching_rule", 404
+                ex.reset("no_matching_rule", "quick tunnels have no egress through the gateway")
+                return
             try:
                 await self.egress.handle(ObservedExchange(ex, rec))
             finally:
@@ -324,7 +329,7 @@ class TunnelEndpoint:
                 )
             )
         )
-        self.metrics.connects.labels(name).inc()
+        self.metrics.connects.labels(label_of(name)).inc()
         routing.add_stream(stream, key)
         log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
                                               "connection": hello.connection_index, **(
