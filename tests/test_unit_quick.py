@@ -2,12 +2,16 @@
 [quick] table's checks, the group a quick tunnel routes by, its client's config."""
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
 from gateway.config import _parse_tokens
 from gateway.quick import (DEFAULT_PUBLIC_URL, QuickConfig, client_config, group_of, name_of_group, parse_quick,
                            random_name, valid_name)
 from gateway.settings import ConfigError
+from tests.test_unit_fleet import routing_with
 
 
 def parse(raw, **overrides) -> QuickConfig | None:
@@ -69,3 +73,31 @@ def test_no_table_no_quick_tunnels_and_the_spec_of_a_name():
     for bad in ("127.0.0.1:3000", "ftp://x:1", "http://x:1/path"):
         with pytest.raises(ConfigError):
             client_config(bad, "HELLO")
+
+
+def test_two_processes_admitted_to_one_name_at_once_the_later_goes(tmp_path):
+    """settle_quick: once the other workers' and nodes' rows arrived, the later of two
+    processes holding one quick name (connection time, then instance) gets GOAWAY name_taken."""
+    sent: list[str] = []
+
+    class Stream(SimpleNamespace):
+        async def goaway(self, reason: str, grace: float) -> None:
+            sent.append(f"{self.peer_id}:{reason}")
+
+    def remote(instance: str, at: float) -> dict:
+        return {"b/w1": {"node": "b", "worker": 1, "node_state": "serving", "clients": [
+            {"client_id": "x", "group": "quick.demo", "connection": "x/0", "inflight": 0, "draining": False,
+             "unhealthy": [], "connected_at": at, "instance": instance}]}}
+
+    def stream(at: float, instance: str = "mine") -> Stream:
+        return Stream(peer_id="me", group="quick.demo", connected_at=at, instance=instance, closed=False, draining=False)
+
+    def settle(routing, s) -> None:
+        routing._spawn = lambda coro: asyncio.run(coro)
+        routing.settle_quick(s)
+
+    settle(routing_with(tmp_path, remote("other", 10.0)), stream(11.0))
+    assert sent == ["me:name_taken"]  # the other was first
+    settle(routing_with(tmp_path, remote("other", 12.0)), stream(11.0))
+    settle(routing_with(tmp_path, remote("mine", 5.0)), stream(11.0))  # its own older stream: a move
+    assert sent == ["me:name_taken"]

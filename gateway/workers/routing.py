@@ -152,6 +152,24 @@ class Routing:
                 out |= {(c["client_id"], c.get("instance", "")) for c in info.get("clients", ()) if c["group"] == group}
         return out
 
+    def settle_quick(self, stream: TunnelStream) -> None:
+        """Two processes admitted to one quick name at once (on two workers or nodes, before
+        either saw the other): the later, by connection time then instance, is sent away
+        (GOAWAY name_taken; its client's HELLO is then refused and it exits saying why)."""
+        if stream.closed or stream.draining:
+            return
+        mine = (stream.connected_at, getattr(stream, "instance", ""))
+        rows = [stream_info(s, self.index) for s in self.registry if s.group == stream.group and s is not stream]
+        link = self.link
+        if link is not None and link.router_ok:
+            rows += [c for info in [*link.table.values(), *link.remote.values()]
+                     for c in info.get("clients", ()) if c["group"] == stream.group]
+        if any(c.get("instance", "") != mine[1] and (c.get("connected_at", 0.0), c.get("instance", "")) < mine
+               for c in rows):
+            log.warning("quick name held by another process too: this later one goes",
+                        extra={"group": stream.group, "client_id": stream.peer_id})
+            self._spawn(stream.goaway("name_taken", self.config.shutdown_grace))
+
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
                key: str | None, avoid: str = "") -> tuple[TunnelStream, str] | None:
         """(stream, client id) for a request to group `spec`: by its policy, its

@@ -34,6 +34,9 @@ __all__ = ["TunnelEndpoint", "check_token", "serving_nodes", "REFUSALS"]
 
 log = logging.getLogger("gateway.tunnel")
 
+# Seconds after a quick tunnel connects that it checks no other process got its name at the same time.
+QUICK_SETTLE = 2.0
+
 # The codes a refused HELLO answers, and what the client is told. An unknown
 # group and a wrong token answer alike (the log says which), so an
 # unauthenticated client learns nothing of which groups exist. All but
@@ -331,6 +334,8 @@ class TunnelEndpoint:
         )
         self.metrics.connects.labels(label_of(name)).inc()
         routing.add_stream(stream, key)
+        if quick:  # once the other workers and nodes have heard of it (a heartbeat or two)
+            asyncio.get_running_loop().call_later(QUICK_SETTLE, routing.settle_quick, stream)
         log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
                                               "connection": hello.connection_index, **(
                                                   {"public_url": public_url} if public_url else {})})
