@@ -39,6 +39,10 @@ log = logging.getLogger("gateway.router")
 SendLocal = Callable[[list[bytes]], "bool | None"]
 
 
+# Incarnations of nodes declared lost and not heard since, kept (the oldest forgotten first).
+MAX_DECLARED_LOST = 1024
+
+
 class Cluster:
     def __init__(self, settings: ClusterSettings, listener: socket.socket | None = None, hwm: int = 100_000) -> None:
         self.settings = settings
@@ -49,6 +53,7 @@ class Cluster:
         self.fleet = FleetThread(settings, own)
         self.peers = PeerLinks(own, bind=settings.bind, listener_fd=listener.detach() if listener else None, hwm=hwm,
                                secret_key=settings.secret_key, public_keys=settings.public_keys)
+        self._declared_lost: dict[tuple[str, float], None] = {}  # (node, started) lost, not told since back
         self.rows: dict[str, dict[str, Any]] = {}  # "B/wI" -> the row workers route by
         self.groups: dict[str, int] = {}  # this node's streams by group, as last published
         self.state = "serving"  # "draining" from the supervisor's stop on (SIGUSR1 to the router)
@@ -189,7 +194,11 @@ class Cluster:
                 self._send_local(env.to_worker(worker, env.ROUTER_ID, env.LOST, identity))
         peer.identities.clear()
         peer.live = False
-        peer.was_lost = True
+        # By incarnation, not by Peer: a node whose lease ran out meanwhile comes back as a new
+        # Peer (the registry dropped and re-added it), and must be told all the same.
+        self._declared_lost[(peer.node_id, peer.record.started)] = None
+        while len(self._declared_lost) > MAX_DECLARED_LOST:
+            del self._declared_lost[next(iter(self._declared_lost))]
 
     def _tell_the_revived(self) -> None:
         """A node we declared lost is heard again (a partition healed before it lost
@@ -197,8 +206,8 @@ class Cluster:
         it would serve requests whose callers got a 502 long ago, and wait for answers
         to requests we dropped. Our workers are LOST to it, as after a restart."""
         for peer in self.peers.peers.values():
-            if peer.live and peer.was_lost:
-                peer.was_lost = False
+            if peer.live and (peer.node_id, peer.record.started) in self._declared_lost:
+                del self._declared_lost[(peer.node_id, peer.record.started)]
                 log.info("peer node back after it was lost: it fails what it had with this node",
                          extra={"peer_node": peer.node_id})
                 for worker in self._workers():

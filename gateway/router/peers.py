@@ -63,7 +63,7 @@ class Peer:
     to it, when it was last heard, and the identities ("NODE/wI") this node's workers
     exchanged frames with (each is reported LOST when the node is lost)."""
 
-    __slots__ = ("record", "dealer", "heard", "heard_at", "live", "identities", "was_lost")
+    __slots__ = ("record", "dealer", "heard", "heard_at", "live", "identities")
 
     def __init__(self, record: NodeRecord, dealer: zmq.Socket) -> None:
         self.record = record
@@ -72,7 +72,6 @@ class Peer:
         self.heard_at: float | None = None  # the same as unix time (/admin/cluster's last_seen)
         self.live = False
         self.identities: set[bytes] = set()
-        self.was_lost = False  # this node declared it lost; it has not been told since it came back
 
     @property
     def node_id(self) -> str:

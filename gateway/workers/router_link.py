@@ -178,8 +178,10 @@ class RouterLink:
         for asked, answer in list(self._asked.values()):
             if asked == peer and not answer.done():
                 answer.set_result(None)  # it will not answer: say so now, not at the timeout
+        # A worker of this node leaves routing at once. Another node's rows are the router's
+        # to drop (it does when it loses the node): a LOST from a node that is there (it
+        # fails what it had with us after a partition) leaves its workers routable.
         self.table.pop(peer.decode(), None)
-        self.remote.pop(peer.decode(), None)
         ch = self.channels.pop(peer, None)
         if ch is not None:
             ch.close(reason)
