@@ -3,7 +3,7 @@ left out: `check-config` prints it, `GET /admin/config` answers it) and `diff_co
 (what a reload of another file would change: `check-config --diff`). Pure logic."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from gateway.config import RESTART_ONLY, GatewayConfig
 from gateway.exposure import mask_headers, mask_settings, mask_url
@@ -83,28 +83,27 @@ def diff_configs(running: dict, new: dict) -> list[str]:
 
 def _diff(where: str, old: Any, new: Any, out: list[str], skip: frozenset[str] | set[str] = frozenset()) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in [k for k in old if k not in skip] + [k for k in new if k not in old and k not in skip]:
-            path = f"{where}.{key}"
-            if key not in new:
-                out.append(f"{path}: removed (was {old[key]!r})")
-            elif key not in old:
-                out.append(f"{path}: added ({new[key]!r})")
-            else:
-                _diff(path, old[key], new[key], out)
+        _keyed(old, new, out, lambda k: f"{where}.{k}", lambda v: f" (was {v!r})", repr, skip)
     elif _named_rules(old) and _named_rules(new):
         olds, news = {r["name"]: r for r in old}, {r["name"]: r for r in new}
-        for name in [n for n in olds] + [n for n in news if n not in olds]:
-            path = f"{where}[{name}]"
-            if name not in news:
-                out.append(f"{path}: removed")
-            elif name not in olds:
-                out.append(f"{path}: added (-> {news[name].get('target')!r})")
-            else:
-                _diff(path, olds[name], news[name], out)
+        _keyed(olds, news, out, lambda n: f"{where}[{n}]", lambda _r: "", lambda r: f"-> {r.get('target')!r}")
         if [n for n in olds if n in news] != [n for n in news if n in olds]:
             out.append(f"{where}: order changed (first match wins): {[n for n in news]}")
     elif old != new:
         out.append(f"{where}: {old!r} -> {new!r}")
+
+
+def _keyed(old: dict, new: dict, out: list[str], path_of: Callable[[Any], str], was: Callable[[Any], str],
+           shown: Callable[[Any], str], skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """The entries of two mappings (settings, or rules by name): removed, added, or compared."""
+    for key in [k for k in old if k not in skip] + [k for k in new if k not in old and k not in skip]:
+        path = path_of(key)
+        if key not in new:
+            out.append(f"{path}: removed{was(old[key])}")
+        elif key not in old:
+            out.append(f"{path}: added ({shown(new[key])})")
+        else:
+            _diff(path, old[key], new[key], out)
 
 
 def _named_rules(v: Any) -> bool:
