@@ -20,6 +20,7 @@ from gateway.exposure import is_loopback, mask_settings
 from gateway.inspection import header_names
 from gateway.groupconfig import GroupConfig, Upstream, parse_group_config, parse_upstreams
 from gateway.limits import LIMIT_KEYS, Limits, parse_limits
+from gateway.rollout.spec import RolloutSpec, parse_rollout
 from gateway.ports import port_clash
 from gateway.quick import QUICK_PREFIX, QuickConfig, parse_quick
 from gateway.rules import Rule, parse_rules
@@ -57,6 +58,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_inflight_per_stream", 1000, positive_int, "requests in flight on one tunnel stream"),
     Setting("max_header_bytes", 16384, positive_int, "largest request head accepted (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest request body accepted (413 above)"),
+    Setting("rollout_state", "", string,
+            "file keeping the staged rollouts across restarts (each group's last promoted config, the versions "
+            "rolled back, the last rollouts); default: beside the config file, FILE.rollouts.json"),
     Setting("retry_body_bytes", 65536, non_negative_int,
             "largest request body kept whole so that a request whose tunnel is lost before any response byte "
             "can be retried once on another client (GET, HEAD, OPTIONS, or a route with retry = true; 0: none)"),
@@ -161,6 +165,7 @@ class GroupSpec:
     hash_key: str = "client_ip"
     limits: Limits = Limits()
     client_cert_names: tuple[str, ...] = ()  # with mTLS: the client certificate must match one
+    rollout: RolloutSpec | None = None  # [groups.NAME.rollout]: config changes go to a canary first
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,8 @@ def _parse_token(item: Any, file: str, key: str) -> Token:
     return Token(item["token"], expires)
 
 
-_GROUP_KEYS = ("tokens", "balance", "hash_key", "rules", "upstreams", "client_cert_names", *sorted(LIMIT_KEYS))
+_GROUP_KEYS = ("tokens", "balance", "hash_key", "rules", "upstreams", "client_cert_names", "rollout",
+               *sorted(LIMIT_KEYS))
 
 
 def _parse_group(name: str, table: Any, file: str) -> GroupSpec:
@@ -240,8 +246,9 @@ def _parse_group(name: str, table: Any, file: str) -> GroupSpec:
     tokens = errors.check(_parse_tokens, table.get("tokens"), file, f"{key}.tokens")
     client = errors.check(parse_group_config, table, file, key)
     limits = errors.check(parse_limits, table, file, key)
+    rollout = errors.check(parse_rollout, table.get("rollout"), file, f"{key}.rollout")
     errors.raise_any()
-    return GroupSpec(name, tokens, balance, client, hash_key, limits, tuple(names))
+    return GroupSpec(name, tokens, balance, client, hash_key, limits, tuple(names), rollout)
 
 
 def _parse_groups(raw: Any, file: str) -> dict[str, GroupSpec]:

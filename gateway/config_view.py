@@ -39,6 +39,7 @@ def effective_config(config: GatewayConfig) -> dict:
                 "config_version": g.client.version,
                 "rules": [_rule(r) for r in g.client.rules],
                 "upstreams": {u: [mask_url(s) for s in up.servers] for u, up in g.client.upstreams.items()},
+                "rollout": g.rollout.to_json() if g.rollout is not None else None,
             }
             for name, g in config.groups.items()
         },
@@ -68,9 +69,13 @@ def diff_configs(running: dict, new: dict) -> list[str]:
         else:
             before = len(out)
             _diff(where, old_groups[name], new_groups[name], out, skip={"config_version"})
-            if len(out) > before and old_groups[name]["config_version"] != new_groups[name]["config_version"]:
-                out.append(f"{where}: its clients get config {new_groups[name]['config_version']} "
-                           f"(now {old_groups[name]['config_version']})")
+            new_version, rollout = new_groups[name]["config_version"], new_groups[name].get("rollout")
+            if len(out) > before and old_groups[name]["config_version"] != new_version:
+                canary = rollout["canary"]
+                canary = f"{canary} client(s)" if isinstance(canary, int) else f"{canary} of its clients"
+                who = (f"its canary ({canary}) gets config {new_version} first, the rest after a "
+                       f"{rollout['bake']:g} s bake" if rollout else f"its clients get config {new_version}")
+                out.append(f"{where}: {who} (now {old_groups[name]['config_version']})")
     for section in ("routes", "grpc_routes", "forward", "upstreams", "quick"):
         _diff(section, running.get(section), new.get(section), out)
     settings: list[str] = []

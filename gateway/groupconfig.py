@@ -2,6 +2,7 @@
 clients in WELCOME and CONFIG, and the gateway's own upstreams. Pure logic."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -12,7 +13,8 @@ from gateway.balance import UPSTREAM_POLICIES, ServerPool
 from gateway.rules import Rule, parse_rules
 from gateway.settings import ConfigError, Errors, unknown_keys
 
-__all__ = ["Upstream", "GroupConfig", "parse_upstreams", "parse_group_config", "group_config_from_json"]
+__all__ = ["Upstream", "GroupConfig", "parse_upstreams", "parse_group_config", "group_config_from_json",
+           "check_allowed"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +121,20 @@ def group_config_from_json(raw: bytes, source: str) -> GroupConfig:
     if not isinstance(table, dict):
         raise ConfigError(source, "-", "must be an object")
     return parse_group_config(table, source, "group")
+
+
+def check_allowed(upstreams: Mapping[str, Upstream], patterns: tuple[str, ...], source: str) -> None:
+    """Raise ConfigError naming the first upstream server outside `patterns` (host:port,
+    `*` wildcards; a URL without a port has its scheme's); none given: any is allowed."""
+    if not patterns:
+        return
+    for name, up in upstreams.items():
+        for server in up.servers:
+            scheme, _, authority = server.partition("://")
+            host, sep, port = authority.rpartition(":")
+            if not sep or not port.isdigit():  # no port: the scheme's (IPv6 [a::b] has colons inside)
+                host, port = authority, "443" if scheme == "https" else "80"
+            address = f"{host}:{port}".lower()
+            if not any(fnmatch.fnmatchcase(address, p) for p in patterns):
+                raise ConfigError(source, f"upstreams.{name}.servers",
+                                  f"{server} is not allowed by this client's allow_upstreams ({', '.join(patterns)})")

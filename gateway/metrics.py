@@ -68,6 +68,8 @@ class Metrics:
         self.cross_node = Counter("tunnel_cross_node_batches_total",
                                   "Frame batches sent to or received from workers of other gateway nodes (a fleet)",
                                   ["worker", "flow"], **kw)
+        self.rollouts = Counter("tunnel_rollouts_total", "Staged config rollouts by group and event: started, "
+                                "promoted, rolling_back, rolled_back, halted, replaced", ["group", "event"], **kw)
         self.registry_up = self.cluster_nodes = None
         if cluster:
             # Every worker hears the same from the router: the freshest value of a live worker is the node's.

@@ -20,7 +20,7 @@ from gateway.client.connection import Connection
 from gateway.client.fleet import NodeSet, home_offset
 from gateway.client.inspector import captured, finish
 from gateway.client.quick import Console
-from gateway.groupconfig import group_config_from_json
+from gateway.groupconfig import check_allowed, group_config_from_json
 from gateway.inspection import Inspector
 from gateway.settings import ConfigError
 from gateway.dispatch import RuleDispatcher
@@ -80,6 +80,7 @@ class Agent:
             return ""
         try:
             group = group_config_from_json(raw, f"gateway config {version}")
+            check_allowed(group.upstreams, self.config.allow_upstreams, f"gateway config {version}")
         except ConfigError as exc:
             log.error("config from gateway rejected: %s", exc, extra={"config_version": version})
             return str(exc)

@@ -17,7 +17,15 @@ from gateway.settings import (
 
 ENV_PREFIX = "TUNNEL_CLIENT_"
 
-__all__ = ["ENV_PREFIX", "CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
+__all__ = ["upstream_patterns", "ENV_PREFIX", "CLIENT_SETTINGS", "ClientConfig", "load_client_config"]
+
+def upstream_patterns(v: Any) -> tuple[str, ...]:
+    """host:port patterns, as a TOML list or one comma-separated string (flag, environment); lower-cased."""
+    items = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) and ":" in i.strip("[]") for i in items):
+        raise ValueError("must be a list of host:port patterns like 127.0.0.1:8080 or *.internal:*")
+    return tuple(i.strip().lower() for i in items)
+
 
 CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("server", "127.0.0.1:50001", server_list,
@@ -45,6 +53,10 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("inspect_mask_headers", (), header_names,
             "headers the Inspector masks besides Authorization, Cookie, Set-Cookie, Proxy-Authorization, "
             "X-Api-Key and names holding token, secret, password, api-key, auth, session or signature"),
+    Setting("allow_upstreams", (), upstream_patterns,
+            "the only upstream servers the gateway's config may send this client's requests to, host:port patterns "
+            "(* matches within a name, e.g. 127.0.0.1:*, *.internal:443); a config naming another is refused and "
+            "the one in force kept (empty: any)"),
     Setting("config_cache", "", string, "file keeping the last group config, used at start until the gateway answers"),
     Setting("tls", False, boolean, "connect to the gateway over TLS"),
     Setting("tls_ca", "", string, "CA (PEM) to verify the gateway with (default: the system's roots)"),

@@ -76,6 +76,7 @@ async def _start_admin(agent: Agent, config: ClientConfig, registry: CollectorRe
             "last_rejection": agent.last_rejection,
             "pending": sum(len(s.pending) for s in streams),
             "serving": sum(len(s.serving) for s in streams),
+            "requests_served": sum(s.requests_served for s in streams),  # on the connections up now
             "unknown_frames": sum(s.unknown_frames for s in streams),
             # frames_out / batches_out: how many frames share a gRPC message; bytes_out / batches_out: its size
             "batches_out": sum(s.batches_out for s in streams),

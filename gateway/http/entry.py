@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.history import History, process_history
 from gateway.quick import label_of
+from gateway.rollout.stats import process_rollout_stats
 from gateway.http.connections import BoundedServer, EntryLimits
 from gateway.http.headers import end_to_end, forwarded, header_bytes, is_trusted
 from gateway.http.relay import error_response, expectation
@@ -83,6 +84,9 @@ class _Tracking:
         book.metrics.observe(rec)
         book.window.add(bool(rec.error) or rec.status >= 500)
         book.history.add(label_of(rec.group), rec.duration, rec.status >= 500)  # the status page's graphs
+        rollouts = book.rollouts
+        if rollouts.watching and rec.group in rollouts.watching and book.direction != "egress":
+            rollouts.add(rec.group, rec.client_id, rec.status, rec.duration)  # a canary judged against the rest
 
 
 class EntryLog:
@@ -105,6 +109,7 @@ class EntryLog:
         self.window = RateWindow()
         # The last 15 minutes by group (gateway/history.py); by default the process's own.
         self.history = history if history is not None else process_history()
+        self.rollouts = process_rollout_stats()
 
     def record(self, *, trace_id: str, method: str, host: str, path: str) -> AccessRecord:
         """A new request's record, with a fresh request id, and the caller's address and

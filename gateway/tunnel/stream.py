@@ -63,7 +63,8 @@ class TunnelStream:
         self.close_reason = ""
         self.connected_at = time.time()
         self.peer_inflight = 0
-        self.config_version = ""  # the group config the peer applied
+        # Group config versions: the one the peer applied, the one last sent, the last it refused and why.
+        self.config_version = self.config_sent = ""; self.config_refused: tuple[str, str] = ("", "")
         self.peer_unhealthy: frozenset[str] = frozenset()  # upstreams the peer reports down
         self.header_fields = False  # the peer reads Headers.header_fields (capability HEADER_FIELDS)
         self.health_source: Callable[[], list[str]] | None = None  # ours, sent with each PING

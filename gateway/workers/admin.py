@@ -22,6 +22,7 @@ from gateway.grpc_io import grpc_io_in_use
 from gateway.history import merge, process_history, view
 from gateway.metrics import CONTENT_TYPE_LATEST, render
 from gateway.workers.inspector import add_inspector_routes
+from gateway.workers.rollout_admin import add_rollout_routes, leader_answer
 from gateway.workers.status_page import render_status_page
 
 if TYPE_CHECKING:
@@ -308,7 +309,8 @@ def admin_app(worker: "Worker") -> web.Application:
         body = render_status_page(all_workers(worker), worker.routing.config_versions(),
                                   worker.link.router_ok if worker.link else None,
                                   cluster_view(worker) if worker.config.cluster else None,
-                                  history=await node_history(worker, group))
+                                  history=await node_history(worker, group),
+                                  rollouts=await leader_answer(worker, {"op": "rollout_report"}))
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     app = web.Application(middlewares=[_token_gate(worker)])
@@ -323,4 +325,5 @@ def admin_app(worker: "Worker") -> web.Application:
     app.router.add_get("/admin/history", history)
     app.router.add_post("/admin/drain", drain)
     add_inspector_routes(app, worker)  # /admin/requests, /inspector (gateway/workers/inspector.py)
+    add_rollout_routes(app, worker)  # /admin/rollouts, /admin/reload (gateway/workers/rollout_admin.py)
     return app

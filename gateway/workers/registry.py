@@ -1,11 +1,11 @@
 """Which tunnel streams this worker holds, by group and by connection. No I/O: `Routing` decides which one a request takes."""
 from __future__ import annotations
 
-from typing import Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
 from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["StreamRegistry", "connection_key"]
+__all__ = ["stream_info", "StreamRegistry", "connection_key"]
 
 
 def connection_key(group: str, client_id: str, connection: int, certificate: Hashable = None) -> tuple:
@@ -64,3 +64,30 @@ class StreamRegistry:
             if n:
                 out[g] = n
         return out
+
+
+def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
+    """A client stream as the shard table and the admin port show it."""
+    return {
+        "client_id": s.peer_id,
+        "connection": s.label,
+        "group": s.group,
+        "certificate": list(getattr(s, "certificate", ())),  # with mTLS: part of the client's identity
+        "instance": getattr(s, "instance", ""),  # the client process (tells its own moves from a duplicate)
+        "worker": worker,
+        "remote": getattr(s, "remote", ""),
+        "connected_at": s.connected_at,
+        "pending": len(s.pending),
+        "serving": len(s.serving),
+        "peer_inflight": s.peer_inflight,
+        "requests_originated": s.requests_originated,
+        "requests_served": s.requests_served,
+        "unknown_frames": s.unknown_frames,
+        "batches_out": s.batches_out,
+        "frames_out": s.frames_out,
+        "bytes_out": s.bytes_out,
+        "draining": s.draining,
+        "config_version": s.config_version,
+        "config_refused": list(s.config_refused) if s.config_refused[0] else [],
+        "unhealthy": sorted(s.peer_unhealthy),
+    }

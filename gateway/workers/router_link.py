@@ -84,6 +84,8 @@ class RouterLink:
         self.endpoint = endpoint
         self.report = report
         self.on_command = on_command
+        # Other commands answered with data, by op (the rollouts': gateway/workers/rollouts.py).
+        self.answers: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
         self.identity = env.worker_identity(routing.index)
         self.channels: dict[bytes, TunnelStream] = {}
         self.table: dict[str, dict[str, Any]] = {}  # this node's workers' rows, by "wI"
@@ -312,6 +314,8 @@ class RouterLink:
                 result: dict[str, Any] = {"data": process_history().snapshot(group if isinstance(group, str) else None)}
             elif command.get("op") == "requests":  # the Inspector: this worker's last requests (or one to replay)
                 result = {"data": answer_op(command)}
+            elif command.get("op") in self.answers:
+                result = {"data": self.answers[command["op"]](command)}
             else:
                 result = {"count": self.on_command(command)}
         except Exception:

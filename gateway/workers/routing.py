@@ -24,12 +24,13 @@ from gateway.tunnel import frames
 from gateway.tunnel.exchange import InboundExchange
 from gateway.tunnel.forward import relay_exchange
 from gateway.tunnel.stream import StreamLimits, TunnelStream
-from gateway.workers.registry import StreamRegistry
+from gateway.rollout.plan import Book
+from gateway.workers.registry import StreamRegistry, stream_info
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, GroupSpec
 
-__all__ = ["Routing", "PeerLink", "stream_info"]
+__all__ = ["Routing", "PeerLink", "stream_info"]  # stream_info: see registry.py
 
 log = logging.getLogger("gateway.worker")
 
@@ -56,32 +57,6 @@ class PeerLink(Protocol):
     async def send_command(self, worker: str, command: dict) -> None: ...
 
 
-def stream_info(s: TunnelStream, worker: int) -> dict[str, Any]:
-    """A client stream as the shard table and the admin port show it."""
-    return {
-        "client_id": s.peer_id,
-        "connection": s.label,
-        "group": s.group,
-        "certificate": list(getattr(s, "certificate", ())),  # with mTLS: part of the client's identity
-        "instance": getattr(s, "instance", ""),  # the client process (tells its own moves from a duplicate)
-        "worker": worker,
-        "remote": getattr(s, "remote", ""),
-        "connected_at": s.connected_at,
-        "pending": len(s.pending),
-        "serving": len(s.serving),
-        "peer_inflight": s.peer_inflight,
-        "requests_originated": s.requests_originated,
-        "requests_served": s.requests_served,
-        "unknown_frames": s.unknown_frames,
-        "batches_out": s.batches_out,
-        "frames_out": s.frames_out,
-        "bytes_out": s.bytes_out,
-        "draining": s.draining,
-        "config_version": s.config_version,
-        "unhealthy": sorted(s.peer_unhealthy),
-    }
-
-
 class Routing:
     def __init__(self, config: "GatewayConfig", *, worker: int, workers: int,
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]) -> None:
@@ -93,6 +68,8 @@ class Routing:
         self.link: PeerLink | None = None
         self._spawn = spawn
         self._gates: dict[tuple[str, str], LimitGate] = {}
+        # Staged rollouts: which config version each client runs (kept by gateway/workers/rollouts.py).
+        self.book = Book()
 
     def attach(self, link: PeerLink) -> None:
         """Reach other workers' streams through `link` (with more than one worker)."""
@@ -338,20 +315,39 @@ class Routing:
         return self.drain(command) if op == "drain" else 0
 
     def apply_config(self, new: "GatewayConfig") -> int:
-        """Route by `new` from now on; push each client whose group config
-        changed its new one, and send away clients of removed groups. Requests
-        in flight finish as they started. Returns how many clients got a push."""
+        """Route by `new` from now on; push each client the config its group (or
+        the rollout it is part of) now gives it, and send away clients of removed
+        groups. Requests in flight finish as they started. Returns how many clients got a push."""
         self.config = new
+        for s in list(self.registry):
+            if new.groups.get(s.group) is None and not self._is_quick(s.group):
+                self._spawn(s.goaway("group_removed", new.shutdown_grace))
+        return self.sync_configs()
+
+    def _is_quick(self, group: str) -> bool:
+        # A quick tunnel: its config is the upstream its client named, never pushed.
+        return self.config.quick is not None and name_of_group(group) is not None
+
+    def client_config(self, spec: "GroupSpec", client_id: str) -> tuple[str, bytes]:
+        """(version, JSON) of the config `client_id` of the group runs: the file's, or a rollout's side."""
+        assigned = self.book.assigned(spec.name, client_id)
+        if assigned is not None:
+            return assigned[0], assigned[1].encode()
+        return spec.client.version, spec.client.to_json()
+
+    def sync_configs(self) -> int:
+        """Push a CONFIG to each stream whose client should run another version than
+        the one last sent (the client answers with the version it applied, see
+        TunnelEndpoint); returns how many."""
         pushed = 0
         for s in list(self.registry):
-            spec = new.groups.get(s.group)
-            if spec is None and new.quick is not None and name_of_group(s.group) is not None:
-                continue  # a quick tunnel: its config is the upstream its client named
-            if spec is None:
-                self._spawn(s.goaway("group_removed", new.shutdown_grace))
-            elif spec.client.version != s.config_version:
-                # The client answers with the version it applied (see TunnelEndpoint).
-                s.push(frames.config(spec.client.version, spec.client.to_json()))
+            spec = self.config.groups.get(s.group)
+            if spec is None or s.draining:
+                continue
+            version, raw = self.client_config(spec, s.peer_id)
+            if version != s.config_sent:
+                s.push(frames.config(version, raw))
+                s.config_sent = version
                 pushed += 1
         return pushed
 

@@ -21,6 +21,8 @@ th{background:#f2f2f2} .ok{color:#176f2c} .bad{color:#b00020} .muted{color:#777}
 .charts{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} .chart{background:#fff}
 .chart text{font:11px system-ui,sans-serif;fill:#555} h3{font-size:1em;margin:.8em 0 .2em}
 .pick a{margin-right:.8em} .pick b{margin-right:.8em}
+.banner{border:1px solid #e0c060;background:#fff8e0;padding:.5em .8em;margin:.5em 0}
+.banner.bad{border-color:#d08080;background:#fdecec} .banner.ok{border-color:#8c8;background:#eefbea}
 """
 
 # Replace the body with a fresh render every 2 s; no assets, no framework.
@@ -172,10 +174,47 @@ def _traffic_section(history: dict[str, Any] | None) -> str:
             + f'<p class="muted">{history["width"]} s buckets; an error is a 5xx answer.</p></div>\n')
 
 
+# A decided rollout stays on the page for this long (seconds) after its decision.
+RECENT_ROLLOUT = 3600
+
+
+def _side(figures: dict[str, Any], side: str) -> str:
+    f = figures.get(side) or {}
+    p99 = f.get("p99_ms")
+    rate = f.get("error_rate", 0) * 100
+    return (f'{side} {_e(f.get("requests", 0))} requests, {rate:.1f}% errors'
+            + (f", p99 {_e(p99)} ms" if p99 is not None else ""))
+
+
+def _rollouts_section(rollouts: dict[str, Any] | None, now: float) -> str:
+    """A banner per rollout baking, rolling back, or decided in the last hour."""
+    lines = []
+    for g, r in sorted(((rollouts or {}).get("groups") or {}).items()):
+        state = r.get("state", "none")
+        if state == "none" or (state not in ("baking", "rolling_back") and now - r.get("ended", 0) > RECENT_ROLLOUT):
+            continue
+        left = r.get("time_left", 0)
+        ended = time.strftime("%H:%M:%S", time.localtime(r.get("ended", now)))
+        what = f'Rollout of group <b>{_e(g)}</b>: version <b>{_e(r.get("new"))}</b> (from {_e(r.get("old"))}) '
+        if state == "baking":
+            figures = r.get("figures") or {}
+            lines.append(f'<p class="banner">{what}<b>baking</b> on canary {_e(", ".join(r.get("canary", ())))}, '
+                         f'{left:.0f} s left; {_side(figures, "canary")}; '
+                         f'{_side(figures, "rest")}. {_e(r.get("reason", ""))}</p>')
+        else:
+            cls = "ok" if state == "promoted" else "bad"
+            lines.append(f'<p class="banner {cls}">{what}<b>{_e(state.replace("_", " "))}</b> '
+                         f'{ended}: '
+                         f'{_e(r.get("reason", ""))}</p>')
+    return f'<div id="rollouts">{"".join(lines)}</div>\n' if lines else ""
+
+
 def render_status_page(workers: list[dict[str, Any]], versions: dict[str, str], router_ok: bool | None,
-                       fleet: dict[str, Any] | None = None, *, history: dict[str, Any] | None = None) -> str:
+                       fleet: dict[str, Any] | None = None, *, history: dict[str, Any] | None = None,
+                       rollouts: dict[str, Any] | None = None) -> str:
     """The page; `fleet` is /admin/cluster's view with `cluster` set (a Fleet section), else None;
-    `history` is /admin/history's answer (the Traffic graphs), None for none."""
+    `history` is /admin/history's answer (the Traffic graphs), None for none; `rollouts`
+    /admin/rollouts' (a banner for each rollout in progress or decided in the last hour)."""
     now = time.time()
     requests = sum(w.get("last_minute", {}).get("requests", 0) for w in workers)
     errors = sum(w.get("last_minute", {}).get("errors", 0) for w in workers)
@@ -220,7 +259,7 @@ def render_status_page(workers: list[dict[str, Any]], versions: dict[str, str], 
 <span class="kpi">requests (last minute) <b id="rate">{_e(rate)}</b></span>
 <span class="kpi">errors (last minute) <b id="errors">{_e(err_rate)}</b></span>
 <span class="kpi">router {router}</span></div>
-{_traffic_section(history)}{_fleet_section(fleet, now)}<h2>Groups</h2>
+{_rollouts_section(rollouts, now)}{_traffic_section(history)}{_fleet_section(fleet, now)}<h2>Groups</h2>
 {_table(["group", "clients", "connections", "config version", "state"], group_rows)}
 <h2>Connected clients</h2>
 <div id="clients">{_table(["client", "connection", "group", "worker", "remote", "connected", "config version", "in flight", "health"], client_rows)}</div>

@@ -210,8 +210,11 @@ class TunnelEndpoint:
             if f.config.error:
                 log.error("client refused config %s: %s", f.config.config_version, f.config.error,
                           extra={"client_id": stream.peer_id, "group": stream.group})
+                stream.config_refused = (f.config.config_version, f.config.error)
+                self.routing.streams_changed()  # a rollout's deciding worker reads it from the table
             else:
                 stream.config_version = f.config.config_version
+                self.routing.streams_changed()
                 log.info("client applied config", extra={"client_id": stream.peer_id, "group": stream.group,
                                                          "config_version": f.config.config_version})
         elif kind == "health":
@@ -289,10 +292,11 @@ class TunnelEndpoint:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer, group=hello.group)
             return
         name = group.name  # the group's, or the quick tunnel's (quick.NAME)
-        client = group.client
+        client_version, client_json = routing.client_config(group, hello.client_id)  # the file's or a rollout's
         if quick:
             try:
                 client = admit_quick(group, hello, cfg, routing)
+                client_version, client_json = client.version, client.to_json()
             except QuickRefused as exc:
                 await self._reject(transport, exc.code, exc.message, peer, group="quick")
                 return
@@ -314,14 +318,14 @@ class TunnelEndpoint:
         stream.certificate = sorted(names)  # type: ignore[attr-defined]
         stream.instance = hello.instance  # type: ignore[attr-defined]
         stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
-        stream.config_version = client.version
+        stream.config_version = stream.config_sent = client_version
         public_url = cfg.quick.url(name_of_group(name) or "", cfg.http_port) if quick and cfg.quick else ""
         await transport.write(
             frames.encode_frame(
                 frames.welcome(
                     accepted=True,
-                    config_version=client.version,
-                    config_json=client.to_json(),
+                    config_version=client_version,
+                    config_json=client_json,
                     public_url=public_url,
                     heartbeat_ms=int(cfg.heartbeat_interval * 1000),
                     worker=str(routing.index),

@@ -61,6 +61,7 @@ class Worker:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.link: Any = None
+        self.reloads = 0  # handoffs read
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -98,6 +99,7 @@ class Worker:
         except Exception as exc:  # whatever the file holds, the worker goes on with its config
             log.error("config reload failed: cannot read %s: %s", self.config_handoff, exc)
             return
+        self.reloads += 1  # POST /admin/reload waits for it
         if new == self.config:
             return  # a signal to the whole process group: this worker has it already
         self.apply_config(new)
@@ -105,6 +107,7 @@ class Worker:
     def apply_config(self, new: GatewayConfig) -> None:
         """Serve by `new` from now on; requests in flight finish on the config they started with."""
         old_versions = self.routing.config_versions()
+        self.rollouts.reload(self.routing.config, new)  # a group with a rollout table changes for its canary first
         pushed = self.routing.apply_config(new)
         self.endpoint.apply_config(new)
         self.metrics.set_config_versions(self.routing.config_versions(), old_versions)
@@ -142,6 +145,7 @@ class Worker:
         from gateway.workers.admin import worker_report
         from gateway.workers.http_entry import HttpEntry
         from gateway.workers.listeners import Listeners
+        from gateway.workers.rollouts import ANSWERED_OPS, Rollouts
         from gateway.workers.routing import Routing
         from gateway.workers.tunnel_endpoint import TunnelEndpoint
 
@@ -172,6 +176,11 @@ class Worker:
                                    on_command=self.routing.run_command)
             self.routing.attach(self.link)
             await self.link.start()
+        self.rollouts = Rollouts(self)
+        self.rollouts.start()
+        if self.link is not None:
+            for op in ANSWERED_OPS:
+                self.link.answers[op] = self.rollouts.answer
 
         listeners = Listeners(self)
         await listeners.start()
