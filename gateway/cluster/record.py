@@ -31,6 +31,8 @@ class ClientLoad:
     connected_at: float = 0.0
     certificate: tuple[str, ...] = ()
     instance: str = ""
+    # The group config version the client acknowledged, then the last it refused and why (if any).
+    config: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,8 @@ def _client(d: Any) -> ClientLoad:
                       _of(bool, d["draining"]), tuple(_of(str, u) for u in _of(list, d["unhealthy"])),
                       _of(float, connected_at),
                       tuple(_of(str, n) for n in _of(list, d.get("certificate", []))),
-                      _of(str, d.get("instance", "")))
+                      _of(str, d.get("instance", "")),
+                      tuple(_of(str, v) for v in _of(list, d.get("config", []))[:3]))
 
 
 def _worker(d: Any) -> WorkerLoad:

@@ -136,6 +136,9 @@ class Broker:
             else:
                 self.unroutable += 1
                 self._send(env.to_worker(src, env.ROUTER_ID, env.LOST, dest))
+        elif kind == env.ROLLOUTS:
+            if self.cluster is not None:  # one host: worker 0 tells the others itself
+                self.cluster.fleet.put_rollouts(payload, int(dest or b"0"))
         elif kind == env.ANNOUNCE:
             info = orjson.loads(payload)
             pid = info.get("pid")
@@ -144,6 +147,9 @@ class Broker:
                 log.warning("worker restarted", extra={"worker": src.decode(), "old_pid": old_pid, "pid": pid})
                 self._lost(src)
             self._pids[src] = pid
+            if old_pid != pid and self.cluster is not None and self.cluster.fleet.rollouts is not None:
+                # A new (or respawned) worker: the fleet's rollout book before it serves long.
+                self._send(env.to_worker(src, env.ROUTER_ID, env.ROLLOUTS, self.cluster.fleet.rollouts))
             if info.get("stopping"):
                 self._stopping.add(src)
             else:
@@ -184,6 +190,9 @@ class Broker:
                 self.broadcast()
             if self.cluster is not None and events and self.cluster.poll(events):
                 self.broadcast()
+            if self.cluster is not None and (book := self.cluster.take_rollouts()) is not None:
+                for worker in self.table.snapshot():
+                    self._send(env.to_worker(worker.encode(), env.ROUTER_ID, env.ROLLOUTS, book))
             if self._sock in events:
                 # Drain what is there, bounded, so ticks still happen under load.
                 for _ in range(10_000):

@@ -62,6 +62,7 @@ class Cluster:
         self._workers: Callable[[], Iterable[bytes]] = lambda: ()
         self._refused: Callable[[bytes], None] = lambda _dest: None
         self._dropped_logged = 0.0
+        self._rollouts_sent: bytes | None = None
 
     def bind(self, ctx: zmq.Context, poller: zmq.Poller, send_local: SendLocal,
              workers: Callable[[], Iterable[bytes]], refused: Callable[[bytes], None]) -> None:
@@ -109,6 +110,14 @@ class Cluster:
                 self._tell_the_revived()
                 self._rebuild()
         return changed
+
+    def take_rollouts(self) -> bytes | None:
+        """The fleet's rollout book when it changed since last taken (for the workers), else None."""
+        raw = self.fleet.rollouts
+        if raw is None or raw is self._rollouts_sent:
+            return None
+        self._rollouts_sent = raw
+        return raw
 
     def tick(self, snapshot: dict[str, dict[str, Any]]) -> None:
         """Heartbeats out, silent nodes lost, this node's streams to the registry (the
@@ -234,7 +243,8 @@ class Cluster:
                     "clients": [{"client_id": c.client_id, "group": c.group, "connection": c.connection,
                                  "inflight": c.inflight, "draining": c.draining, "unhealthy": list(c.unhealthy),
                                  "connected_at": c.connected_at, "certificate": list(c.certificate),
-                                 "instance": c.instance}
+                                 "instance": c.instance, "config_version": c.config[0] if c.config else "",
+                                 "config_refused": list(c.config[1:3]) if len(c.config) == 3 else []}
                                 for c in load.clients],
                 }
         self.rows = rows
@@ -247,7 +257,8 @@ class Cluster:
                 groups[group] = groups.get(group, 0) + n
             clients = tuple(ClientLoad(c["client_id"], c["group"], c["connection"], c["pending"] + c["serving"],
                                        bool(c["draining"]), tuple(c.get("unhealthy", ())), c.get("connected_at", 0.0),
-                                       tuple(c.get("certificate", ())), c.get("instance", ""))
+                                       tuple(c.get("certificate", ())), c.get("instance", ""),
+                                       (c.get("config_version", ""), *c.get("config_refused", ())))
                             for c in info.get("clients", ()))
             workers[wid] = WorkerLoad(clients, tuple(info.get("capabilities", ())))
         if (groups, workers) != self._published:

@@ -25,6 +25,9 @@ Kinds:
   FLEET     payload is JSON: the fleet as this node sees it (with cluster set;
             sent with TABLE, whose rows then include other nodes' workers)
   HEARTBEAT router to router: payload is JSON {"started"}: the node is alive
+  ROLLOUTS  worker -> router: the rollout book the deciding worker 0 wrote, for
+            the fleet's registry; router -> worker: the fleet's book as the
+            registry has it (b"" none yet), sent on a change and to a new worker
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import os
 import tempfile
 
 __all__ = [
-    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "FULL", "COMMAND", "FLEET", "HEARTBEAT", "ROUTER_ID",
+    "FRAMES", "ANNOUNCE", "TABLE", "LOST", "FULL", "COMMAND", "FLEET", "HEARTBEAT", "ROLLOUTS", "ROUTER_ID",
     "worker_identity", "worker_index", "ipc_endpoint", "remote_identity", "split_remote",
     "to_router", "from_worker", "to_worker", "from_router", "to_peer", "from_peer",
     "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS",
@@ -46,6 +49,7 @@ FULL = b"O"
 COMMAND = b"C"
 FLEET = b"N"
 HEARTBEAT = b"H"
+ROLLOUTS = b"R"
 ROUTER_ID = b"router"
 
 # Workers announce (and the router broadcasts its table) this often; a peer

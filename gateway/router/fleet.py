@@ -17,6 +17,7 @@ from typing import Any, Callable
 from gateway.cluster.config import ClusterSettings
 from gateway.cluster.record import NodeRecord, WorkerLoad
 from gateway.cluster.registry import Registry
+from gateway.cluster.rollout_store import RolloutStore
 
 __all__ = ["FleetThread"]
 
@@ -32,6 +33,9 @@ class FleetThread:
         self.own = own
         self.nodes: dict[str, NodeRecord] = {own.node_id: own}
         self._registry: Registry | None = None
+        self._store: RolloutStore | None = None
+        # The fleet's rollout book as Redis last had it (b"": none), None before the first read.
+        self.rollouts: bytes | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -68,18 +72,34 @@ class FleetThread:
         self._stopping = asyncio.Event()
         s = self.settings
         self._registry = Registry(s.url, self.own, prefix=s.prefix, node_ttl=s.node_ttl, on_change=self._changed)
+        self._store = RolloutStore(s.url, s.prefix, self._book_changed)
         await self._registry.start()
+        await self._store.start()
         self._ready.set()
         await self._stopping.wait()
+        await self._store.stop()
         await self._registry.stop()
 
     def _changed(self, nodes: dict[str, NodeRecord]) -> None:
         # In the registry's loop: swap the copy whole, then wake the broker.
         self.nodes = nodes
+        self._wake()
+
+    def _book_changed(self, raw: bytes) -> None:
+        self.rollouts = raw
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already: one read is enough
+
+    def put_rollouts(self, raw: bytes, revision: int) -> None:
+        """The deciding worker's book, for every node (RolloutStore.put)."""
+        store, loop = self._store, self._loop
+        if store is not None and loop is not None:
+            self._call(lambda: loop.create_task(store.put(raw, revision)))
 
     def drain_wakeups(self) -> None:
         try:

@@ -31,15 +31,19 @@ def _json(data: object, status: int = 200) -> web.Response:
 async def leader_answer(worker: "Worker", command: dict[str, Any]) -> Any:
     """What worker 0 answers `command` (this worker is it, or asks it through the router);
     None when it did not answer in time."""
-    if worker.rollouts.leader:
+    decider = worker.rollouts.decider()
+    if decider is None:
+        return None
+    if decider == LEADER and worker.rollouts.leader:
         return worker.rollouts.answer(command)
     if worker.link is None:
         return None
-    return await worker.link.query(LEADER, command, LEADER_TIMEOUT)
+    return await worker.link.query(decider, command, LEADER_TIMEOUT)
 
 
 def _unreachable() -> web.Response:
-    return _json({"error": "leader_unreachable", "message": "worker 0, which decides rollouts, did not answer"}, 503)
+    return _json({"error": "leader_unreachable",
+                  "message": "the worker 0 that decides rollouts did not answer (in a fleet: of the oldest node)"}, 503)
 
 
 def add_rollout_routes(app: web.Application, worker: "Worker") -> None:

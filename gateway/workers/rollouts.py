@@ -10,6 +10,18 @@ promotes or rolls back. Each change is written to the state file and sent to
 the other workers whole ("rollouts"); worker 0 sends it again every RESEND
 seconds, so a worker respawned meanwhile catches up, and a respawned worker 0
 takes the newest book of the state file and the other workers.
+
+In a fleet one worker 0 decides for every node: that of the oldest serving
+node (the fleet view every router shares; none while the registry is down, so
+nothing changes then). It writes each book to the registry through its router
+(gateway/cluster/rollout_store.py); every router hands the registry's book to
+its workers, which take it as it is. A node's workers wait for that first book
+(READY_WAIT at most) before they welcome a client of a group with a rollout
+table, so a new node gives no client a version the fleet rolled back. The
+deciding node reconciles its own file at start and on its reloads; another
+node's reload changes nothing in a rollout (reload every node; the decider's
+file is the one that counts). A deciding node lost hands the rollout, as it
+is, to the next oldest.
 """
 from __future__ import annotations
 
@@ -17,6 +29,8 @@ import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Mapping
+
+import orjson
 
 from gateway.rollout.plan import Book, ClientState, Figures, GroupView
 from gateway.rollout.state_file import load_book, save_book, state_path
@@ -35,6 +49,7 @@ LEADER = "w0"  # the worker of a node that decides its rollouts
 TICK = 0.5  # seconds between two judgements of the rollouts in progress
 RESEND = 2.0  # seconds between two sendings of an unchanged book to the other workers
 ASK_TIMEOUT = 1.0  # how long worker 0 waits for another worker's figures
+READY_WAIT = 3.0  # in a fleet: how long a worker waits at start for the fleet's book (see above)
 # The commands through the router `Rollouts.answer` takes.
 ANSWERED_OPS = ("rollouts", "rollout_stats", "rollout_book", "rollout_report", "rollout_decide")
 
@@ -48,6 +63,8 @@ class Rollouts:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.leader = worker.index == 0
+        self.fleet = bool(worker.config.cluster)
+        self._reconciled = not self.fleet  # one host: done at start; a fleet: once deciding with the fleet's book
         self.stats = process_rollout_stats()
         self._sent = -1  # the book revision last sent to the other workers
         self._sent_at = 0.0
@@ -67,13 +84,53 @@ class Rollouts:
         cfg = self.worker.config
         book = load_book(self._path()) or Book()
         views = group_views(cfg)
-        if self.leader:
+        if self.leader and not self.fleet:
             self._events(book.reconcile({}, views, {}, time.time()))
         else:
             book.pin({}, views)
         self._use(book)
+        ready = self.worker.routing.book_ready
+        if self.fleet:
+            asyncio.get_running_loop().call_later(READY_WAIT, ready.set)
+            self.worker.link.on_rollouts = self.from_fleet
+        else:
+            ready.set()
         if self.leader:
             self.worker.spawn(self._run())
+
+    @property
+    def deciding(self) -> bool:
+        """Does this worker decide the rollouts (of this host, or of the whole fleet)?"""
+        return self.leader and (not self.fleet or self.decider() == LEADER)
+
+    def decider(self) -> str | None:
+        """Who decides: "w0" of this node, "NODE/w0" of another, None while the fleet is not known."""
+        if not self.fleet:
+            return LEADER
+        fleet = self.worker.link.fleet if self.worker.link is not None else None
+        if not fleet or not fleet.get("registry_up"):
+            return None
+        serving = [n for n in fleet.get("nodes", ()) if n.get("state") == "serving"]
+        if not serving:
+            return None
+        oldest = min(serving, key=lambda n: (n.get("started", 0.0), n.get("node_id", "")))["node_id"]
+        return LEADER if oldest == fleet.get("node_id") else f"{oldest}/{LEADER}"
+
+    def from_fleet(self, raw: bytes) -> None:
+        """The fleet's book as the registry has it (b"": none yet)."""
+        routing = self.worker.routing
+        if raw:
+            try:
+                book = Book.from_json(orjson.loads(raw))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("bad rollout book from the registry: %s", exc)
+                return
+            if book.revision > self.book.revision or (book.revision < self.book.revision and not self.deciding):
+                book.pin({}, group_views(self.worker.config))
+                self._use(book)
+                if self.leader:
+                    self._save()
+        routing.book_ready.set()
 
     def _path(self) -> str:
         cfg = self.worker.config
@@ -84,11 +141,14 @@ class Rollouts:
     def reload(self, old: "GatewayConfig", new: "GatewayConfig") -> None:
         """Before routing takes `new`: start rollouts (worker 0) or keep groups with
         a rollout table on the version they run until worker 0 says otherwise."""
-        if self.leader:
+        if self.deciding and self._reconciled:
             self._events(self.book.reconcile(group_views(old), group_views(new), self._connected(), time.time()))
             self._changed()
         else:
             self.book.pin(group_views(old), group_views(new))
+            if self.leader and self.fleet:
+                log.info("config reloaded on a node that does not decide rollouts: its rollout groups change "
+                         "when the deciding node (%s) reloads", self.decider() or "not known yet")
 
     # -- worker 0 ----------------------------------------------------------------
 
@@ -121,7 +181,15 @@ class Rollouts:
         self._changed()
 
     async def _tick(self) -> None:
+        if not self.deciding or not self.worker.routing.book_ready.is_set():
+            return
         book = self.book
+        if not self._reconciled:  # the oldest node of a fleet, started: its file against the fleet's book
+            self._reconciled = True
+            before = book.revision
+            self._events(book.reconcile({}, group_views(self.worker.config), self._connected(), time.time()))
+            if book.revision != before:
+                self._changed()
         busy = any(r.state == "baking" or not r.acknowledged for r in book.rollouts.values())
         if busy:
             before = book.revision
@@ -133,7 +201,14 @@ class Rollouts:
             await self._send()
 
     def _changed(self) -> None:
-        """The book changed: keep it, run by it, tell the other workers."""
+        """The book changed: keep it, run by it, tell the other workers (and in a fleet the registry)."""
+        self._save()
+        self._use(self.book)
+        self.worker.spawn(self._send())
+        if self.fleet and self.worker.link is not None:
+            self.worker.spawn(self.worker.link.send_rollouts(orjson.dumps(self.book.to_json()), self.book.revision))
+
+    def _save(self) -> None:
         try:
             save_book(self._path(), self.book)
             self._save_failed = ""
@@ -141,8 +216,6 @@ class Rollouts:
             if str(exc) != self._save_failed:  # once per cause, not every tick
                 log.warning("rollout state not saved (kept in memory only): %s", exc, extra={"file": self._path()})
             self._save_failed = str(exc)
-        self._use(self.book)
-        self.worker.spawn(self._send())
 
     async def _send(self) -> None:
         link = self.worker.link
@@ -173,6 +246,8 @@ class Rollouts:
             for info in link.table.values():
                 if info.get("worker") != routing.index:
                     rows += info.get("clients", ())
+            for info in link.remote.values():  # a fleet's other nodes
+                rows += info.get("clients", ())
         return rows
 
     def _connected(self) -> dict[str, list[str]]:
@@ -203,7 +278,7 @@ class Rollouts:
         snapshots = [self.stats.snapshot()]
         link = self.worker.link
         if link is not None:
-            names = [n for n in link.table if n != LEADER]
+            names = [n for n in link.table if n != LEADER] + list(link.remote)
             snapshots += await asyncio.gather(*(link.query(n, {"op": "rollout_stats"}, ASK_TIMEOUT) for n in names))
         out: dict[str, tuple[Figures, Figures]] = {}
         for g, r in self.book.rollouts.items():
@@ -222,8 +297,9 @@ class Rollouts:
         """A command through the router: the book from worker 0, figures, the report, a decision."""
         op = command.get("op")
         if op == "rollouts":
-            if not self.leader:
-                self._use(Book.from_json(command["book"]))
+            book = Book.from_json(command["book"])
+            if not self.leader and book.revision != self.book.revision:
+                self._use(book)
             return None
         if op == "rollout_stats":
             return self.stats.snapshot()
@@ -253,7 +329,9 @@ class Rollouts:
                 entry.update(r.summary(now))
             entry["history"] = book.history.get(g, [])
             groups[g] = entry
-        return {"groups": groups, "decided_by": f"w{self.worker.index}", "revision": book.revision}
+        me = f"w{self.worker.index}"
+        return {"groups": groups, "decided_by": f"{self.worker.config.node_id}/{me}" if self.fleet else me,
+                "revision": book.revision}
 
     def decide(self, group: str, action: str, reason: str) -> dict[str, Any]:
         """Promote or roll back `group`'s rollout by hand; {"status": HTTP status, ...}."""

@@ -86,6 +86,7 @@ class RouterLink:
         self.on_command = on_command
         # Other commands answered with data, by op (the rollouts': gateway/workers/rollouts.py).
         self.answers: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+        self.on_rollouts: Callable[[bytes], None] = lambda _raw: None  # the fleet's rollout book came
         self.identity = env.worker_identity(routing.index)
         self.channels: dict[bytes, TunnelStream] = {}
         self.table: dict[str, dict[str, Any]] = {}  # this node's workers' rows, by "wI"
@@ -228,6 +229,8 @@ class RouterLink:
                 self.fleet = orjson.loads(payload)
             elif kind == env.COMMAND:
                 await self._command(src, payload)
+            elif kind == env.ROLLOUTS:
+                self.on_rollouts(payload)
 
     def announce_soon(self) -> None:
         self._announce_now.set()
@@ -255,6 +258,13 @@ class RouterLink:
                 await asyncio.wait_for(self._announce_now.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def send_rollouts(self, raw: bytes, revision: int) -> None:
+        """The book this worker decided, for the fleet's registry (the router writes it)."""
+        try:
+            await self.sock.send_multipart(env.to_router(env.ROLLOUTS, str(revision).encode(), raw), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # sent again at the next change or RESEND
 
     async def send_command(self, worker: str, command: Mapping[str, Any]) -> None:
         await self.sock.send_multipart(env.to_router(env.COMMAND, worker.encode(), orjson.dumps(command)))

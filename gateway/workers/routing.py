@@ -70,6 +70,7 @@ class Routing:
         self._gates: dict[tuple[str, str], LimitGate] = {}
         # Staged rollouts: which config version each client runs (kept by gateway/workers/rollouts.py).
         self.book = Book()
+        self.book_ready = asyncio.Event()  # the book is known (a fleet's: from the registry, or after a wait)
 
     def attach(self, link: PeerLink) -> None:
         """Reach other workers' streams through `link` (with more than one worker)."""

@@ -4,6 +4,7 @@ the gateway's forward rules."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -25,6 +26,7 @@ from gateway.quick import label_of, name_of_group
 from gateway.workers.admission import Admission, source_address
 from gateway.workers.quick_tunnels import QuickRefused, admit_quick, quick_group
 from gateway.workers.registry import connection_key
+from gateway.workers.rollouts import READY_WAIT
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, Token
@@ -292,6 +294,10 @@ class TunnelEndpoint:
             await self._reject(transport, "protocol_error", "HELLO without client_id", peer, group=hello.group)
             return
         name = group.name  # the group's, or the quick tunnel's (quick.NAME)
+        if group.rollout is not None and not routing.book_ready.is_set():
+            # A new node of a fleet: which version the fleet runs comes with its first book.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(routing.book_ready.wait(), READY_WAIT)
         client_version, client_json = routing.client_config(group, hello.client_id)  # the file's or a rollout's
         if quick:
             try:
