@@ -71,10 +71,11 @@ def diff_configs(running: dict, new: dict) -> list[str]:
             _diff(where, old_groups[name], new_groups[name], out, skip={"config_version"})
             new_version, rollout = new_groups[name]["config_version"], new_groups[name].get("rollout")
             if len(out) > before and old_groups[name]["config_version"] != new_version:
-                canary = rollout["canary"]
-                canary = f"{canary} client(s)" if isinstance(canary, int) else f"{canary} of its clients"
-                who = (f"its canary ({canary}) gets config {new_version} first, the rest after a "
-                       f"{rollout['bake']:g} s bake" if rollout else f"its clients get config {new_version}")
+                who = f"its clients get config {new_version}"
+                if rollout:
+                    canary = rollout["canary"]
+                    canary = f"{canary} client(s)" if isinstance(canary, int) else f"{canary} of its clients"
+                    who = f"its canary ({canary}) gets config {new_version} first, the rest after a {rollout['bake']:g} s bake"
                 out.append(f"{where}: {who} (now {old_groups[name]['config_version']})")
     for section in ("routes", "grpc_routes", "forward", "upstreams", "quick"):
         _diff(section, running.get(section), new.get(section), out)

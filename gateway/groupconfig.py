@@ -2,10 +2,11 @@
 clients in WELCOME and CONFIG, and the gateway's own upstreams. Pure logic."""
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -128,13 +129,25 @@ def check_allowed(upstreams: Mapping[str, Upstream], patterns: tuple[str, ...], 
     `*` wildcards; a URL without a port has its scheme's); none given: any is allowed."""
     if not patterns:
         return
+    # Only * is special (fnmatch's [...] would make an IPv6 pattern [::1]:80 a character class).
+    globs = [re.compile(".*".join(re.escape(part) for part in p.lower().split("*"))) for p in patterns]
     for name, up in upstreams.items():
         for server in up.servers:
-            scheme, _, authority = server.partition("://")
-            host, sep, port = authority.rpartition(":")
-            if not sep or not port.isdigit():  # no port: the scheme's (IPv6 [a::b] has colons inside)
-                host, port = authority, "443" if scheme == "https" else "80"
-            address = f"{host}:{port}".lower()
-            if not any(fnmatch.fnmatchcase(address, p) for p in patterns):
+            address = _address(server)
+            if address is None or not any(g.fullmatch(address) for g in globs):
                 raise ConfigError(source, f"upstreams.{name}.servers",
                                   f"{server} is not allowed by this client's allow_upstreams ({', '.join(patterns)})")
+
+
+def _address(server: str) -> str | None:
+    """host:port a server URL connects to, read as the upstream client reads it (urlsplit:
+    http://a:80@b connects to b), IPv6 in brackets; None when it names no host."""
+    try:
+        parts = urlsplit(server)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host or parts.username is not None or parts.query or parts.fragment:
+        return None  # userinfo, ?... or #... in a server URL: nothing to allow
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

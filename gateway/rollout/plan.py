@@ -181,7 +181,8 @@ class Book:
             if view.version == stable_version:
                 if active is not None:
                     events += self._end(active, "rolled_back", now, f"the file is back at version {stable_version}")
-                self.rejected.pop(g, None)  # the file changed (back): nothing it had is rejected now
+                if self.rejected.pop(g, None) is not None:  # the file changed (back): nothing is rejected now
+                    self.revision += 1
                 continue
             if view.version == self.rejected.get(g) or (active is not None and active.new == view.version):
                 continue

@@ -30,7 +30,8 @@ class RolloutSpec:
         of a group of two or more (the rest is what the canary is compared with)."""
         if clients <= 0:
             return 0
-        wanted = self.canary if self.canary else math.ceil(self.share * clients)
+        # The share's float noise (0.07 * 100 = 7.000000000000001) must not round up to one more.
+        wanted = self.canary if self.canary else math.ceil(round(self.share * clients, 9))
         return max(1, min(wanted, clients - 1 if clients > 1 else 1))
 
     def describe(self) -> str:

@@ -31,7 +31,7 @@ def load_book(path: str) -> Book | None:
             return Book.from_json(orjson.loads(fh.read()))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # any wrong shape
         log.error("rollout state not read, starting without it: %s", exc, extra={"file": path})
         return None
 
