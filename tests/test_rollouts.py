@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -263,3 +264,34 @@ def test_a_sighup_starts_a_rollout_too_and_the_status_page_shows_it(procs, tmp_p
     assert r["canary"] == ["c1"]  # one client: it is the canary
     page = http("GET", f"{stack.admin_url}/").body.decode()
     assert "Rollout" in page and "baking" in page and r["new"] in page
+
+
+def test_worker_0_killed_mid_bake_carries_on_where_it_was(procs, tmp_path):
+    rollout = {"canary": 1, "bake": 6, "min_requests": 5}
+    stack, doc = _start(procs, tmp_path, rollout, clients=("c1", "c2"))
+    _reload(stack, doc, "v2", [stack.backend_url], rollout)
+    r = _canary_acked(stack)
+    w0 = next(w["pid"] for w in get_json(f"{stack.admin_url}/admin/shards")["workers"] if w["worker"] == 0)
+    os.kill(w0, signal.SIGKILL)
+    wait_until(lambda: any(w["worker"] == 0 and w["pid"] != w0
+                           for w in get_json(f"{stack.admin_url}/admin/shards")["workers"]), 30,
+               what="worker 0 respawned", watch=stack.gateway)
+    # The respawned worker 0 has the rollout as it was (same canary, same start), and promotes it.
+    again = _rollout(stack)
+    assert again["state"] == "baking" and again["canary"] == r["canary"] and again["started"] == r["started"]
+    promoted = _wait_state(stack, "promoted", 30)
+    assert promoted["new"] == r["new"]
+    wait_until(lambda: all(v == {r["new"]} for v in _versions(stack).values()), 15, what="every client on v2")
+
+
+def test_a_reload_of_a_bad_file_through_the_admin_port_changes_nothing(procs, tmp_path):
+    rollout = {"canary": 1, "bake": 600}
+    stack, doc = _start(procs, tmp_path, rollout, clients=("c1",))
+    doc["groups"]["g1"]["rollout"] = {"canary": "0%", "bake": -1, "colour": "red"}
+    stack.gateway_config.write_text(to_toml(doc))
+    r = _post(stack, "/admin/reload")
+    assert r.status == 400 and r.json()["error"] == "bad_config"
+    lines = "\n".join(r.json()["errors"])
+    for key in ("groups.g1.rollout.canary", "groups.g1.rollout.bake", "groups.g1.rollout.colour"):
+        assert key in lines
+    assert _rollout(stack)["state"] == "none" and _tags(stack, 4) == {"v1": 4}
