@@ -66,8 +66,7 @@ class Rollouts:
         self.fleet = bool(worker.config.cluster)
         self._reconciled = not self.fleet  # one host: done at start; a fleet: once deciding with the fleet's book
         self.stats = process_rollout_stats()
-        self._sent = -1  # the book revision last sent to the other workers
-        self._sent_at = 0.0
+        self._sent_at = 0.0  # when the book was last sent to the other workers
         self._save_failed = ""
 
     @property
@@ -205,7 +204,7 @@ class Rollouts:
         self._save()
         self._use(self.book)
         self.worker.spawn(self._send())
-        if self.fleet and self.worker.link is not None:
+        if self.fleet and self.deciding and self.worker.link is not None:
             self.worker.spawn(self.worker.link.send_rollouts(orjson.dumps(self.book.to_json()), self.book.revision))
 
     def _save(self) -> None:
@@ -226,7 +225,6 @@ class Rollouts:
         for name in list(link.table):
             if name != LEADER:
                 await link.send_command(name, command)
-        self._sent = self.book.revision
 
     def _events(self, events: list[dict[str, Any]]) -> None:
         metrics = getattr(self.worker, "metrics", None)
@@ -337,6 +335,9 @@ class Rollouts:
         """Promote or roll back `group`'s rollout by hand; {"status": HTTP status, ...}."""
         if group not in self.worker.config.groups or self.worker.config.groups[group].rollout is None:
             return {"status": 404, "error": "unknown_group", "message": f"no group {group!r} with a rollout table"}
+        if not self.deciding:  # a fleet whose view moved since the asker looked
+            return {"status": 503, "error": "leader_unreachable",
+                    "message": f"this worker does not decide rollouts (the decider is {self.decider()}); retry"}
         why = f"by hand{': ' + reason if reason else ''}"
         try:
             if action == "promote":
