@@ -8,13 +8,14 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
 import aiohttp
-import pytest
+from aiohttp import web
 
-from tests.harness import Stack, get_json, http, to_toml, wait_until
+from tests.harness import Stack, free_port, get_json, http, to_toml, wait_until
 
 CLIENTS = ("c1", "c2", "c3")
 
@@ -295,3 +296,52 @@ def test_a_reload_of_a_bad_file_through_the_admin_port_changes_nothing(procs, tm
     for key in ("groups.g1.rollout.canary", "groups.g1.rollout.bake", "groups.g1.rollout.colour"):
         assert key in lines
     assert _rollout(stack)["state"] == "none" and _tags(stack, 4) == {"v1": 4}
+
+
+class SlowEcho:
+    """An upstream answering like the demo backend's /echo, 80 ms late (a slow new upstream)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def echo(request: web.Request) -> web.Response:
+            await asyncio.sleep(0.08)
+            return web.json_response({"headers": [[k, v] for k, v in request.headers.items()]})
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", echo)
+            self._runner = web.AppRunner(app)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            self._started.set()
+
+        self._loop.run_until_complete(main())
+        self._loop.run_forever()
+
+    def __enter__(self) -> "SlowEcho":
+        self._thread.start()
+        assert self._started.wait(10)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def test_a_slower_canary_rolls_back_on_the_latency_ratio(procs, tmp_path):
+    rollout = {"canary": 1, "bake": 60, "min_requests": 10, "max_latency_ratio": 2.0, "max_error_rate": 0.5}
+    stack, doc = _start(procs, tmp_path, rollout, clients=("c1", "c2"))
+    with SlowEcho() as slow:
+        _reload(stack, doc, "v2", [f"http://127.0.0.1:{slow.port}"], rollout)
+        r = _canary_acked(stack)
+        assert _tags(stack, 10).keys() == {"v1", "v2"}  # the slow upstream answers: no error, only late
+        done = _wait_state(stack, "rolled_back", 40)
+    assert done["new"] == r["new"] and "p99" in done["reason"] and "the rest's" in done["reason"]
+    assert done["figures"]["canary"]["errors"] == 0 and done["figures"]["canary"]["p99_ms"] >= 80
+    assert _tags(stack, 6) == {"v1": 6}
