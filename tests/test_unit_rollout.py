@@ -265,6 +265,15 @@ def test_reload_to_the_version_baking_changes_nothing():
     assert book.to_json() == before
 
 
+def test_a_reload_changing_only_the_rollout_table_applies_it_to_the_rollout_baking():
+    book = baking_book()
+    shorter = RolloutSpec(canary=1, bake=5.0)
+    revision = book.revision
+    assert book.reconcile(views("v2"), views("v2", shorter), {"g1": ["a", "b", "c"]}, T0 + 1) == []
+    r = book.rollouts["g1"]
+    assert r.spec == shorter and r.deadline == T0 + 5.0 and r.started == T0 and book.revision == revision + 1
+
+
 def test_reload_to_a_third_version_replaces_the_rollout_from_the_stable_version():
     book = baking_book()
     events = book.reconcile(views("v2"), views("v3"), {"g1": ["a", "b", "c"]}, T0 + 5)

@@ -184,7 +184,12 @@ class Book:
                 if self.rejected.pop(g, None) is not None:  # the file changed (back): nothing is rejected now
                     self.revision += 1
                 continue
-            if view.version == self.rejected.get(g) or (active is not None and active.new == view.version):
+            if active is not None and active.new == view.version:
+                if active.spec != view.spec:  # only the rollout table changed (say a shorter bake): it applies now
+                    active.spec = view.spec
+                    self.revision += 1
+                continue
+            if view.version == self.rejected.get(g):
                 continue
             if active is not None:
                 events += self._end(active, "replaced", now, f"a reload brought version {view.version}")
