@@ -58,8 +58,9 @@ def test_a_fleet_rolls_back_together_and_a_later_node_keeps_the_verdict(redis_se
     b = _node(make_stack, redis_server.url, "127.0.0.3", "gateway-b", "b", peer_port, like=a)
     a.start_client("ca", extra=["--connections", "1", "--no-learn-fleet"])
     b.start_client("cb", extra=["--connections", "1", "--no-learn-fleet"])
-    wait_until(lambda: set(_versions(a, b)) == {"ca", "cb"} and _rollout(b)["state"] == "none", 20,
-               what="both clients, b asking a for rollouts", watch=(a.gateway, b.gateway))
+    # The decider (a) sees both nodes' clients once the peer link and the registry are up.
+    wait_until(lambda: _rollout(b)["clients"] == ["ca", "cb"] and _rollout(b)["state"] == "none", 20,
+               what="a sees both clients, b asking a for rollouts", watch=(a.gateway, b.gateway))
 
     dead = f"http://127.0.0.1:{free_port()}"
     _reload(b, "v2", [dead])  # b does not decide: nothing starts
