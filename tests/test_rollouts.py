@@ -338,10 +338,11 @@ def test_a_slower_canary_rolls_back_on_the_latency_ratio(procs, tmp_path):
     rollout = {"canary": 1, "bake": 60, "min_requests": 10, "max_latency_ratio": 2.0, "max_error_rate": 0.5}
     stack, doc = _start(procs, tmp_path, rollout, clients=("c1", "c2"))
     with SlowEcho() as slow:
-        _reload(stack, doc, "v2", [f"http://127.0.0.1:{slow.port}"], rollout)
+        asked = _reload(stack, doc, "v2", [f"http://127.0.0.1:{slow.port}"], rollout)
         r = _canary_acked(stack)
         assert _tags(stack, 10).keys() == {"v1", "v2"}  # the slow upstream answers: no error, only late
         done = _wait_state(stack, "rolled_back", 40)
+        print(f"reload to rolled_back on latency: {time.monotonic() - asked:.2f} s")
     assert done["new"] == r["new"] and "p99" in done["reason"] and "the rest's" in done["reason"]
     assert done["figures"]["canary"]["errors"] == 0 and done["figures"]["canary"]["p99_ms"] >= 80
     assert _tags(stack, 6) == {"v1": 6}
