@@ -30,7 +30,7 @@ from gateway.workers.registry import StreamRegistry, stream_info
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, GroupSpec
 
-__all__ = ["Routing", "PeerLink", "stream_info"]  # stream_info: see registry.py
+__all__ = ["Routing", "PeerLink"]
 
 log = logging.getLogger("gateway.worker")
 
