@@ -69,10 +69,6 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("grpc_event_engine", False, boolean,
             "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
-    Setting("tunnel_library", "grpcio", choice("grpcio", "grpclib"),
-            "what drives the tunnel's gRPC stream: grpcio (gRPC core) or grpclib (pure Python on h2, on the "
-            "asyncio loop; the extra tunnel-gateway[grpclib]; an experiment: no faster one request at a time, "
-            "slower with big bodies, docs/performance.md)"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),
     *entry_settings("local entry", 4096, ""),

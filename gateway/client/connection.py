@@ -20,12 +20,11 @@ from gateway.settings import ConfigError
 from gateway.tls import channel_credentials
 from gateway.tunnel import frames
 from gateway.tunnel.stream import StreamLimits, TunnelStream
-from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, Transport,
-                                      grpc_options, open_client_call)
+from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
+                                      open_client_call)
 
 if TYPE_CHECKING:
     from gateway.client.agent import Agent
-    from gateway.tunnel.transport_h2 import H2Channel
 
 __all__ = ["Connection", "FATAL_REFUSALS", "Refused", "describe"]
 
@@ -70,7 +69,7 @@ RETIRE_GRACE = 30.0
 class Opened:
     """A stream past its WELCOME, not yet serving."""
     node: str
-    channel: "grpc.aio.Channel | H2Channel"
+    channel: grpc.aio.Channel
     stream: TunnelStream
 
 
@@ -180,7 +179,7 @@ class Connection:
                                         "connections": waiting, "error": self.last_error if outcome == "unreachable" else "",
                                         "node": self.agent.nodes.target(self.index, self.agent.placed())})
 
-    async def _handshake(self, transport: Transport) -> frames.pb.Welcome | None:
+    async def _handshake(self, transport: ClientTransport) -> frames.pb.Welcome | None:
         cfg = self.agent.config
         hello = frames.hello(
             client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
@@ -209,10 +208,8 @@ class Connection:
             return None
         return welcome
 
-    async def _channel(self, node: str) -> "grpc.aio.Channel | H2Channel":
+    async def _channel(self, node: str) -> grpc.aio.Channel:
         cfg = self.agent.config
-        if cfg.tunnel_library == "grpclib":
-            return await self._h2_channel(node)
         options = grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=False)
         if not (cfg.tls or cfg.tls_ca or cfg.insecure):
             return grpc.aio.insecure_channel(node, options=options)
@@ -224,30 +221,6 @@ class Connection:
             options = options + [("grpc.ssl_target_name_override", name)]
         return grpc.aio.secure_channel(node, creds, options=options)
 
-    async def _h2_channel(self, node: str) -> "H2Channel":
-        """The connection for tunnel_library = "grpclib" (gateway/tunnel/transport_h2.py)."""
-        try:
-            # Here, not at the top: grpclib and h2 are loaded only by a client that chose them.
-            from gateway.tunnel.transport_h2 import H2Channel, client_ssl_context
-        except ImportError as exc:  # an optional dependency: pip install 'tunnel-gateway[grpclib]'
-            self.agent.fail(f"tunnel_library = grpclib needs the grpclib package ({exc}): "
-                            f"pip install 'tunnel-gateway[grpclib]', or use grpcio")
-            raise ValueError("grpclib is not installed") from exc
-        cfg = self.agent.config
-        if not (cfg.tls or cfg.tls_ca or cfg.insecure):
-            return H2Channel(node, connect_timeout=cfg.connect_timeout)
-        ctx, name = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: client_ssl_context(node, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
-                                             insecure=cfg.insecure))
-        return H2Channel(node, ssl_context=ctx, server_hostname=name, connect_timeout=cfg.connect_timeout)
-
-    def _transport(self, channel: "grpc.aio.Channel | H2Channel", node: str) -> Transport:
-        if isinstance(channel, grpc.aio.Channel):
-            return ClientTransport(open_client_call(channel), node)
-        # Here, not at the top: as in _h2_channel (the module is loaded when a channel is).
-        from gateway.tunnel.transport_h2 import H2ClientTransport
-        return H2ClientTransport(channel, CLIENT_MAX_MESSAGE)
-
     async def _open(self, node: str) -> Opened | str:
         """Connect to `node` up to its WELCOME: an Opened stream, or the outcome
         ("unreachable", "rejected") when not. A node that cannot take us is marked down."""
@@ -258,7 +231,7 @@ class Connection:
             log.warning("cannot set up the tunnel channel: %s", describe(exc), extra={"server": node})
             self.agent.nodes.mark_down(node)
             return "unreachable"
-        transport = self._transport(channel, node)
+        transport = ClientTransport(open_client_call(channel), node)
         try:
             welcome = await self._handshake(transport)
             if welcome is None:
@@ -287,7 +260,7 @@ class Connection:
         )
         stream.health_source = self.agent.unhealthy_upstreams
         stream.header_fields = frames.HEADER_FIELDS in welcome.capabilities
-        log.info("tunnel connected", extra={"server": node, "worker": welcome.worker, "library": cfg.tunnel_library,
+        log.info("tunnel connected", extra={"server": node, "worker": welcome.worker,
                                              "config_version": welcome.config_version, "connection": self.index})
         return Opened(node, channel, stream)
 
@@ -382,7 +355,7 @@ class Connection:
         log.info("connection moved", extra={"connection": self.index, "from": old.node, "to": node, "why": why})
         return new, task
 
-    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: "grpc.aio.Channel | H2Channel") -> None:
+    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel) -> None:
         self._drain_tasks.discard(task)
         self.draining.discard(stream)
         asyncio.get_running_loop().create_task(channel.close())
@@ -391,6 +364,4 @@ class Connection:
 def describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, ConnectionError) and isinstance(getattr(exc, "details", None), str):
-        return f"{exc.code}: {exc.details}"  # transport_h2.CallFailed, as grpcio's error would read
     return f"{type(exc).__name__}: {exc}"
