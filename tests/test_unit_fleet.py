@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -286,3 +287,23 @@ def test_a_node_not_in_the_registry_is_dropped_and_one_may_speak_only_for_itself
     finally:
         a.close()
         b.close()
+
+
+def test_a_retry_of_the_same_client_avoids_the_way_that_failed(tmp_path):
+    # c1 has a connection on this node's worker 1 and one on node b: a request lost on the
+    # way to worker 1 (it stopped) is retried through node b, not worker 1 again.
+    routing = routing_with(tmp_path, {"b/w1": row("b", "serving", ("c1", "g1"))},
+                           table={"w1": {**row("", "serving", ("c1", "g1")), "clients": [
+                               {"client_id": "c1", "group": "g1", "connection": "c1/0", "pending": 0, "serving": 0,
+                                "draining": False, "unhealthy": []}]}})
+    lost = routing.link.channels[b"w1"] = object()
+    via_b = routing.link.channels[b"b/w1"] = object()
+    routing.link.channel = lambda peer: routing.link.channels[peer]
+    spec = SimpleNamespace(name="g1", balance="round_robin", client=SimpleNamespace(rules=()))
+    for _ in range(4):
+        stream, client = routing.choose(spec, authority="", path="/", method="GET", headers={}, key=None,
+                                        avoid="c1", avoid_stream=lost)
+        assert (stream, client) == (via_b, "c1")
+    # Without a way that failed, this node's worker is preferred (what the first try took).
+    seen = {routing.choose(spec, authority="", path="/", method="GET", headers={}, key=None)[0] for _ in range(4)}
+    assert seen == {lost}

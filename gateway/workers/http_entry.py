@@ -33,6 +33,10 @@ log = logging.getLogger("gateway.proxy")
 
 # Methods that may be sent twice (RFC 9110 9.2.2) and that the retry takes without `retry = true`.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# A request's tunnel lost before it reached a client: its stream closed (tunnel_closed), or
+# the worker it was sent to holds the client's stream no more (no_client_available: the
+# stream closed after the shard table this worker chose by, e.g. that worker stopping).
+LOST = frozenset({"tunnel_closed", "no_client_available"})
 
 
 def hash_key_of(spec: "GroupSpec", request: web.BaseRequest) -> str:
@@ -195,9 +199,10 @@ class HttpEntry:
         if cap is not None and kept is not None:
             cap.request_whole(kept)
         failed = ""  # the client whose tunnel was lost under the first attempt
+        failed_on = None  # and the stream (or channel to its worker) that lost it
         while True:
             chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
-                                         headers=request.headers, key=key, avoid=failed)
+                                         headers=request.headers, key=key, avoid=failed, avoid_stream=failed_on)
             if chosen is None:
                 if failed:
                     return self.book.fail(rec, "tunnel_closed", f"the tunnel to {failed} was lost and group "
@@ -214,10 +219,10 @@ class HttpEntry:
                     body=kept if kept else None, wire_id=f"{rec.request_id}.2" if failed else "", capture=cap,
                 )
             except TunnelError as exc:
-                if failed or kept is None or exc.code != "tunnel_closed" or time.monotonic() >= deadline:
+                if failed or kept is None or exc.code not in LOST or time.monotonic() >= deadline:
                     return self.book.fail_with(rec, exc)
                 # Lost before any byte of the response left: the caller cannot tell a second try.
-                failed, rec.retried = rec.client_id, True
+                failed, failed_on, rec.retried = rec.client_id, stream, True
                 log.warning("tunnel lost under a request; retrying once on another client: %s", exc.message,
                             extra={"request_id": rec.request_id, "trace_id": rec.trace_id, "group": spec.name,
                                    "client_id": failed})

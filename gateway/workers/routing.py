@@ -149,15 +149,20 @@ class Routing:
             self._spawn(stream.goaway("name_taken", self.config.shutdown_grace))
 
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
-               key: str | None, avoid: str = "") -> tuple[TunnelStream, str] | None:
+               key: str | None, avoid: str = "", avoid_stream: TunnelStream | None = None,
+               ) -> tuple[TunnelStream, str] | None:
         """(stream, client id) for a request to group `spec`: by its policy, its
         clients' health, preferring streams this worker owns; None if there is none.
         The stream is a client's, or a channel to the worker that owns the chosen one.
         `avoid`: a client whose tunnel just failed this request (a retry), taken
-        only when the group has no other."""
+        only when the group has no other, and then rather not through `avoid_stream`,
+        the stream (or channel to another worker) that failed."""
         candidates = self.candidates(spec.name)
         if avoid:
-            candidates = [c for c in candidates if c.client_id != avoid] or candidates
+            others = [c for c in candidates if c.client_id != avoid]
+            if not others and avoid_stream is not None:  # the same client, its connection elsewhere
+                others = [c for c in candidates if (c.stream or self._channel_of(c)) is not avoid_stream]
+            candidates = others or candidates
         upstream = None
         if any(c.unhealthy for c in candidates):
             # Which upstream the client will use, by the group's rules the gateway hands out.
@@ -170,10 +175,16 @@ class Routing:
         if choice.stream is not None:
             return choice.stream, choice.client_id
         assert self.link is not None  # remote candidates come only through the link
-        peer = worker_identity(choice.worker)
-        if choice.node:
-            peer = remote_identity(choice.node.encode(), peer)
-        return self.link.channel(peer), choice.client_id
+        return self.link.channel(self._peer_of(choice)), choice.client_id
+
+    @staticmethod
+    def _peer_of(c: Candidate) -> bytes:
+        """The worker a remote candidate's stream is on: "wI", or "NODE/wI" on another node."""
+        peer = worker_identity(c.worker)
+        return remote_identity(c.node.encode(), peer) if c.node else peer
+
+    def _channel_of(self, c: Candidate) -> TunnelStream | None:
+        return self.link.channels.get(self._peer_of(c)) if self.link is not None else None
 
     async def serve_remote(self, ex: InboundExchange) -> None:
         """A request another worker sent: put it on one of our client streams."""
