@@ -200,11 +200,13 @@ class HttpEntry:
             cap.request_whole(kept)
         failed = ""  # the client whose tunnel was lost under the first attempt
         failed_on = None  # and the stream (or channel to its worker) that lost it
+        first_error = ""
         while True:
             chosen = self.routing.choose(spec, authority=authority, path=path, method=request.method,
                                          headers=request.headers, key=key, avoid=failed, avoid_stream=failed_on)
             if chosen is None:
-                if failed:
+                # A retry that finds none left anywhere after a worker had none: as if none had been.
+                if failed and first_error != "no_client_available":
                     return self.book.fail(rec, "tunnel_closed", f"the tunnel to {failed} was lost and group "
                                           f"{spec.name!r} has no other client to retry on")
                 return self.book.fail(rec, "no_client_available",
@@ -222,7 +224,7 @@ class HttpEntry:
                 if failed or kept is None or exc.code not in LOST or time.monotonic() >= deadline:
                     return self.book.fail_with(rec, exc)
                 # Lost before any byte of the response left: the caller cannot tell a second try.
-                failed, failed_on, rec.retried = rec.client_id, stream, True
+                failed, failed_on, first_error, rec.retried = rec.client_id, stream, exc.code, True
                 log.warning("tunnel lost under a request; retrying once on another client: %s", exc.message,
                             extra={"request_id": rec.request_id, "trace_id": rec.trace_id, "group": spec.name,
                                    "client_id": failed})
