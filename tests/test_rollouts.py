@@ -346,3 +346,17 @@ def test_a_slower_canary_rolls_back_on_the_latency_ratio(procs, tmp_path):
     assert done["new"] == r["new"] and "p99" in done["reason"] and "the rest's" in done["reason"]
     assert done["figures"]["canary"]["errors"] == 0 and done["figures"]["canary"]["p99_ms"] >= 80
     assert _tags(stack, 6) == {"v1": 6}
+
+
+def test_without_rollout_tables_no_state_file_is_written(procs, tmp_path):
+    stack = Stack(procs, tmp_path)
+    stack.start_backend()
+    stack.start_gateway(settings={"workers": 2, "watch_config": False})
+    stack.start_client("c1")
+    assert get_json(f"{stack.admin_url}/admin/rollouts")["groups"] == {}
+    doc = stack.gateway_doc(settings={"workers": 2, "watch_config": False})
+    doc["groups"]["g1"]["rules"][0]["add_headers"] = {"x-rules": "v2"}
+    stack.gateway_config.write_text(to_toml(doc))
+    assert _post(stack, "/admin/reload").status == 200
+    wait_until(lambda: _tags(stack, 2) == {"v2": 2}, 10, what="the change for every client at once")
+    assert not (tmp_path / "gateway.toml.rollouts.json").exists()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -208,6 +209,9 @@ class Rollouts:
             self.worker.spawn(self.worker.link.send_rollouts(orjson.dumps(self.book.to_json()), self.book.revision))
 
     def _save(self) -> None:
+        book = self.book
+        if not (book.stable or book.rollouts or book.history) and not os.path.exists(self._path()):
+            return  # no group has a rollout table: no file beside the user's config
         try:
             save_book(self._path(), self.book)
             self._save_failed = ""
