@@ -248,22 +248,21 @@ class Book:
             if state is not None and state.refused == r.new:
                 return self._end(r, "halted", now, f"client {c} refused version {r.new}: {state.error}")
         spec = r.spec
-        if canary.requests >= spec.min_requests and canary.requests:
+        wanted = max(1, spec.min_requests)
+        ratio = _latency_ratio(canary, rest, wanted)  # None while either side has fewer
+        if canary.requests >= wanted:
             if canary.error_rate > spec.max_error_rate:
                 return self.roll_back(r.group, now, f"canary error rate {canary.error_rate:.1%} over "
                                                     f"{spec.max_error_rate:.1%} ({canary.errors} of {canary.requests})")
-            ratio = _latency_ratio(canary, rest, spec.min_requests)
             if ratio is not None and ratio > spec.max_latency_ratio:
                 return self.roll_back(r.group, now, f"canary p99 {ratio:.2f}x the rest's, over "
                                                     f"{spec.max_latency_ratio:g}x")
         if now < r.deadline:
             r.reason = "baking"
             return []
-        if canary.requests < max(1, spec.min_requests):
-            r.reason = (f"bake time over; waiting for {max(1, spec.min_requests) - canary.requests} more canary "
-                        f"request(s) before judging")
+        if canary.requests < wanted:
+            r.reason = f"bake time over; waiting for {wanted - canary.requests} more canary request(s) before judging"
             return []
-        ratio = _latency_ratio(canary, rest, spec.min_requests)
         return self._end(r, "promoted", now, f"canary error rate {canary.error_rate:.1%} over {canary.requests} "
                                              f"requests" + (f", p99 {ratio:.2f}x the rest's" if ratio else ""))
 
@@ -327,9 +326,10 @@ class Book:
         return book
 
 
-def _latency_ratio(canary: Figures, rest: Figures, min_requests: int) -> float | None:
-    """Canary p99 over the rest's (each at least LATENCY_FLOOR); None while either side has too few requests."""
-    if rest.requests < max(1, min_requests) or canary.requests < max(1, min_requests):
+def _latency_ratio(canary: Figures, rest: Figures, wanted: int) -> float | None:
+    """Canary p99 over the rest's (each at least LATENCY_FLOOR); None while either side
+    has fewer than `wanted` requests."""
+    if rest.requests < wanted or canary.requests < wanted:
         return None
     c, r = canary.p99, rest.p99
     if c is None or r is None:

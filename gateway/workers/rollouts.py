@@ -299,9 +299,9 @@ class Rollouts:
         """A command through the router: the book from worker 0, figures, the report, a decision."""
         op = command.get("op")
         if op == "rollouts":
-            book = Book.from_json(command["book"])
-            if not self.leader and book.revision != self.book.revision:
-                self._use(book)
+            # Sent again every RESEND seconds: read whole only when it is another revision.
+            if not self.leader and command["book"].get("revision") != self.book.revision:
+                self._use(Book.from_json(command["book"]))
             return None
         if op == "rollout_stats":
             return self.stats.snapshot()

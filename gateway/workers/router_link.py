@@ -84,8 +84,9 @@ class RouterLink:
         self.endpoint = endpoint
         self.report = report
         self.on_command = on_command
-        # Other commands answered with data, by op (the rollouts': gateway/workers/rollouts.py).
-        self.answers: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+        # The commands answered with data, by op: the status page's graphs, the Inspector's last
+        # requests (or one to replay), and those the worker adds (gateway/workers/rollouts.py).
+        self.answers: dict[str, Callable[[Mapping[str, Any]], Any]] = {"history": _history, "requests": answer_op}
         self.on_rollouts: Callable[[bytes], None] = lambda _raw: None  # the fleet's rollout book came
         self.identity = env.worker_identity(routing.index)
         self.channels: dict[bytes, TunnelStream] = {}
@@ -319,13 +320,9 @@ class RouterLink:
                 asked[1].set_result(command)
             return
         try:
-            if command.get("op") == "history":  # the status page's graphs: this worker's last 15 minutes
-                group = command.get("group")
-                result: dict[str, Any] = {"data": process_history().snapshot(group if isinstance(group, str) else None)}
-            elif command.get("op") == "requests":  # the Inspector: this worker's last requests (or one to replay)
-                result = {"data": answer_op(command)}
-            elif command.get("op") in self.answers:
-                result = {"data": self.answers[command["op"]](command)}
+            answer_with = self.answers.get(command.get("op"))  # type: ignore[arg-type]
+            if answer_with is not None:
+                result: dict[str, Any] = {"data": answer_with(command)}
             else:
                 result = {"count": self.on_command(command)}
         except Exception:
@@ -337,3 +334,9 @@ class RouterLink:
                 await self.sock.send_multipart(env.to_router(env.COMMAND, src, orjson.dumps(answer)), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the asker's wait ends at its timeout
+
+
+def _history(command: Mapping[str, Any]) -> dict[str, Any]:
+    """Op "history", the status page's graphs: this worker's last 15 minutes (of one group, or all)."""
+    group = command.get("group")
+    return process_history().snapshot(group if isinstance(group, str) else None)
