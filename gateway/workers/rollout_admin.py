@@ -60,7 +60,8 @@ def add_rollout_routes(app: web.Application, worker: "Worker") -> None:
             try:
                 body = await request.json(loads=orjson.loads)
             except orjson.JSONDecodeError:
-                return _json({"error": "bad_request", "message": "body must be JSON (optional: {\"reason\": ...})"}, 400)
+                return _json({"error": "bad_request",
+                              "message": "body must be JSON (optional: {\"reason\": ...})"}, 400)
             if isinstance(body, dict) and isinstance(body.get("reason"), str):
                 reason = body["reason"][:200]
         answer = await leader_answer(worker, {"op": "rollout_decide", "group": request.match_info["group"],
