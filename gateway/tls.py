@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
-__all__ = ["server_credentials", "channel_credentials", "http_ssl_context", "peer_names", "name_allowed"]
+__all__ = ["server_credentials", "channel_credentials", "client_ssl_context", "http_ssl_context", "peer_names", "name_allowed"]
 
 log = logging.getLogger("gateway.tls")
 
@@ -61,15 +61,40 @@ def channel_credentials(server: str, *, ca: str = "", cert: str = "", key: str =
     roots = _read(ca) if ca else None
     name = ""
     if insecure:
-        log.warning("--insecure: the gateway's certificate is NOT verified; anyone in the path can read the tunnel")
-        roots = _fetch_server_cert(server)
-        name = _cert_name(roots)
+        roots, name = _insecure_roots(server)
     creds = grpc.ssl_channel_credentials(
         root_certificates=roots,
         private_key=_read(key) if key else None,
         certificate_chain=_read(cert) if cert else None,
     )
     return creds, name
+
+
+def client_ssl_context(server: str, *, ca: str = "", cert: str = "", key: str = "",
+                       insecure: bool = False) -> tuple[ssl.SSLContext, str | None]:
+    """The same for the client's own HTTP/2 tunnel (gateway/tunnel/h2_call.py): an
+    ssl context (ALPN h2) and the name to check the certificate against (None:
+    the host of `server`)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+    name = None
+    if insecure:
+        pem, name = _insecure_roots(server)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem.decode())
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
+        if not name:
+            name = None
+            ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx, name
+
+
+def _insecure_roots(server: str) -> tuple[bytes, str]:
+    """--insecure: whatever certificate the gateway shows, and the name in it."""
+    log.warning("--insecure: the gateway's certificate is NOT verified; anyone in the path can read the tunnel")
+    pem = _fetch_server_cert(server)
+    return pem, _cert_name(pem)
 
 
 def http_ssl_context(cert: str, key: str) -> ssl.SSLContext:

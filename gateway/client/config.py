@@ -69,6 +69,9 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("max_inflight", 1000, positive_int, "requests in flight on the tunnel stream"),
     Setting("grpc_event_engine", False, boolean,
             "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
+    Setting("tunnel_library", "builtin", choice("builtin", "grpcio"),
+            "what drives the tunnel's gRPC stream: builtin (the client's own HTTP/2 framing, on its event loop) or "
+            "grpcio (gRPC core); the same gRPC call on the wire (docs/performance.md)"),
     Setting("max_header_bytes", 16384, positive_int, "largest egress request head (431 above)"),
     Setting("max_body_bytes", 1 << 30, positive_int, "largest egress request body (413 above)"),
     *entry_settings("local entry", 4096, ""),

@@ -17,11 +17,12 @@ import grpc.aio
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.settings import ConfigError
-from gateway.tls import channel_credentials
+from gateway.tls import channel_credentials, client_ssl_context
 from gateway.tunnel import frames
 from gateway.tunnel.stream import StreamLimits, TunnelStream
-from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, grpc_options,
-                                      open_client_call)
+from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientTransport
+from gateway.tunnel.transport import (CLIENT_KEEPALIVE_MS, CLIENT_MAX_MESSAGE, ClientTransport, Transport,
+                                      grpc_options, open_client_call)
 
 if TYPE_CHECKING:
     from gateway.client.agent import Agent
@@ -69,7 +70,7 @@ RETIRE_GRACE = 30.0
 class Opened:
     """A stream past its WELCOME, not yet serving."""
     node: str
-    channel: grpc.aio.Channel
+    channel: grpc.aio.Channel | H2Channel
     stream: TunnelStream
 
 
@@ -179,7 +180,7 @@ class Connection:
                                         "connections": waiting, "error": self.last_error if outcome == "unreachable" else "",
                                         "node": self.agent.nodes.target(self.index, self.agent.placed())})
 
-    async def _handshake(self, transport: ClientTransport) -> frames.pb.Welcome | None:
+    async def _handshake(self, transport: Transport) -> frames.pb.Welcome | None:
         cfg = self.agent.config
         hello = frames.hello(
             client_id=cfg.client_id, group=cfg.group, token=cfg.token, version=__version__,
@@ -208,8 +209,10 @@ class Connection:
             return None
         return welcome
 
-    async def _channel(self, node: str) -> grpc.aio.Channel:
+    async def _channel(self, node: str) -> grpc.aio.Channel | H2Channel:
         cfg = self.agent.config
+        if cfg.tunnel_library == "builtin":
+            return await self._h2_channel(node)
         options = grpc_options(CLIENT_MAX_MESSAGE, CLIENT_KEEPALIVE_MS, server=False)
         if not (cfg.tls or cfg.tls_ca or cfg.insecure):
             return grpc.aio.insecure_channel(node, options=options)
@@ -221,6 +224,18 @@ class Connection:
             options = options + [("grpc.ssl_target_name_override", name)]
         return grpc.aio.secure_channel(node, creds, options=options)
 
+    async def _h2_channel(self, node: str) -> H2Channel:
+        """The connection for tunnel_library = "builtin" (gateway/tunnel/h2_call.py)."""
+        cfg = self.agent.config
+        if not (cfg.tls or cfg.tls_ca or cfg.insecure):
+            return H2Channel(node, max_message=CLIENT_MAX_MESSAGE, connect_timeout=cfg.connect_timeout)
+        # --insecure fetches the gateway's certificate: blocking I/O, off the loop.
+        ctx, name = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: client_ssl_context(node, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
+                                             insecure=cfg.insecure))
+        return H2Channel(node, max_message=CLIENT_MAX_MESSAGE, ssl_context=ctx, server_hostname=name,
+                         connect_timeout=cfg.connect_timeout)
+
     async def _open(self, node: str) -> Opened | str:
         """Connect to `node` up to its WELCOME: an Opened stream, or the outcome
         ("unreachable", "rejected") when not. A node that cannot take us is marked down."""
@@ -231,7 +246,8 @@ class Connection:
             log.warning("cannot set up the tunnel channel: %s", describe(exc), extra={"server": node})
             self.agent.nodes.mark_down(node)
             return "unreachable"
-        transport = ClientTransport(open_client_call(channel), node)
+        transport: Transport = (H2ClientTransport(channel) if isinstance(channel, H2Channel)
+                                else ClientTransport(open_client_call(channel), node))
         try:
             welcome = await self._handshake(transport)
             if welcome is None:
@@ -260,7 +276,7 @@ class Connection:
         )
         stream.health_source = self.agent.unhealthy_upstreams
         stream.header_fields = frames.HEADER_FIELDS in welcome.capabilities
-        log.info("tunnel connected", extra={"server": node, "worker": welcome.worker,
+        log.info("tunnel connected", extra={"server": node, "worker": welcome.worker, "library": cfg.tunnel_library,
                                              "config_version": welcome.config_version, "connection": self.index})
         return Opened(node, channel, stream)
 
@@ -355,7 +371,7 @@ class Connection:
         log.info("connection moved", extra={"connection": self.index, "from": old.node, "to": node, "why": why})
         return new, task
 
-    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel) -> None:
+    def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel | H2Channel) -> None:
         self._drain_tasks.discard(task)
         self.draining.discard(stream)
         asyncio.get_running_loop().create_task(channel.close())
@@ -364,4 +380,6 @@ class Connection:
 def describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, CallFailed):
+        return f"{exc.code}: {exc.details}"  # as grpcio's error reads
     return f"{type(exc).__name__}: {exc}"
