@@ -21,12 +21,12 @@ import pytest
 from hpack import Encoder
 from hypothesis import given, settings, strategies as st
 
-from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientTransport, h2_transport_closed
-from gateway.tunnel.h2_connection import STREAM_WINDOW, H2Connection
+from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientConnection, H2ClientTransport, h2_transport_closed
+from gateway.tunnel.h2_connection import CONNECTION_WINDOW, STREAM_WINDOW
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import grpc_options, open_client_call, tunnel_handler
 from tests.harness import Stack, get_json, http, wait_until
-from tests.test_auth_tls import pki  # noqa: F401  (the fixture)
+from tests.test_auth_tls import pki  # noqa: F401,F811  (the fixture)
 from tests.test_unit_stream import async_test, limits, unexpected
 
 BIG = 16 << 20
@@ -268,7 +268,7 @@ class Peer:
     """A gateway's side of the bytes, frame by frame: what the connection wrote, and what it read."""
 
     def __init__(self, max_message: int = 1 << 20) -> None:
-        self.conn = H2Connection(max_message)
+        self.conn = H2ClientConnection(max_message)
         self.out = bytearray()
         self.aborted = False
         peer = self
@@ -283,6 +283,9 @@ class Peer:
 
             def abort(self) -> None:
                 peer.aborted = True
+
+            def is_closing(self) -> bool:
+                return peer.aborted
 
         self.enc = Encoder()
         self.conn.connection_made(Sink())
@@ -306,8 +309,8 @@ class Peer:
         return frame(1, 5, 1, headers_block(fields, self.enc))
 
     def read_all(self) -> list[bytes]:
-        out = list(self.conn.messages)
-        self.conn.messages.clear()
+        out = list(self.conn.call.messages)
+        self.conn.call.messages.clear()
         return out
 
 
@@ -322,9 +325,9 @@ async def test_padding_continuation_ping_and_trailers():  # a Peer's connection 
     sent = p.frames()
     assert (4, 1, 0, b"") in sent  # SETTINGS acknowledged
     assert (6, 1, 0, b"12345678") in sent  # PING answered
-    assert p.conn.send_window == 1 << 20  # the gateway's INITIAL_WINDOW_SIZE applied
+    assert p.conn.call.send_window == 1 << 20  # the gateway's INITIAL_WINDOW_SIZE applied
     p.conn.data_received(p.trailers())
-    assert p.conn.ended and p.conn.error is None and not p.aborted
+    assert p.conn.call.remote_done and p.conn.call.error is None and not p.aborted
 
 
 @settings(max_examples=60, deadline=None)
@@ -347,7 +350,7 @@ async def _split_anywhere(cuts: list[int], sizes: list[int], frame_size: int) ->
         p.conn.data_received(wire[pos:cut])
         pos = cut
     assert p.read_all() == bodies
-    assert p.conn.ended and p.conn.error is None
+    assert p.conn.call.remote_done and p.conn.call.error is None
 
 
 @pytest.mark.parametrize("wire, code, words", [
@@ -366,15 +369,16 @@ async def _split_anywhere(cuts: list[int], sizes: list[int], frame_size: int) ->
 async def test_bad_or_ending_frames_fail_the_call_by_name(wire, code, words):
     p = Peer(max_message=40)
     p.conn.data_received(p.open() + wire)
-    assert p.conn.error is not None and p.conn.error.code == code and words in str(p.conn.error), p.conn.error
-    assert p.aborted
+    error = p.conn.call.error
+    assert error is not None and error.code == code and words in str(error), error
+    assert p.aborted or code == "CANCELLED"  # a reset ends the call; the channel's close then drops the connection
 
 
 @async_test
 async def test_a_graceful_goaway_lets_the_call_finish():
     p = Peer()
     p.conn.data_received(p.open() + frame(7, 0, 0, struct.pack(">II", 1, 0)) + frame(0, 0, 1, message(b"ok")))
-    assert p.conn.error is None and p.read_all() == [b"ok"]
+    assert p.conn.call.error is None and p.read_all() == [b"ok"]
 
 
 @async_test
@@ -387,18 +391,19 @@ async def test_the_window_is_given_back_as_messages_are_read():
     def updates() -> list[tuple[int, int]]:
         return [(f[2], struct.unpack(">I", f[3])[0]) for f in p.frames() if f[0] == 8]
 
-    # 5 MiB received is more than a quarter of the window, but over half of it waits to be read: held back.
+    # The connection's window is given back at once (each stream's bounds what waits); the call's after
+    # the second message, and then no more while over half of its window waits to be read.
     p.conn.data_received(p.open() + frame(0, 0, 1, chunk) * 5)
-    assert updates() == [(0, STREAM_WINDOW - 65535)]  # the connection's first, nothing given back yet
+    assert updates() == [(0, CONNECTION_WINDOW - 65535), (1, 2 * len(chunk)), (0, 5 * len(chunk))]
     await t.read()
-    assert len(updates()) == 1  # 4 MiB still queued
+    assert len(updates()) == 3  # 4 MiB still queued
     await t.read()
-    assert updates()[1:] == [(0, 5 * len(chunk)), (1, 5 * len(chunk))]  # the connection's and the call's
+    assert updates()[3:] == [(1, 3 * len(chunk))]
 
 
 @async_test
 async def test_a_gateway_that_answers_no_ping_is_found(monkeypatch):
-    monkeypatch.setattr("gateway.tunnel.h2_connection.CLIENT_KEEPALIVE_MS", 200)
+    monkeypatch.setattr("gateway.tunnel.h2_call.CLIENT_KEEPALIVE_MS", 200)
     listener = await asyncio.start_server(lambda r, w: r.read(1 << 20), "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     channel, t = _call(port)

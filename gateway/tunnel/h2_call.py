@@ -1,30 +1,30 @@
-"""The client's end of the tunnel on an HTTP/2 framing of our own: the same one
-gRPC bidi call on the wire as grpc.aio's (/tunnel.v1.Tunnel/Connect, raw-bytes
-messages), read and written on the asyncio loop itself (`tunnel_library =
-"builtin"`, the default; issue 20, docs/performance.md). The gateway's end is
-grpcio (transport.py), and a grpcio client still connects to it.
+"""The client's end of the tunnel on our own HTTP/2 framing (h2_connection.py):
+the same one gRPC bidi call on the wire as grpc.aio's (/tunnel.v1.Tunnel/Connect,
+raw-bytes messages), read and written on the asyncio loop itself, with no gRPC
+core threads in between (`tunnel_library = "builtin"`, the default; issue 20,
+docs/performance.md). A grpcio gateway takes it, and a grpcio client still
+connects to our gateway.
 
-One connection carries one call (stream 1), so the framing is small: a frame
-header is read with one struct call and a DATA payload sliced out of what the
-socket gave; a message goes out as one DATA frame whenever the windows allow,
-written with the frame header in front. HPACK (headers at the call's start and
-its trailers, once each) is the `hpack` library's.
-
-Flow control: the gateway may send a window's worth ahead; the window is given
-back as `read` hands messages on, so a slow reader holds the gateway back
-instead of buffering without bound. Keepalive PINGs as grpcio's client sends
-them (every CLIENT_KEEPALIVE_MS, a dead gateway found after half of it more).
+One connection carries one call, on stream 1. Keepalive PINGs as grpcio's client
+sends them (every CLIENT_KEEPALIVE_MS; a gateway that does not answer within
+half of that more is gone).
 """
 from __future__ import annotations
 
 import asyncio
 import ssl
+from urllib.parse import unquote
 
+from gateway import __version__
 from gateway.tunnel.errors import TransportClosed
-from gateway.tunnel.h2_connection import (FRAME_HEAD, MESSAGE_PREFIX, U32, CALL, DATA, END_HEADERS, HEADERS, RST_STREAM,
-                                          CallFailed, H2Connection, frame, request_headers, split_node)
+from gateway.tunnel.h2_connection import (CANCEL, DEFAULT_WINDOW, STATUS_NAMES, CallFailed, H2Connection, H2Stream,
+                                          frame, HEADERS, END_HEADERS)
+from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, METHOD
 
-__all__ = ["CallFailed", "H2Channel", "H2ClientTransport", "h2_transport_closed"]
+__all__ = ["CallFailed", "H2Channel", "H2ClientConnection", "H2ClientTransport", "h2_transport_closed"]
+
+CALL = 1  # the call's stream id: one call a connection
+_USER_AGENT = f"tunnel-client/{__version__}"
 
 
 def h2_transport_closed(exc: BaseException) -> TransportClosed | None:
@@ -41,6 +41,56 @@ def h2_transport_closed(exc: BaseException) -> TransportClosed | None:
     return None
 
 
+def grpc_status(fields: dict[str, str]) -> CallFailed | None:
+    """The error a call's trailers (or trailers-only headers) end it with; None for OK."""
+    code = fields.get("grpc-status")
+    if code is None:
+        return CallFailed("UNKNOWN", "the call ended without a status")
+    if code == "0":
+        return None
+    name = STATUS_NAMES[int(code)] if code.isdigit() and int(code) < len(STATUS_NAMES) else f"STATUS_{code}"
+    return CallFailed(name, unquote(fields.get("grpc-message", "")))
+
+
+class H2ClientConnection(H2Connection):
+    """A connection to a gateway node carrying the call on stream 1."""
+
+    is_client = True
+
+    def __init__(self, max_message: int) -> None:
+        super().__init__(max_message, CLIENT_KEEPALIVE_MS / 1000, max(1.0, CLIENT_KEEPALIVE_MS / 2000))
+        self.call = H2Stream(CALL, DEFAULT_WINDOW)
+        self.streams[CALL] = self.call
+
+    def on_headers(self, sid: int, fields: dict[str, str], end_stream: bool) -> None:
+        stream = self.streams.get(sid)
+        if stream is None or stream.error is not None or stream.remote_done:
+            return
+        if stream.headers is None:
+            stream.headers = fields
+            if fields.get(":status") != "200":
+                raise CallFailed("UNAVAILABLE", f"the gateway answered HTTP status {fields.get(':status')}")
+            if end_stream or "grpc-status" in fields:  # trailers only: the call ended before a message
+                self._end(stream, fields)
+        elif end_stream:
+            self._end(stream, fields)
+        else:
+            raise CallFailed("INTERNAL", "HTTP/2 PROTOCOL_ERROR: trailers without END_STREAM")
+
+    def on_end_stream(self, stream: H2Stream) -> None:
+        self._end(stream, {})
+
+    def _end(self, stream: H2Stream, trailers: dict[str, str]) -> None:
+        """The gateway ended the call: with OK, `read` returns what is queued and then None."""
+        if stream.missing or stream.head:
+            raise CallFailed("INTERNAL", "the call ended inside a message")
+        error = grpc_status(trailers)
+        if error is not None:
+            raise error
+        stream.remote_done = True
+        stream.wake()
+
+
 class H2Channel:
     """One HTTP/2 connection to a gateway node, opened by the call's first write."""
 
@@ -51,21 +101,26 @@ class H2Channel:
         self._ssl = ssl_context
         self._server_hostname = server_hostname
         self.timeout = connect_timeout
-        self.connection: H2Connection | None = None
+        self.connection: H2ClientConnection | None = None
 
-    async def connect(self) -> H2Connection:
-        """Connect and start the call (its HEADERS go out with the connection's preface)."""
-        host, port = split_node(self.node)
+    async def connect(self) -> H2ClientConnection:
+        """Connect and start the call (its HEADERS go out right after the connection's preface)."""
+        host, _, port = self.node.rpartition(":")
+        host = host.strip("[]")
         loop = asyncio.get_running_loop()
         tls = self._ssl is not None
         transport, conn = await asyncio.wait_for(loop.create_connection(
-            lambda: H2Connection(self.max_message), host, port, ssl=self._ssl,
+            lambda: H2ClientConnection(self.max_message), host, int(port), ssl=self._ssl,
             server_hostname=(self._server_hostname or host) if tls else None), self.timeout)
         self.connection = conn
         if tls and transport.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
             conn.fail(CallFailed("UNAVAILABLE", "the gateway did not agree to HTTP/2 (ALPN)"))
         else:
-            conn.transport.write(frame(HEADERS, END_HEADERS, CALL, request_headers("https" if tls else "http", self.node)))
+            conn.call.headers_sent = True
+            conn.transport.write(frame(HEADERS, END_HEADERS, CALL, conn.encoder.encode([
+                (":method", "POST"), (":scheme", "https" if tls else "http"), (":path", METHOD),
+                (":authority", self.node), ("te", "trailers"), ("content-type", "application/grpc"),
+                ("user-agent", _USER_AGENT)])))
         return conn
 
     async def close(self) -> None:
@@ -81,7 +136,7 @@ class H2ClientTransport:
 
     def __init__(self, channel: H2Channel) -> None:
         self._channel = channel
-        self._conn: H2Connection | None = None
+        self._conn: H2ClientConnection | None = None
 
     def peer(self) -> str:
         return self._channel.node
@@ -90,85 +145,22 @@ class H2ClientTransport:
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._channel.connect()
-        if conn.error is not None:
-            raise conn.error
-        if conn.ended:
+        call = conn.call
+        if call.remote_done:
             raise CallFailed("UNAVAILABLE", "the gateway has ended the call")
-        size = len(raw)
-        if size > conn.max_message:
-            raise CallFailed("RESOURCE_EXHAUSTED", f"Sent message larger than max ({size} vs. {conn.max_message})")
-        total = size + 5
-        if total <= conn.send_window and total <= conn.conn_send_window and total <= conn.peer_max_frame:
-            # The usual case: the message as one DATA frame, one write.
-            conn.send_window -= total
-            conn.conn_send_window -= total
-            head = FRAME_HEAD.pack(total << 8 | DATA, 0, CALL) + MESSAGE_PREFIX.pack(0, size)
-            if size <= 16384:
-                conn.transport.write(head + raw)
-            else:
-                conn.transport.writelines((head, raw))
-        else:
-            await self._write_frames(conn, [memoryview(MESSAGE_PREFIX.pack(0, size)), memoryview(raw)], total)
-        if conn.paused:
-            await self._drain(conn)
-
-    async def _write_frames(self, conn: H2Connection, pieces: list[memoryview], remaining: int) -> None:
-        """A message in DATA frames as large as the windows and the gateway's frame size allow."""
-        loop = asyncio.get_running_loop()
-        while remaining:
-            if conn.error is not None:
-                raise conn.error
-            n = min(conn.send_window, conn.conn_send_window, conn.peer_max_frame, remaining)
-            if n <= 0:
-                conn.window_opened = loop.create_future()
-                await conn.window_opened
-                continue
-            out: list[bytes | memoryview] = [FRAME_HEAD.pack(n << 8 | DATA, 0, CALL)]
-            need = n
-            while need:
-                piece = pieces[0]
-                if len(piece) <= need:
-                    out.append(piece)
-                    need -= len(piece)
-                    del pieces[0]
-                else:
-                    out.append(piece[:need])
-                    pieces[0] = piece[need:]
-                    need = 0
-            conn.send_window -= n
-            conn.conn_send_window -= n
-            remaining -= n
-            conn.transport.writelines(out)
-            if conn.paused:
-                await self._drain(conn)
-
-    @staticmethod
-    async def _drain(conn: H2Connection) -> None:
-        while conn.paused and conn.error is None:
-            conn.drained = asyncio.get_running_loop().create_future()
-            await conn.drained
-        if conn.error is not None:
-            raise conn.error
+        if len(raw) > conn.max_message:
+            raise CallFailed("RESOURCE_EXHAUSTED", f"Sent message larger than max ({len(raw)} vs. {conn.max_message})")
+        await conn.send_message(call, raw)
 
     async def read(self) -> bytes | None:
         conn = self._conn
         if conn is None:
             raise CallFailed("UNAVAILABLE", "read before the call started")
-        while True:
-            if conn.messages:
-                message = conn.messages.popleft()
-                conn.queued -= len(message)
-                conn.give_back()
-                return message
-            if conn.error is not None:
-                raise conn.error
-            if conn.ended:
-                return None
-            conn.waiter = asyncio.get_running_loop().create_future()
-            await conn.waiter
+        return await conn.next_message(conn.call)
 
     async def close(self) -> None:
         conn = self._conn
-        if conn is not None and not conn.ended:
-            conn.transport.write(frame(RST_STREAM, 0, CALL, U32.pack(8)))  # CANCEL
+        if conn is not None and conn.closed is None:
+            if not conn.call.remote_done:
+                conn.reset(CALL, CANCEL)
             conn.fail(CallFailed("CANCELLED", "the call was cancelled"))
