@@ -84,6 +84,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue_bytes", 8 << 20, positive_int, "outbound bytes queued per stream before 503"),
     Setting("grpc_event_engine", False, boolean,
             "gRPC I/O on its EventEngine threads instead of its polling engine (read at start; slower here: docs/performance.md)"),
+    Setting("tunnel_server", "builtin", choice("builtin", "grpcio"),
+            "what serves the tunnel port's gRPC calls: builtin (our own HTTP/2 framing, on the worker's event loop) "
+            "or grpcio (gRPC core); the same gRPC service on the wire (docs/performance.md)"),
     Setting("tls_cert", "", string, "certificate (PEM) for TLS on the tunnel port (and the HTTP entry with http_tls)"),
     Setting("tls_key", "", string, "private key (PEM) of tls_cert"),
     Setting("tls_client_ca", "", string, "CA (PEM) that signs client certificates: requires mTLS on the tunnel"),
@@ -121,7 +124,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
 RESTART_ONLY: tuple[str, ...] = (
     "workers", "host", "http_port", "grpc_port", "tunnel_port", "admin_host", "admin_port",
     "tls_cert", "tls_key", "tls_client_ca", "http_tls", "grpc_event_engine",
-    "proxy_protocol",
+    "proxy_protocol", "tunnel_server",
     # The router joins the fleet once, at start.
     *(s.name for s in CLUSTER_SETTINGS),
 )

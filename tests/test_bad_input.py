@@ -206,7 +206,8 @@ def test_frames_for_unknown_request_ids_are_counted_and_ignored(stack):
 
     head, body = asyncio.run(main())
     assert head.status == 200 and len(body) == 100
-    assert _raw_streams(stack, "raw") == [] or _raw_streams(stack, "raw")[0]["unknown_frames"] == len(unknown)
+    streams = _raw_streams(stack, "raw")  # once: the stream may go between two reads
+    assert streams == [] or streams[0]["unknown_frames"] == len(unknown)
     _still_serving(stack)
     stack.wait_idle()
 

@@ -1,10 +1,11 @@
-"""The client's own HTTP/2 framing of the tunnel (`tunnel_library = "builtin"`,
-gateway/tunnel/h2_call.py and h2_connection.py) against the gateway's grpcio,
-and a stock grpcio client against the same gateway: requests both ways, 16 MiB
-bodies, many at once, TLS and mTLS; then the framing's edges on a real grpc.aio
-server in this process (status, limits, a lost or silent peer, flow control),
-and frame by frame against a peer written here (padding, CONTINUATION, resets,
-GOAWAY, PING, a message split at every byte)."""
+"""Our own HTTP/2 framing of the tunnel (gateway/tunnel/h2_*.py): the client's
+(`tunnel_library = "builtin"`) and the gateway's (`tunnel_server = "builtin"`),
+each against the other and against grpcio at the other end: requests both ways,
+16 MiB bodies, many at once, TLS and mTLS; then the client's edges on a real
+grpc.aio server in this process (status, limits, a lost or silent peer, flow
+control), frame by frame against a peer written here (padding, CONTINUATION,
+resets, GOAWAY, PING, a message split at every byte), and the gateway's end
+against a stock grpcio client (tests/test_tunnel_h2_server.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,7 @@ from hpack import Encoder
 from hypothesis import given, settings, strategies as st
 
 from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientConnection, H2ClientTransport, h2_transport_closed
-from gateway.tunnel.h2_connection import CONNECTION_WINDOW, STREAM_WINDOW
+from gateway.tunnel.h2_frames import CONNECTION_WINDOW, STREAM_WINDOW
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import grpc_options, open_client_call, tunnel_handler
 from tests.harness import Stack, get_json, http, wait_until
@@ -39,10 +40,13 @@ def _library(stack: Stack, client_id: str, library: str) -> None:
     assert f'"library":"{library}"' in out and f'"library":"{other}"' not in out, out[-2000:]
 
 
-@pytest.fixture(scope="module", params=["builtin", "grpcio"])
+@pytest.fixture(scope="module", params=[("builtin", "builtin"), ("grpcio", "builtin"), ("builtin", "grpcio")],
+                ids=["builtin-client-builtin-gateway", "grpcio-client", "grpcio-gateway"])
 def any_stack(make_module_stack, request) -> Stack:
-    stack = make_module_stack(settings={"workers": 1}, client_extra=["--tunnel-library", request.param])
-    stack.library = request.param
+    library, server = request.param
+    stack = make_module_stack(settings={"workers": 1, "tunnel_server": server},
+                              client_extra=["--tunnel-library", library])
+    stack.library = library
     return stack
 
 

@@ -17,8 +17,9 @@ from urllib.parse import unquote
 
 from gateway import __version__
 from gateway.tunnel.errors import TransportClosed
-from gateway.tunnel.h2_connection import (CANCEL, DEFAULT_WINDOW, STATUS_NAMES, CallFailed, H2Connection, H2Stream,
-                                          frame, HEADERS, END_HEADERS)
+from gateway.tunnel.h2_connection import H2Connection
+from gateway.tunnel.h2_frames import (CANCEL, DEFAULT_WINDOW, END_HEADERS, HEADERS, STATUS_NAMES, CallFailed, H2Stream,
+                                      frame)
 from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, METHOD
 
 __all__ = ["CallFailed", "H2Channel", "H2ClientConnection", "H2ClientTransport", "h2_transport_closed"]

@@ -10,90 +10,18 @@ headers and trailers, once each) is the `hpack` library's.
 from __future__ import annotations
 
 import asyncio
-import struct
-from collections import deque
 from typing import Any
 
 from hpack import Decoder, Encoder, HPACKError
 
-__all__ = ["CallFailed", "H2Connection", "H2Stream", "STREAM_WINDOW", "MAX_FRAME", "STATUS_NAMES", "PREFACE"]
+from gateway.tunnel.h2_frames import (
+    ACK, CONNECTION_WINDOW, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_HEAD,
+    GIVE_BACK, GOAWAY, GOAWAY_HEAD, HEADERS, MAX_FRAME, MESSAGE_PREFIX, PADDED, PARTIAL_DATA, PING,
+    PREFACE, PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE, RESET_STATUS, RST_STREAM, SETTINGS,
+    SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTING_PAIR,
+    STREAM_WINDOW, U32, WINDOW_UPDATE, Broken, CallFailed, H2Stream, frame)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# What the peer may send a stream ahead of its reader (the connection: twice
-# that), and the largest DATA frame we take (grpcio frames by the reader's maximum).
-STREAM_WINDOW = 8 << 20
-CONNECTION_WINDOW = 2 * STREAM_WINDOW
-MAX_FRAME = 1 << 20
-DEFAULT_WINDOW = 65535
-GIVE_BACK = STREAM_WINDOW // 4
-PARTIAL_DATA = 65536  # a DATA frame larger than this is read as it arrives, not buffered whole
-FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
-MESSAGE_PREFIX = struct.Struct(">BI")  # every gRPC message: compressed flag, length
-_SETTING = struct.Struct(">HI")
-U32 = struct.Struct(">I")
-_GOAWAY = struct.Struct(">II")
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 1, 2, 3
-SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 4, 5
-NO_ERROR, PROTOCOL_ERROR, CANCEL = 0, 1, 8
-STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-                "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-                "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
-# An RST_STREAM's HTTP/2 error code as the gRPC status grpcio reports for it.
-_RESET_STATUS = {7: "UNAVAILABLE", 8: "CANCELLED", 11: "RESOURCE_EXHAUSTED", 12: "PERMISSION_DENIED"}
-
-
-class CallFailed(ConnectionError):
-    """A call ended with a gRPC status other than OK, or its connection was
-    lost: `code` is the status name as grpcio says it (UNAVAILABLE...). A
-    ConnectionError, so what catches OSError around a connect catches it."""
-
-    def __init__(self, code: str, details: str) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
-
-
-class Broken(Exception):
-    """A connection error: (HTTP/2 error name, what)."""
-
-
-def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
-    return FRAME_HEAD.pack(len(payload) << 8 | kind, flags, sid) + payload
-
-
-class H2Stream:
-    """One call: the messages read off it, and its windows."""
-
-    __slots__ = ("sid", "messages", "queued", "unacked", "partial", "missing", "head", "waiter", "send_window",
-                 "headers", "headers_sent", "remote_done", "error")
-
-    def __init__(self, sid: int, send_window: int) -> None:
-        self.sid = sid
-        self.messages: deque[bytes] = deque()
-        self.queued = 0  # bytes of messages not yet read
-        self.unacked = 0  # DATA bytes received and not yet given back as window
-        self.partial: list[bytes] = []  # a message spanning frames or reads, and how much of it is missing
-        self.missing = 0
-        self.head = b""  # a message prefix split between frames
-        self.waiter: asyncio.Future | None = None
-        self.send_window = send_window
-        self.headers: dict[str, str] | None = None  # the peer's
-        self.headers_sent = False
-        self.remote_done = False  # the peer ended its side in order (END_STREAM; the client: trailers with OK)
-        self.error: BaseException | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self.wake()
+__all__ = ["H2Connection"]
 
 
 class H2Connection(asyncio.Protocol):
@@ -137,7 +65,7 @@ class H2Connection(asyncio.Protocol):
         if self.is_client:
             settings.append((SETTINGS_ENABLE_PUSH, 0))
         self.transport.write((PREFACE if self.is_client else b"")
-                             + frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in settings))
+                             + frame(SETTINGS, 0, 0, b"".join(SETTING_PAIR.pack(k, v) for k, v in settings))
                              + frame(WINDOW_UPDATE, 0, 0, U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
         if self._keepalive_every > 0:
             self._keepalive = asyncio.get_running_loop().call_later(self._keepalive_every, self._ping)
@@ -266,37 +194,7 @@ class H2Connection(asyncio.Protocol):
         if stream.headers is None:
             raise Broken("PROTOCOL_ERROR", "DATA before the headers")
         try:
-            while start < stop:
-                if stream.missing:  # a message begun in an earlier frame or read
-                    take = min(stream.missing, stop - start)
-                    stream.partial.append(buf[start:start + take])
-                    start += take
-                    stream.missing -= take
-                    if not stream.missing:
-                        self._deliver(stream, b"".join(stream.partial))
-                        stream.partial = []
-                    continue
-                if stream.head or stop - start < 5:
-                    take = min(5 - len(stream.head), stop - start)
-                    stream.head += buf[start:start + take]
-                    start += take
-                    if len(stream.head) < 5:
-                        continue
-                    flag, size = MESSAGE_PREFIX.unpack(stream.head)
-                    stream.head = b""
-                else:
-                    flag, size = MESSAGE_PREFIX.unpack_from(buf, start)
-                    start += 5
-                if flag:
-                    raise CallFailed("INTERNAL", "a compressed message: the tunnel sends none")
-                if size > self.max_message:
-                    raise CallFailed("RESOURCE_EXHAUSTED",
-                                     f"Received message larger than max ({size} vs. {self.max_message})")
-                if stop - start >= size:
-                    self._deliver(stream, buf[start:start + size])
-                    start += size
-                else:
-                    stream.missing = size
+            stream.take(buf, start, stop, self.max_message)
         except CallFailed as exc:
             self.stream_error(stream, exc)
             return
@@ -309,11 +207,6 @@ class H2Connection(asyncio.Protocol):
             self.give_back(stream)
         if stream.messages:
             stream.wake()
-
-    @staticmethod
-    def _deliver(stream: H2Stream, message: bytes) -> None:
-        stream.messages.append(message)
-        stream.queued += len(message)
 
     def _on_headers(self, buf: bytes, start: int, stop: int, flags: int, sid: int, kind: int) -> None:
         if kind == HEADERS:
@@ -345,7 +238,7 @@ class H2Connection(asyncio.Protocol):
             if flags & ACK or sid:
                 return
             for i in range(0, len(payload) - 5, 6):
-                key, value = _SETTING.unpack_from(payload, i)
+                key, value = SETTING_PAIR.unpack_from(payload, i)
                 if key == SETTINGS_INITIAL_WINDOW_SIZE:
                     for stream in self.streams.values():
                         stream.send_window += value - self.peer_initial_window
@@ -372,10 +265,10 @@ class H2Connection(asyncio.Protocol):
             stream = self.streams.get(sid)
             if stream is not None and not (stream.remote_done and self.is_client):
                 code = U32.unpack(payload)[0] if len(payload) == 4 else PROTOCOL_ERROR
-                stream.fail(CallFailed(_RESET_STATUS.get(code, "INTERNAL"), f"the peer reset the call (HTTP/2 error {code})"))
+                stream.fail(CallFailed(RESET_STATUS.get(code, "INTERNAL"), f"the peer reset the call (HTTP/2 error {code})"))
                 self._wake_writers()
         elif kind == GOAWAY and len(payload) >= 8:
-            last, code = _GOAWAY.unpack_from(payload)
+            last, code = GOAWAY_HEAD.unpack_from(payload)
             detail = payload[8:].decode("utf-8", "replace")
             error = CallFailed("UNAVAILABLE", f"the peer sent GOAWAY (HTTP/2 error {code}) {detail}".rstrip())
             if code:
@@ -483,4 +376,4 @@ class H2Connection(asyncio.Protocol):
 
     def goaway(self, code: int, detail: str = "", last: int = 0) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(GOAWAY, 0, 0, _GOAWAY.pack(last, code) + detail.encode()[:200]))
+            self.transport.write(frame(GOAWAY, 0, 0, GOAWAY_HEAD.pack(last, code) + detail.encode()[:200]))
