@@ -23,7 +23,7 @@ from hpack import Encoder
 from hypothesis import given, settings, strategies as st
 
 from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientConnection, H2ClientTransport, h2_transport_closed
-from gateway.tunnel.h2_frames import CONNECTION_WINDOW, STREAM_WINDOW
+from gateway.tunnel.h2_frames import CONNECTION_WINDOW, STREAM_WINDOW, H2Stream
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import grpc_options, open_client_call, tunnel_handler
 from tests.harness import Stack, get_json, http, wait_until
@@ -368,9 +368,21 @@ async def _split_anywhere(cuts: list[int], sizes: list[int], frame_size: int) ->
     (frame(1, 5, 1, headers_block([("grpc-status", "14"), ("grpc-message", "going%20away")])), "UNAVAILABLE",
      "going away"),
     (frame(0, 1, 1, message(b"x")), "UNKNOWN", "without a status"),
-], ids=["rst_stream", "goaway", "compressed", "too_large", "frame_size", "hpack", "push", "status", "no_status"])
+    (frame(6, 0, 0, b"1234"), "INTERNAL", "FRAME_SIZE_ERROR"),
+    (frame(4, 0, 0, struct.pack(">HI", 5, 0)), "INTERNAL", "max frame size of 0"),
+    (frame(4, 0, 0, b"\0\4\0"), "INTERNAL", "multiple of 6"),
+    (frame(8, 0, 1, struct.pack(">I", 0)), "INTERNAL", "WINDOW_UPDATE of 0"),
+    (frame(8, 0, 0, struct.pack(">I", 0x7FFFFFFF)), "INTERNAL", "FLOW_CONTROL_ERROR"),
+    (frame(0, 0, 0, b"x"), "INTERNAL", "DATA on stream 0"),
+    (frame(1, 0, 1, b"\0" * 40000) + frame(9, 0, 1, b"\0" * 40000), "INTERNAL", "ENHANCE_YOUR_CALM"),
+    (frame(0, 0, 1, message(b"\0" * 30)) * 5, "INTERNAL", "FLOW_CONTROL_ERROR"),
+], ids=["rst_stream", "goaway", "compressed", "too_large", "frame_size", "hpack", "push", "status", "no_status",
+        "ping_size", "settings_frame_size", "settings_length", "window_zero", "window_overflow", "data_stream_0",
+        "continuation_flood", "past_the_window"])
 @async_test
-async def test_bad_or_ending_frames_fail_the_call_by_name(wire, code, words):
+async def test_bad_or_ending_frames_fail_the_call_by_name(wire, code, words, monkeypatch):
+    # A small window for past_the_window: 5 messages of 35 bytes, never read, pass 100.
+    monkeypatch.setattr("gateway.tunnel.h2_connection.STREAM_WINDOW", 100)
     p = Peer(max_message=40)
     p.conn.data_received(p.open() + wire)
     error = p.conn.call.error
@@ -441,3 +453,34 @@ async def test_a_stock_grpcio_client_still_connects():
         await channel.close()
     finally:
         await server.stop(0)
+
+
+@async_test
+async def test_a_peer_that_asks_without_reading_is_cut():
+    """PINGs (each asks for an ACK) while our writes back up: at most MAX_OWED answers, then the connection goes."""
+    p = Peer()
+    p.conn.data_received(p.open())
+    p.conn.pause_writing()  # the peer reads nothing
+    p.conn.data_received(frame(6, 0, 0, b"12345678") * 1001)
+    assert p.aborted and "ENHANCE_YOUR_CALM" in str(p.conn.call.error)
+
+
+@async_test
+async def test_a_cancelled_writer_leaves_the_others_waiting():
+    """Writers waiting for a window share one future: cancelling one must not cancel the rest."""
+    p = Peer()
+    conn = p.conn
+    p.conn.data_received(p.open())
+    other = H2Stream(3, 0)
+    other.headers = {}
+    conn.streams[3] = other
+    conn.call.send_window = 0
+    first = asyncio.ensure_future(conn.send_message(conn.call, b"a" * 10))
+    second = asyncio.ensure_future(conn.send_message(other, b"b" * 10))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    assert not second.done()
+    conn.data_received(frame(8, 0, 3, struct.pack(">I", 100)))
+    await asyncio.wait_for(second, 2)
+    assert first.cancelled() and p.frames()[-1][:3] == (0, 0, 3)

@@ -49,7 +49,7 @@ def grpc_status(fields: dict[str, str]) -> CallFailed | None:
         return CallFailed("UNKNOWN", "the call ended without a status")
     if code == "0":
         return None
-    name = STATUS_NAMES[int(code)] if code.isdigit() and int(code) < len(STATUS_NAMES) else f"STATUS_{code}"
+    name = STATUS_NAMES[int(code)] if code.isdecimal() and int(code) < len(STATUS_NAMES) else f"STATUS_{code[:10]}"
     return CallFailed(name, unquote(fields.get("grpc-message", "")))
 
 

@@ -18,6 +18,9 @@ MAX_FRAME = 1 << 20
 DEFAULT_WINDOW = 65535
 GIVE_BACK = STREAM_WINDOW // 4
 PARTIAL_DATA = 65536  # a DATA frame larger than this is read as it arrives, not buffered whole
+MAX_HEADER_BLOCK = 64 << 10  # a call's headers or trailers, all their frames together
+MAX_OWED = 1000  # control frames answered while the peer reads nothing (PING and SETTINGS floods)
+MAX_WINDOW = 0x7FFFFFFF
 FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
 MESSAGE_PREFIX = struct.Struct(">BI")  # every gRPC message: compressed flag, length
 SETTING_PAIR = struct.Struct(">HI")
@@ -27,8 +30,11 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 1, 2, 3
-SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 4, 5
+SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 4, 5, 6
 NO_ERROR, PROTOCOL_ERROR, CANCEL = 0, 1, 8
+# HTTP/2 error codes by name (a GOAWAY says which).
+ERROR_CODES = {"PROTOCOL_ERROR": 1, "INTERNAL_ERROR": 2, "FLOW_CONTROL_ERROR": 3, "FRAME_SIZE_ERROR": 6,
+               "COMPRESSION_ERROR": 9, "ENHANCE_YOUR_CALM": 11}
 STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
                 "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
@@ -59,7 +65,7 @@ class H2Stream:
     """One call: the messages read off it, and its windows."""
 
     __slots__ = ("sid", "messages", "queued", "unacked", "partial", "missing", "head", "waiter", "send_window",
-                 "headers", "headers_sent", "remote_done", "error")
+                 "headers", "headers_sent", "remote_done", "reset", "error")
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
@@ -74,6 +80,7 @@ class H2Stream:
         self.headers: dict[str, str] | None = None  # the peer's
         self.headers_sent = False
         self.remote_done = False  # the peer ended its side in order (END_STREAM; the client: trailers with OK)
+        self.reset = False  # the peer reset it: nothing more goes out on it
         self.error: BaseException | None = None
 
     def wake(self) -> None:

@@ -20,14 +20,15 @@ from typing import Awaitable, Callable
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_call import h2_transport_closed
 from gateway.tunnel.h2_connection import H2Connection
-from gateway.tunnel.h2_frames import NO_ERROR, PREFACE, STATUS_NAMES, CallFailed, H2Stream
+from gateway.tunnel.h2_frames import (END_HEADERS, END_STREAM, HEADERS, MAX_WINDOW, NO_ERROR, PREFACE, STATUS_NAMES,
+                                      CallFailed, H2Stream, frame)
 from gateway.tunnel.transport import METHOD, SERVER_KEEPALIVE_PATIENCE
 
 __all__ = ["TunnelServer", "H2ServerTransport", "server_ssl_context"]
 
 log = logging.getLogger("gateway.tunnel")
 
-MAX_CALLS = 16  # calls at once on one connection (a tunnel client opens one)
+MAX_CALLS = 4  # calls at once on one connection (a tunnel client opens one)
 _STOPPING = "this gateway worker is shutting down"
 
 
@@ -74,15 +75,20 @@ class H2ServerTransport:
     def known_end(exc: BaseException) -> TransportClosed | None:
         if isinstance(exc, CallFailed) and exc.code == "CANCELLED":
             return TransportClosed("connection_lost", exc.details)  # the client reset or dropped the call
+        if isinstance(exc, CallFailed) and exc.code == "RESOURCE_EXHAUSTED":
+            return TransportClosed("message_too_large", exc.details)
         return h2_transport_closed(exc)
 
     async def read(self) -> bytes | None:
         try:
             return await self._conn.next_message(self._stream)
         except CallFailed as exc:
-            if exc.code == "RESOURCE_EXHAUSTED":  # the peer reads what gRPC's own limit would have told it
-                self.code, self.details = status_of(exc), exc.details
-                raise TransportClosed("message_too_large", exc.details) from None
+            # The call ends with the status that says why (the peer of an oversize message reads
+            # what gRPC's own limit would have told it); the stream closes with the reason.
+            self.code, self.details = status_of(exc), exc.details
+            known = self.known_end(exc)
+            if known is not None:
+                raise known from None
             raise
         except TransportClosed as exc:  # the server stops: so does the call, UNAVAILABLE
             self.code, self.details = STATUS_NAMES.index("UNAVAILABLE"), exc.detail
@@ -119,7 +125,6 @@ class H2ServerConnection(H2Connection):
         self.peer = peer or ""
         self._preface = b""
         self.last_sid = 0
-        self.tasks: set[asyncio.Task] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -170,7 +175,10 @@ class H2ServerConnection(H2Connection):
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client: its side is done
             if end_stream:
-                self.on_end_stream(stream)
+                try:
+                    self.end_of(stream)
+                except CallFailed as exc:
+                    self.stream_error(stream, exc)
             return
         if sid % 2 == 0 or sid <= self.last_sid:
             raise CallFailed("INTERNAL", f"HTTP/2 PROTOCOL_ERROR: a client stream id {sid} out of order")
@@ -187,20 +195,24 @@ class H2ServerConnection(H2Connection):
             stream.remote_done = end_stream
             self.streams[sid] = stream
             task = asyncio.get_running_loop().create_task(self._run(H2ServerTransport(self, stream), stream))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.server.tasks.add(task)
+            task.add_done_callback(self.server.tasks.discard)
 
     def on_end_stream(self, stream: H2Stream) -> None:
         stream.remote_done = True
         stream.wake()
 
     def stream_error(self, stream: H2Stream, error: CallFailed) -> None:
-        stream.fail(error)  # the servicer's read raises it; the call ends with its status
+        self.fail_stream(stream, error)  # the servicer's read raises it; the call ends with its status
+
+    def last_seen(self) -> int:
+        return self.last_sid
 
     def _answer_only(self, sid: int, code: int, message: str, end_stream: bool = False) -> None:
         """A call refused before it started: trailers only, and a reset of the client's side."""
-        self.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
-                                ("grpc-status", str(code)), ("grpc-message", grpc_message(message))], True)
+        fields = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", str(code)),
+                  ("grpc-message", grpc_message(message))]
+        self.write_control(frame(HEADERS, END_HEADERS | END_STREAM, sid, self.encoder.encode(fields)))
         if not end_stream:
             self.reset(sid, NO_ERROR)
 
@@ -214,6 +226,8 @@ class H2ServerConnection(H2Connection):
         except asyncio.CancelledError:
             transport.code, transport.details = 14, _STOPPING
             raise
+        except (CallFailed, TransportClosed) as exc:  # the call or its connection ended under it
+            log.info("tunnel call ended: %s", exc, extra={"peer": self.peer})
         except Exception as exc:  # noqa: BLE001  (the call ends with it; the worker goes on)
             log.exception("tunnel call failed", extra={"peer": self.peer})
             transport.code, transport.details = 2, f"Unexpected error: {type(exc).__name__}"
@@ -223,15 +237,15 @@ class H2ServerConnection(H2Connection):
     def _finish(self, stream: H2Stream, code: int, details: str) -> None:
         """The call's trailers (or trailers only), and a reset of the client's side if it still sends."""
         self.streams.pop(stream.sid, None)
-        if self.closed is not None or self.transport.is_closing():
-            return
+        if self.closed is not None or self.transport.is_closing() or stream.reset:
+            return  # (a stream the client reset takes no more frames)
         fields = [("grpc-status", str(code))] + ([("grpc-message", grpc_message(details))] if details else [])
         if not stream.headers_sent:
             fields = [(":status", "200"), ("content-type", "application/grpc"), *fields]
         self.send_headers(stream.sid, fields, True)
         if not stream.remote_done:
             self.reset(stream.sid, NO_ERROR)
-        stream.fail(CallFailed("CANCELLED", "the call has ended"))
+        self.fail_stream(stream, CallFailed("CANCELLED", "the call has ended"))
 
 
 class TunnelServer:
@@ -245,6 +259,7 @@ class TunnelServer:
         self.ssl = ssl_context
         self.handshake_timeout = handshake_timeout
         self.connections: set[H2ServerConnection] = set()
+        self.tasks: set[asyncio.Task] = set()  # the calls running
         self.stopping = False
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -265,24 +280,26 @@ class TunnelServer:
                                                                  **self._tls())
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting now; calls running get `grace` seconds, then end with UNAVAILABLE."""
+        """Stop accepting now (and tell every client: GOAWAY, no new calls); calls running
+        get `grace` seconds, then their reads raise gateway_stopping; then they are cancelled."""
         self.stopping = True
         for server in self._servers:
             server.close()
-        tasks = [t for c in self.connections for t in c.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
-        # Then every call's read raises gateway_stopping; what does not end on that is cancelled.
+        for conn in list(self.connections):
+            conn.goaway(NO_ERROR, "server stopping", MAX_WINDOW)
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=grace)
         for conn in list(self.connections):
             for stream in list(conn.streams.values()):
-                stream.fail(TransportClosed("gateway_stopping", _STOPPING))
-        tasks = [t for c in self.connections for t in c.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
-        for conn in list(self.connections):
-            for task in list(conn.tasks):
-                task.cancel()
-        await asyncio.sleep(0)
+                conn.fail_stream(stream, TransportClosed("gateway_stopping", _STOPPING))
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=1.0)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=3.0)  # their trailers go out (UNAVAILABLE)
+        loop = asyncio.get_running_loop()
         for conn in list(self.connections):
             conn.goaway(NO_ERROR, "server stopping", conn.last_sid)
-            conn.fail(CallFailed("UNAVAILABLE", _STOPPING))
+            conn.transport.close()  # what is written goes out first; a peer that reads nothing is cut
+            loop.call_later(1.0, conn.transport.abort)
