@@ -137,16 +137,19 @@ async def test_what_is_not_http2_is_closed_and_the_port_serves_on():
         await server.stop(0)
 
 
+@pytest.mark.parametrize("how", ["killed", "closed"])
 @async_test
-async def test_a_client_gone_ends_the_call_as_connection_lost():
-    ended: list[BaseException] = []
+async def test_a_client_gone_or_done(how):
+    """A client whose connection drops (killed): the call's read raises connection_lost. One that
+    closes its channel: the call ends in order, the read returns None (the stream: closed_by_peer)."""
+    ended: list[object] = []
     started = asyncio.Event()
 
     async def hold(t) -> None:
         await t.read()
         started.set()
         try:
-            await t.read()
+            ended.append(await t.read())
         except Exception as exc:  # noqa: BLE001
             ended.append(exc)
 
@@ -156,14 +159,19 @@ async def test_a_client_gone_ends_the_call_as_connection_lost():
         t = H2ClientTransport(channel)
         await t.write(b"hi")
         await asyncio.wait_for(started.wait(), 5)
-        await channel.close()  # the connection dropped, no trailers
+        if how == "killed":
+            channel.connection.transport.abort()  # no END_STREAM, no RST: as a process that died
+        else:
+            await channel.close()
         for _ in range(100):
-            if ended:
+            if ended and not server.connections:
                 break
             await asyncio.sleep(0.02)
-        assert len(ended) == 1
-        assert isinstance(ended[0], TransportClosed) and ended[0].reason == "connection_lost"
-        assert not server.connections
+        if how == "killed":
+            assert len(ended) == 1 and isinstance(ended[0], TransportClosed) and ended[0].reason == "connection_lost"
+        else:
+            assert ended == [None]
+        assert not server.connections and not server.tasks
     finally:
         await server.stop(0)
 

@@ -18,8 +18,8 @@ from urllib.parse import unquote
 from gateway import __version__
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_connection import H2Connection
-from gateway.tunnel.h2_frames import (CANCEL, DEFAULT_WINDOW, END_HEADERS, HEADERS, STATUS_NAMES, CallFailed, H2Stream,
-                                      frame)
+from gateway.tunnel.h2_frames import (CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, HEADERS, STATUS_NAMES,
+                                      CallFailed, H2Stream, frame)
 from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, METHOD
 
 __all__ = ["CallFailed", "H2Channel", "H2ClientConnection", "H2ClientTransport", "h2_transport_closed"]
@@ -125,9 +125,15 @@ class H2Channel:
         return conn
 
     async def close(self) -> None:
+        """End the call in order (the gateway reads its end, as from a grpcio client's
+        channel), then the connection, once what is written went out."""
         conn, self.connection = self.connection, None
-        if conn is not None:
-            conn.fail(CallFailed("CANCELLED", "the channel was closed"))
+        if conn is None:
+            return
+        call = conn.call
+        if conn.closed is None and call.headers_sent and not (call.remote_done or call.reset or call.error):
+            conn.transport.write(frame(DATA, END_STREAM, CALL, b""))
+        conn.fail(CallFailed("CANCELLED", "the channel was closed"), in_order=True)
 
 
 class H2ClientTransport:

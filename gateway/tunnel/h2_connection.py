@@ -91,17 +91,26 @@ class H2Connection(H2Calls, asyncio.Protocol):
         self._owed = 0
         self._wake_writers()
 
-    def fail(self, error: BaseException) -> None:
-        """End every call of the connection with `error` (those not ended already) and drop it."""
+    def fail(self, error: BaseException, *, in_order: bool = False) -> None:
+        """End every call of the connection with `error` and drop it; a call the peer
+        ended in order still reads its end. `in_order`: what is written goes out first
+        (a peer that reads nothing is cut after a second)."""
         if self.closed is None:
             self.closed = error
         if self._keepalive is not None:
             self._keepalive.cancel()
         for stream in self.streams.values():
-            if not stream.remote_done or not self.is_client:
+            if stream.remote_done:
+                stream.wake()
+            else:
                 stream.fail(error)
         self._wake_writers()
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if in_order and not self.transport.is_closing():
+            self.transport.close()
+            asyncio.get_running_loop().call_later(1.0, self.transport.abort)
+        else:
             self.transport.abort()  # a dead peer would hold a graceful close until TCP gives up
 
     def fail_stream(self, stream: H2Stream, error: BaseException) -> None:

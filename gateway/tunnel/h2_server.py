@@ -298,8 +298,6 @@ class TunnelServer:
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=3.0)  # their trailers go out (UNAVAILABLE)
-        loop = asyncio.get_running_loop()
         for conn in list(self.connections):
             conn.goaway(NO_ERROR, "server stopping", conn.last_sid)
-            conn.transport.close()  # what is written goes out first; a peer that reads nothing is cut
-            loop.call_later(1.0, conn.transport.abort)
+            conn.fail(CallFailed("UNAVAILABLE", _STOPPING), in_order=True)
