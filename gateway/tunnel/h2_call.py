@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Sequence
 from urllib.parse import unquote
 
 from gateway import __version__
@@ -149,15 +150,19 @@ class H2ClientTransport:
         return self._channel.node
 
     async def write(self, raw: bytes) -> None:
+        await self.write_parts((raw,), len(raw))
+
+    async def write_parts(self, parts: Sequence[bytes | memoryview], size: int) -> None:
+        """One message given in parts (TunnelStream's writer: a batch of frames, not joined)."""
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._channel.connect()
         call = conn.call
         if call.remote_done:
             raise CallFailed("UNAVAILABLE", "the gateway has ended the call")
-        if len(raw) > conn.max_message:
-            raise CallFailed("RESOURCE_EXHAUSTED", f"Sent message larger than max ({len(raw)} vs. {conn.max_message})")
-        await conn.send_message(call, raw)
+        if size > conn.max_message:
+            raise CallFailed("RESOURCE_EXHAUSTED", f"Sent message larger than max ({size} vs. {conn.max_message})")
+        await conn.send_parts(call, parts, size)
 
     async def read(self) -> bytes | None:
         conn = self._conn

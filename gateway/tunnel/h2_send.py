@@ -4,7 +4,7 @@ the frames a call starts and ends with."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Sequence
 
 from gateway.tunnel.h2_frames import (DATA, END_HEADERS, END_STREAM, FRAME_HEAD, GIVE_BACK, GOAWAY, GOAWAY_HEAD,
                                       HEADERS, MESSAGE_PREFIX, RST_STREAM, U32, CallFailed, H2Stream, frame)
@@ -53,19 +53,22 @@ class H2Calls:
 
     async def send_message(self, stream: H2Stream, raw: bytes) -> None:
         """One message on `stream`, as one DATA frame when the windows allow (the usual case)."""
+        await self.send_parts(stream, (raw,), len(raw))
+
+    async def send_parts(self, stream: H2Stream, parts: Sequence[bytes | memoryview], size: int) -> None:
+        """One message of `size` bytes given in parts (a batch of tunnel frames), written without joining them."""
         self._check_open(stream)
-        size = len(raw)
         total = size + 5
         if total <= stream.send_window and total <= self.conn_send_window and total <= self.peer_max_frame:
             stream.send_window -= total
             self.conn_send_window -= total
             head = FRAME_HEAD.pack(total << 8 | DATA, 0, stream.sid) + MESSAGE_PREFIX.pack(0, size)
-            if size <= 16384:
-                self.transport.write(head + raw)
+            if size <= 16384:  # one small write: a join is cheaper than a writev of many parts
+                self.transport.write(head + b"".join(parts))
             else:
-                self.transport.writelines((head, raw))
+                self.transport.writelines((head, *parts))
         else:
-            await self._send_frames(stream, [memoryview(MESSAGE_PREFIX.pack(0, size)), memoryview(raw)], total)
+            await self._send_frames(stream, [memoryview(MESSAGE_PREFIX.pack(0, size)), *map(memoryview, parts)], total)
         if self.paused:
             await self._drain(stream)
 

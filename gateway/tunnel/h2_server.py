@@ -15,7 +15,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_call import h2_transport_closed
@@ -95,10 +95,14 @@ class H2ServerTransport:
             raise
 
     async def write(self, raw: bytes) -> None:
+        await self.write_parts((raw,), len(raw))
+
+    async def write_parts(self, parts: Sequence[bytes | memoryview], size: int) -> None:
+        """One message given in parts (TunnelStream's writer: a batch of frames, not joined)."""
         stream = self._stream
         if not stream.headers_sent:
             self._conn.respond(stream)
-        await self._conn.send_message(stream, raw)
+        await self._conn.send_parts(stream, parts, size)
 
     def peer(self) -> str:
         return self._conn.peer

@@ -129,6 +129,8 @@ class TunnelStream:
     async def _writer(self) -> None:
         out = self._out
         limit = self.limits.max_batch_bytes
+        # A transport that writes a message in parts (ours, h2_send.py) spares the join's copy.
+        write_parts = getattr(self.transport, "write_parts", None)
         while True:
             if not out:
                 self._wake.clear()
@@ -153,16 +155,12 @@ class TunnelStream:
             self.batches_out += 1
             self.frames_out += n_frames
             self.bytes_out += size
-            await self.transport.write(b"".join(parts))
+            await (write_parts(parts, size) if write_parts else self.transport.write(b"".join(parts)))
 
     async def _gather_turns(self) -> None:
         """Let the frames of the next loop turns join the batch: one turn, no timer;
         while this end serves requests and each turn brings more (answers coming
-        back from the upstream), up to three. A gRPC message costs its writer and
-        reader 40-260 us of CPU whatever it holds (scripts/bench_floor.py); this
-        gave 1.06x requests/s at c64 over 12 alternating rounds and 4-8 % less
-        CPU a request on both ends. (Waiting a second turn whether or not more
-        came kept the peer waiting: 5 % fewer requests/s.)"""
+        back from the upstream), up to three. What each bought: docs/performance.md."""
         out = self._out
         queued = len(out)
         await asyncio.sleep(0)
