@@ -28,6 +28,7 @@ from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import grpc_options, open_client_call, tunnel_handler
 from tests.harness import Stack, get_json, http, wait_until
 from tests.test_auth_tls import pki  # noqa: F401,F811  (the fixture)
+from tests.test_bodies import _download, _upload
 from tests.test_unit_stream import async_test, limits, unexpected
 
 BIG = 16 << 20
@@ -50,23 +51,6 @@ def any_stack(make_module_stack, request) -> Stack:
     return stack
 
 
-async def _upload(url: str, body: bytes) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url, data=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
-            return r.status, await r.json(content_type=None)
-
-
-async def _download(url: str) -> tuple[int, str, int]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        async with s.get(url, timeout=aiohttp.ClientTimeout(total=60)) as r:
-            h = hashlib.sha256()
-            n = 0
-            async for chunk in r.content.iter_chunked(1 << 16):
-                h.update(chunk)
-                n += len(chunk)
-            return r.status, h.hexdigest(), n
-
-
 @pytest.mark.parametrize("way", ["ingress", "egress"])
 def test_requests_and_16_mib_bodies_both_ways(any_stack, way):
     stack = any_stack
@@ -79,7 +63,7 @@ def test_requests_and_16_mib_bodies_both_ways(any_stack, way):
     data = os.urandom(BIG)
     status, answer = asyncio.run(_upload(f"{base}/sink", data))
     assert status == 200 and answer == {"sha256": hashlib.sha256(data).hexdigest(), "size": BIG}
-    status, digest, n = asyncio.run(_download(f"{base}/bytes/{BIG}"))
+    status, _length, digest, n = asyncio.run(_download(f"{base}/bytes/{BIG}"))
     assert (status, n) == (200, BIG) and digest == hashlib.sha256(b"\xab" * BIG).hexdigest()
 
 
@@ -156,12 +140,14 @@ async def test_messages_stay_bytes_and_the_end_reads_as_none():
         await server.stop(0)
 
 
+async def refuse(t) -> None:
+    """A servicer that turns the call away after its first message, as tunnel admission does."""
+    await t.read()
+    t.refuse("tunnel admission: retry later")
+
+
 @async_test
 async def test_status_and_limits_are_named():
-    async def refuse(t) -> None:
-        await t.read()
-        t.refuse("tunnel admission: retry later")
-
     async def big(t) -> None:
         await t.read()
         await t.write(b"\0" * 3000)
@@ -279,11 +265,13 @@ class Peer:
 
         class Sink(asyncio.Transport):
             def write(self, data) -> None:
+                if peer.aborted:  # as uvloop's, once the socket is closed
+                    raise RuntimeError("unable to perform operation: the handler is closed")
                 peer.out += data
 
             def writelines(self, parts) -> None:
                 for p in parts:
-                    peer.out += p
+                    self.write(p)
 
             def abort(self) -> None:
                 peer.aborted = True
@@ -484,3 +472,22 @@ async def test_a_cancelled_writer_leaves_the_others_waiting():
     conn.data_received(frame(8, 0, 3, struct.pack(">I", 100)))
     await asyncio.wait_for(second, 2)
     assert first.cancelled() and p.frames()[-1][:3] == (0, 0, 3)
+
+
+@async_test
+async def test_a_connection_closing_under_a_call_is_an_os_error():
+    """The socket may close (a gateway that hung up, a TLS port spoken to in clear) before
+    connection_lost says so: the call's writes and reads then raise CallFailed (an OSError),
+    never the socket's RuntimeError, and nothing more is written."""
+    p = Peer(max_message=4 << 20)
+    p.conn.data_received(p.open() + frame(0, 0, 1, message(b"\0" * (3 << 20))))
+    p.aborted = True  # closed, connection_lost not yet called
+    t = H2ClientTransport.__new__(H2ClientTransport)
+    t._conn = p.conn
+    assert len(await t.read()) == 3 << 20  # queued before: read; its window is not given back on a closed socket
+    with pytest.raises(OSError):
+        await t.write(b"x")
+    await t.close()
+    p.conn.connection_lost(None)
+    with pytest.raises(OSError):
+        await t.read()

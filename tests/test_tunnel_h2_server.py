@@ -18,6 +18,7 @@ from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientTransport
 from gateway.tunnel.h2_server import TunnelServer, grpc_peer, server_ssl_context
 from gateway.tunnel.transport import CLIENT_MAX_MESSAGE, METHOD, grpc_options, open_client_call
 from tests.test_auth_tls import pki  # noqa: F401  (the fixture)
+from tests.test_tunnel_h2 import refuse
 from tests.test_unit_stream import async_test
 
 
@@ -70,10 +71,6 @@ async def test_a_grpcio_client_several_calls_on_one_connection():
 
 @async_test
 async def test_status_limits_and_other_methods():
-    async def refuse(t) -> None:
-        await t.read()
-        t.refuse("tunnel admission: retry later")
-
     got: list[BaseException] = []
 
     async def strict(t) -> None:

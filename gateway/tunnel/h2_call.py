@@ -115,6 +115,8 @@ class H2Channel:
             lambda: H2ClientConnection(self.max_message), host, int(port), ssl=self._ssl,
             server_hostname=(self._server_hostname or host) if tls else None), self.timeout)
         self.connection = conn
+        if not conn.is_open():  # the gateway hung up at once (say, a TLS port spoken to in clear)
+            raise conn.closed if isinstance(conn.closed, CallFailed) else CallFailed("UNAVAILABLE", "Connection lost")
         if tls and transport.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
             conn.fail(CallFailed("UNAVAILABLE", "the gateway did not agree to HTTP/2 (ALPN)"))
         else:
@@ -132,7 +134,7 @@ class H2Channel:
         if conn is None:
             return
         call = conn.call
-        if conn.closed is None and call.headers_sent and not (call.remote_done or call.reset or call.error):
+        if conn.is_open() and call.headers_sent and not (call.remote_done or call.reset or call.error):
             conn.transport.write(frame(DATA, END_STREAM, CALL, b""))
         conn.fail(CallFailed("CANCELLED", "the channel was closed"), in_order=True)
 
@@ -172,7 +174,7 @@ class H2ClientTransport:
 
     async def close(self) -> None:
         conn = self._conn
-        if conn is not None and conn.closed is None:
+        if conn is not None and conn.is_open():
             if not conn.call.remote_done:
                 conn.reset(CALL, CANCEL)
             conn.fail(CallFailed("CANCELLED", "the call was cancelled"))

@@ -113,12 +113,16 @@ class H2Connection(H2Calls, asyncio.Protocol):
         else:
             self.transport.abort()  # a dead peer would hold a graceful close until TCP gives up
 
+    def is_open(self) -> bool:
+        """Frames can still be written (the socket may close before connection_lost says so)."""
+        return self.closed is None and self.transport is not None and not self.transport.is_closing()
+
     def fail_stream(self, stream: H2Stream, error: BaseException) -> None:
         stream.fail(error)
         self._wake_writers()  # a writer waiting for its window or a drain sees it
 
     def _ping(self) -> None:
-        if self.closed is not None:
+        if not self.is_open():
             return
         self._ping_out = True
         self.transport.write(frame(PING, 0, 0, b"\0" * 8))
@@ -137,7 +141,8 @@ class H2Connection(H2Calls, asyncio.Protocol):
             self._owed += 1
             if self._owed > MAX_OWED:
                 raise Broken("ENHANCE_YOUR_CALM", "the peer does not read what it asks for")
-        self.transport.write(data)
+        if self.is_open():
+            self.transport.write(data)
 
     # -- what subclasses say
 
@@ -216,7 +221,7 @@ class H2Connection(H2Calls, asyncio.Protocol):
             self._pending = [buf[pos:]]
             self._pending_size = end - pos
             self._need = self._need or 9
-        if self.unacked >= GIVE_BACK:
+        if self.unacked >= GIVE_BACK and self.is_open():
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.unacked)))
             self.unacked = 0
 
@@ -375,7 +380,8 @@ class H2Connection(H2Calls, asyncio.Protocol):
     def give_back(self, stream: H2Stream) -> None:
         """Give the stream's window back for what arrived, once a quarter of it did and
         less than half of it waits to be read."""
-        if stream.unacked >= GIVE_BACK and stream.queued < STREAM_WINDOW // 2 and stream.error is None:
+        if (stream.unacked >= GIVE_BACK and stream.queued < STREAM_WINDOW // 2 and stream.error is None
+                and self.is_open()):
             self.transport.write(frame(WINDOW_UPDATE, 0, stream.sid, U32.pack(stream.unacked)))
             stream.unacked = 0
 

@@ -45,10 +45,14 @@ class H2Calls:
             stream.waiter = asyncio.get_running_loop().create_future()
             await stream.waiter
 
-    def _check_open(self, stream: H2Stream) -> None:
+    def is_open(self) -> bool:
+        raise NotImplementedError
+
+    def check_open(self, stream: H2Stream) -> None:
+        """Raise what ended the call or its connection, if anything did: frames may go out now."""
         if stream.error is not None:
             raise stream.error
-        if self.closed is not None or stream.reset:
+        if not self.is_open() or stream.reset:
             raise CallFailed("UNAVAILABLE", "the call or its connection has ended")
 
     async def send_message(self, stream: H2Stream, raw: bytes) -> None:
@@ -57,7 +61,7 @@ class H2Calls:
 
     async def send_parts(self, stream: H2Stream, parts: Sequence[bytes | memoryview], size: int) -> None:
         """One message of `size` bytes given in parts (a batch of tunnel frames), written without joining them."""
-        self._check_open(stream)
+        self.check_open(stream)
         total = size + 5
         if total <= stream.send_window and total <= self.conn_send_window and total <= self.peer_max_frame:
             stream.send_window -= total
@@ -76,7 +80,7 @@ class H2Calls:
         """A message in DATA frames as large as the windows and the peer's frame size allow."""
         loop = asyncio.get_running_loop()
         while remaining:
-            self._check_open(stream)
+            self.check_open(stream)
             n = min(stream.send_window, self.conn_send_window, self.peer_max_frame, remaining)
             if n <= 0:
                 if self.window_opened is None or self.window_opened.done():
@@ -108,7 +112,7 @@ class H2Calls:
             if self.drained is None or self.drained.done():
                 self.drained = asyncio.get_running_loop().create_future()
             await asyncio.shield(self.drained)  # as in _send_frames
-        self._check_open(stream)
+        self.check_open(stream)
 
     def send_headers(self, sid: int, fields: list[tuple[str, str]], end_stream: bool = False) -> None:
         self.transport.write(frame(HEADERS, END_HEADERS | (END_STREAM if end_stream else 0), sid,

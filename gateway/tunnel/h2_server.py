@@ -101,6 +101,7 @@ class H2ServerTransport:
         """One message given in parts (TunnelStream's writer: a batch of frames, not joined)."""
         stream = self._stream
         if not stream.headers_sent:
+            self._conn.check_open(stream)
             self._conn.respond(stream)
         await self._conn.send_parts(stream, parts, size)
 
@@ -241,7 +242,7 @@ class H2ServerConnection(H2Connection):
     def _finish(self, stream: H2Stream, code: int, details: str) -> None:
         """The call's trailers (or trailers only), and a reset of the client's side if it still sends."""
         self.streams.pop(stream.sid, None)
-        if self.closed is not None or self.transport.is_closing() or stream.reset:
+        if not self.is_open() or stream.reset:
             return  # (a stream the client reset takes no more frames)
         fields = [("grpc-status", str(code))] + ([("grpc-message", grpc_message(details))] if details else [])
         if not stream.headers_sent:
