@@ -8,14 +8,18 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 
 import grpc
 import grpc.aio
 import pytest
+from hpack import Encoder
+from hypothesis import given, settings, strategies as st
 
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientTransport
-from gateway.tunnel.h2_server import TunnelServer, grpc_peer, server_ssl_context
+from gateway.tunnel.h2_frames import PREFACE
+from gateway.tunnel.h2_server import H2ServerConnection, TunnelServer, grpc_peer, server_ssl_context
 from gateway.tunnel.transport import CLIENT_MAX_MESSAGE, METHOD, grpc_options, open_client_call
 from tests.test_auth_tls import pki  # noqa: F401  (the fixture)
 from tests.test_tunnel_h2 import refuse
@@ -134,6 +138,36 @@ async def test_what_is_not_http2_is_closed_and_the_port_serves_on():
         await server.stop(0)
 
 
+@async_test
+async def test_a_call_the_client_cancels_ends_as_closed_by_peer():
+    """grpcio's cancel is an RST_STREAM(CANCEL): the client's choice, not a fault."""
+    ended: list[object] = []
+    started = asyncio.Event()
+
+    async def hold(t) -> None:
+        await t.read()
+        started.set()
+        try:
+            ended.append(await t.read())
+        except TransportClosed as exc:
+            ended.append(exc.reason)
+
+    server, port = await _serve(hold)
+    try:
+        async with _grpc_channel(port) as ch:
+            call = open_client_call(ch)
+            await call.write(b"hi")
+            await asyncio.wait_for(started.wait(), 5)
+            call.cancel()
+            for _ in range(100):
+                if ended:
+                    break
+                await asyncio.sleep(0.02)
+        assert ended == ["closed_by_peer"]
+    finally:
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("how", ["killed", "closed"])
 @async_test
 async def test_a_client_gone_or_done(how):
@@ -241,3 +275,70 @@ def test_peer_names_are_grpcs():
     assert grpc_peer(("10.0.0.1", 5000)) == "ipv4:10.0.0.1:5000"
     assert grpc_peer(("::1", 5000, 0, 0)) == "ipv6:[::1]:5000"
     assert METHOD == "/tunnel.v1.Tunnel/Connect"
+
+
+# -- fuzz: whatever follows the preface, the gateway's end neither raises nor holds on ------------
+
+class _Sink(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = 0
+        self.closed = False
+
+    def write(self, data) -> None:
+        if self.closed:
+            raise RuntimeError("the handler is closed")  # as uvloop's
+        self.out += len(data)
+
+    def writelines(self, parts) -> None:
+        for p in parts:
+            self.write(p)
+
+    def abort(self) -> None:
+        self.closed = True
+
+    close = abort
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+_frame = st.builds(lambda kind, flags, sid, payload: struct.pack(">IBI", len(payload) << 8 | kind, flags, sid) + payload,
+                   st.integers(0, 10), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 0x7FFFFFFF]),
+                   st.binary(max_size=64))
+
+
+_CALL_HEADERS = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+                                   ("te", "trailers"), ("content-type", "application/grpc")])
+# Frames a real call is made of, so that calls start, read and end among the random ones.
+_call_frame = st.one_of(
+    st.sampled_from([1, 3, 5]).map(lambda sid: struct.pack(">IBI", len(_CALL_HEADERS) << 8 | 1, 4, sid) + _CALL_HEADERS),
+    st.builds(lambda sid, body, flags: struct.pack(">IBI", (len(body) + 5) << 8, flags, sid)
+              + struct.pack(">BI", 0, len(body)) + body,
+              st.sampled_from([1, 3, 5]), st.binary(max_size=40), st.sampled_from([0, 1])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames_=st.lists(st.one_of(_frame, _call_frame), max_size=12), junk=st.binary(max_size=64),
+       cut=st.integers(1, 50))
+def test_frames_of_any_shape_never_escape_the_connection(frames_, junk, cut):
+    async def run() -> None:
+        server = TunnelServer(_echo, max_message=1 << 16, keepalive=5.0)
+        conn = H2ServerConnection(server)
+        sink = _Sink()
+        conn.connection_made(sink)
+        wire = PREFACE + b"".join(frames_) + junk
+        for i in range(0, len(wire), cut):
+            conn.data_received(wire[i:i + cut])  # raises nothing, whatever it is
+        assert conn._pending_size <= len(wire)
+        conn.connection_lost(None)
+        await asyncio.sleep(0)
+        tasks = set(server.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        assert not server.tasks and not server.connections  # every call it started ended with it
+
+    asyncio.run(run())

@@ -159,6 +159,8 @@ class H2Connection(H2Calls, asyncio.Protocol):
     # -- reading frames
 
     def data_received(self, data: bytes) -> None:
+        if self.closed is not None:
+            return  # what arrives after the end (bytes read before the socket closed) means nothing
         self._ping_out = False  # any bytes from the peer show it is alive (its ACK may queue behind DATA)
         if self._need:  # an incomplete frame: joined once, when whole
             self._pending.append(data)

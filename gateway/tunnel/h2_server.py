@@ -74,7 +74,7 @@ class H2ServerTransport:
     @staticmethod
     def known_end(exc: BaseException) -> TransportClosed | None:
         if isinstance(exc, CallFailed) and exc.code == "CANCELLED":
-            return TransportClosed("connection_lost", exc.details)  # the client reset or dropped the call
+            return TransportClosed("closed_by_peer", exc.details)  # the client cancelled its call: its choice
         if isinstance(exc, CallFailed) and exc.code == "RESOURCE_EXHAUSTED":
             return TransportClosed("message_too_large", exc.details)
         return h2_transport_closed(exc)
