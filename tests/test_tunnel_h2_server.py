@@ -9,6 +9,7 @@ import contextlib
 import os
 import socket
 import struct
+from typing import Callable
 
 import grpc
 import grpc.aio
@@ -38,6 +39,32 @@ async def _serve(serve, max_message: int = 1 << 20, **kw) -> tuple[TunnelServer,
 def _grpc_channel(port: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}",
                                      options=grpc_options(CLIENT_MAX_MESSAGE, 10_000, server=False))
+
+
+async def until(condition, seconds: float = 2.0) -> None:
+    """Poll `condition` on the loop until it holds, failing after `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def second_read() -> tuple[Callable, list, asyncio.Event]:
+    """A servicer that reads a first message (then sets the event) and records how its second
+    read ends: the message, None (the call's end in order) or the reason the transport gives."""
+    ended: list[object] = []
+    started = asyncio.Event()
+
+    async def serve(t) -> None:
+        await t.read()
+        started.set()
+        try:
+            ended.append(await t.read())
+        except TransportClosed as exc:
+            ended.append(exc.reason)
+
+    return serve, ended, started
 
 
 async def _echo(t) -> None:
@@ -129,11 +156,7 @@ async def test_what_is_not_http2_is_closed_and_the_port_serves_on():
         await t.write(b"still")
         assert await t.read() == b"llits"
         await channel.close()
-        for _ in range(100):  # every connection, the junk's and ours, gone
-            if not server.connections:
-                break
-            await asyncio.sleep(0.02)
-        assert not server.connections
+        await until(lambda: not server.connections)  # every connection, the junk's and ours, gone
     finally:
         await server.stop(0)
 
@@ -141,17 +164,7 @@ async def test_what_is_not_http2_is_closed_and_the_port_serves_on():
 @async_test
 async def test_a_call_the_client_cancels_ends_as_closed_by_peer():
     """grpcio's cancel is an RST_STREAM(CANCEL): the client's choice, not a fault."""
-    ended: list[object] = []
-    started = asyncio.Event()
-
-    async def hold(t) -> None:
-        await t.read()
-        started.set()
-        try:
-            ended.append(await t.read())
-        except TransportClosed as exc:
-            ended.append(exc.reason)
-
+    hold, ended, started = second_read()
     server, port = await _serve(hold)
     try:
         async with _grpc_channel(port) as ch:
@@ -159,10 +172,7 @@ async def test_a_call_the_client_cancels_ends_as_closed_by_peer():
             await call.write(b"hi")
             await asyncio.wait_for(started.wait(), 5)
             call.cancel()
-            for _ in range(100):
-                if ended:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: ended)
         assert ended == ["closed_by_peer"]
     finally:
         await server.stop(0)
@@ -173,17 +183,7 @@ async def test_a_call_the_client_cancels_ends_as_closed_by_peer():
 async def test_a_client_gone_or_done(how):
     """A client whose connection drops (killed): the call's read raises connection_lost. One that
     closes its channel: the call ends in order, the read returns None (the stream: closed_by_peer)."""
-    ended: list[object] = []
-    started = asyncio.Event()
-
-    async def hold(t) -> None:
-        await t.read()
-        started.set()
-        try:
-            ended.append(await t.read())
-        except Exception as exc:  # noqa: BLE001
-            ended.append(exc)
-
+    hold, ended, started = second_read()
     server, port = await _serve(hold)
     try:
         channel = H2Channel(f"127.0.0.1:{port}", max_message=1 << 20)
@@ -194,14 +194,8 @@ async def test_a_client_gone_or_done(how):
             channel.connection.transport.abort()  # no END_STREAM, no RST: as a process that died
         else:
             await channel.close()
-        for _ in range(100):
-            if ended and not server.connections:
-                break
-            await asyncio.sleep(0.02)
-        if how == "killed":
-            assert len(ended) == 1 and isinstance(ended[0], TransportClosed) and ended[0].reason == "connection_lost"
-        else:
-            assert ended == [None]
+        await until(lambda: ended and not server.connections)
+        assert ended == (["connection_lost"] if how == "killed" else [None])
         assert not server.connections and not server.tasks
     finally:
         await server.stop(0)
@@ -209,15 +203,7 @@ async def test_a_client_gone_or_done(how):
 
 @async_test
 async def test_stop_gives_running_calls_their_grace_then_ends_them():
-    reasons: list[str] = []
-
-    async def hold(t) -> None:
-        await t.read()
-        try:
-            await t.read()
-        except TransportClosed as exc:
-            reasons.append(exc.reason)
-
+    hold, reasons, _started = second_read()
     server, port = await _serve(hold)
     channel = H2Channel(f"127.0.0.1:{port}", max_message=1 << 20)
     t = H2ClientTransport(channel)
