@@ -80,10 +80,11 @@ class H2ClientConnection(H2Connection):
             raise CallFailed("INTERNAL", "HTTP/2 PROTOCOL_ERROR: trailers without END_STREAM")
 
     def on_end_stream(self, stream: H2Stream) -> None:
-        self._end(stream, {})
+        # END_STREAM on DATA: the gateway ended the call with no trailers, so with no status.
+        raise CallFailed("UNKNOWN", "the call ended without a status")
 
     def _end(self, stream: H2Stream, trailers: dict[str, str]) -> None:
-        """The gateway ended the call: with OK, `read` returns what is queued and then None."""
+        """The gateway's trailers ended the call: with OK, `read` returns what is queued and then None."""
         if stream.missing or stream.head:
             raise CallFailed("INTERNAL", "the call ended inside a message")
         error = grpc_status(trailers)

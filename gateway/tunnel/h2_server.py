@@ -30,6 +30,8 @@ log = logging.getLogger("gateway.tunnel")
 
 MAX_CALLS = 4  # calls at once on one connection (a tunnel client opens one)
 _STOPPING = "this gateway worker is shutting down"
+STATUS = {name: code for code, name in enumerate(STATUS_NAMES)}  # gRPC status codes by name
+RESPONSE_HEAD = [(":status", "200"), ("content-type", "application/grpc")]
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -57,7 +59,13 @@ def grpc_message(text: str) -> str:
 
 
 def status_of(exc: BaseException) -> int:
-    return STATUS_NAMES.index(exc.code) if isinstance(exc, CallFailed) and exc.code in STATUS_NAMES else 2
+    return STATUS.get(exc.code, STATUS["UNKNOWN"]) if isinstance(exc, CallFailed) else STATUS["UNKNOWN"]
+
+
+def trailers(code: int, details: str, with_head: bool) -> list[tuple[str, str]]:
+    """A call's last header block: its status (and, for a call that sent nothing, the response head too)."""
+    fields = [("grpc-status", str(code))] + ([("grpc-message", grpc_message(details))] if details else [])
+    return [*RESPONSE_HEAD, *fields] if with_head else fields
 
 
 class H2ServerTransport:
@@ -75,8 +83,6 @@ class H2ServerTransport:
     def known_end(exc: BaseException) -> TransportClosed | None:
         if isinstance(exc, CallFailed) and exc.code == "CANCELLED":
             return TransportClosed("closed_by_peer", exc.details)  # the client cancelled its call: its choice
-        if isinstance(exc, CallFailed) and exc.code == "RESOURCE_EXHAUSTED":
-            return TransportClosed("message_too_large", exc.details)
         return h2_transport_closed(exc)
 
     async def read(self) -> bytes | None:
@@ -91,7 +97,7 @@ class H2ServerTransport:
                 raise known from None
             raise
         except TransportClosed as exc:  # the server stops: so does the call, UNAVAILABLE
-            self.code, self.details = STATUS_NAMES.index("UNAVAILABLE"), exc.detail
+            self.code, self.details = STATUS["UNAVAILABLE"], exc.detail
             raise
 
     async def write(self, raw: bytes) -> None:
@@ -113,7 +119,7 @@ class H2ServerTransport:
 
     def refuse(self, details: str) -> None:
         """End the call, when the servicer returns, with RESOURCE_EXHAUSTED (admission's refusal)."""
-        self.code, self.details = STATUS_NAMES.index("RESOURCE_EXHAUSTED"), details
+        self.code, self.details = STATUS["RESOURCE_EXHAUSTED"], details
 
     async def close(self) -> None:
         return None  # the call ends when the servicer returns
@@ -189,9 +195,9 @@ class H2ServerConnection(H2Connection):
             raise CallFailed("INTERNAL", f"HTTP/2 PROTOCOL_ERROR: a client stream id {sid} out of order")
         self.last_sid = sid
         if fields.get(":path") != METHOD:
-            self._answer_only(sid, 12, f"Method not found: {fields.get(':path')}", end_stream)
+            self._answer_only(sid, STATUS["UNIMPLEMENTED"], f"Method not found: {fields.get(':path')}", end_stream)
         elif fields.get(":method") != "POST" or not fields.get("content-type", "").startswith("application/grpc"):
-            self._answer_only(sid, 13, "not a gRPC call", end_stream)
+            self._answer_only(sid, STATUS["INTERNAL"], "not a gRPC call", end_stream)
         elif len(self.streams) >= MAX_CALLS or self.server.stopping:
             self.reset(sid, 7)  # REFUSED_STREAM: the client may retry elsewhere
         else:
@@ -215,27 +221,26 @@ class H2ServerConnection(H2Connection):
 
     def _answer_only(self, sid: int, code: int, message: str, end_stream: bool = False) -> None:
         """A call refused before it started: trailers only, and a reset of the client's side."""
-        fields = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", str(code)),
-                  ("grpc-message", grpc_message(message))]
-        self.write_control(frame(HEADERS, END_HEADERS | END_STREAM, sid, self.encoder.encode(fields)))
+        self.write_control(frame(HEADERS, END_HEADERS | END_STREAM, sid,
+                                 self.encoder.encode(trailers(code, message, with_head=True))))
         if not end_stream:
             self.reset(sid, NO_ERROR)
 
     def respond(self, stream: H2Stream) -> None:
         stream.headers_sent = True
-        self.send_headers(stream.sid, [(":status", "200"), ("content-type", "application/grpc")])
+        self.send_headers(stream.sid, RESPONSE_HEAD)
 
     async def _run(self, transport: H2ServerTransport, stream: H2Stream) -> None:
         try:
             await self.server.serve(transport)
         except asyncio.CancelledError:
-            transport.code, transport.details = 14, _STOPPING
+            transport.code, transport.details = STATUS["UNAVAILABLE"], _STOPPING
             raise
         except (CallFailed, TransportClosed) as exc:  # the call or its connection ended under it
             log.info("tunnel call ended: %s", exc, extra={"peer": self.peer})
         except Exception as exc:  # noqa: BLE001  (the call ends with it; the worker goes on)
             log.exception("tunnel call failed", extra={"peer": self.peer})
-            transport.code, transport.details = 2, f"Unexpected error: {type(exc).__name__}"
+            transport.code, transport.details = STATUS["UNKNOWN"], f"Unexpected error: {type(exc).__name__}"
         finally:
             self._finish(stream, transport.code, transport.details)
 
@@ -244,10 +249,7 @@ class H2ServerConnection(H2Connection):
         self.streams.pop(stream.sid, None)
         if not self.is_open() or stream.reset:
             return  # (a stream the client reset takes no more frames)
-        fields = [("grpc-status", str(code))] + ([("grpc-message", grpc_message(details))] if details else [])
-        if not stream.headers_sent:
-            fields = [(":status", "200"), ("content-type", "application/grpc"), *fields]
-        self.send_headers(stream.sid, fields, True)
+        self.send_headers(stream.sid, trailers(code, details, with_head=not stream.headers_sent), True)
         if not stream.remote_done:
             self.reset(stream.sid, NO_ERROR)
         self.fail_stream(stream, CallFailed("CANCELLED", "the call has ended"))
