@@ -142,6 +142,26 @@ async def test_status_limits_and_other_methods():
 
 
 @async_test
+async def test_a_refusal_before_any_read_reaches_a_grpcio_client_as_sent():
+    """Admission refuses a connection before reading its HELLO. Ended at once, grpcio's client
+    (its HELLO write racing the status) reports INTERNAL; the refusal waits for that write."""
+    async def admission(t) -> None:
+        t.refuse("tunnel admission: too many connections from this address; retry later")
+
+    server, port = await _serve(admission)
+    try:
+        for _ in range(10):
+            async with _grpc_channel(port) as ch:
+                call = open_client_call(ch)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call.write(b"hello")
+                assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "admission" in await call.details()
+    finally:
+        await server.stop(0)
+
+
+@async_test
 async def test_what_is_not_http2_is_closed_and_the_port_serves_on():
     server, port = await _serve(_echo)
     try:

@@ -12,6 +12,7 @@ methods end at once with UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -29,6 +30,7 @@ __all__ = ["TunnelServer", "H2ServerTransport", "server_ssl_context"]
 log = logging.getLogger("gateway.tunnel")
 
 MAX_CALLS = 4  # calls at once on one connection (a tunnel client opens one)
+REFUSAL_WAIT = 1.0
 _STOPPING = "this gateway worker is shutting down"
 STATUS = {name: code for code, name in enumerate(STATUS_NAMES)}  # gRPC status codes by name
 RESPONSE_HEAD = [(":status", "200"), ("content-type", "application/grpc")]
@@ -71,13 +73,14 @@ def trailers(code: int, details: str, with_head: bool) -> list[tuple[str, str]]:
 class H2ServerTransport:
     """The gateway's end of one Connect call, as ServerTransport (transport.py) for grpcio."""
 
-    __slots__ = ("_conn", "_stream", "code", "details")
+    __slots__ = ("_conn", "_stream", "code", "details", "was_read")
 
     def __init__(self, conn: "H2ServerConnection", stream: H2Stream) -> None:
         self._conn = conn
         self._stream = stream
         self.code = 0  # the status the call ends with
         self.details = ""
+        self.was_read = False  # the servicer asked for a message
 
     @staticmethod
     def known_end(exc: BaseException) -> TransportClosed | None:
@@ -86,6 +89,7 @@ class H2ServerTransport:
         return h2_transport_closed(exc)
 
     async def read(self) -> bytes | None:
+        self.was_read = True
         try:
             return await self._conn.next_message(self._stream)
         except CallFailed as exc:
@@ -242,7 +246,16 @@ class H2ServerConnection(H2Connection):
             log.exception("tunnel call failed", extra={"peer": self.peer})
             transport.code, transport.details = STATUS["UNKNOWN"], f"Unexpected error: {type(exc).__name__}"
         finally:
+            if transport.code and not transport.was_read:
+                await self._first_message(stream)
             self._finish(stream, transport.code, transport.details)
+
+    async def _first_message(self, stream: H2Stream) -> None:
+        """A call refused before it read anything (admission) waits for the client's first
+        message, a second at most: grpcio's client reports a status that comes before its
+        first write as INTERNAL, not as the status sent."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.next_message(stream), REFUSAL_WAIT)
 
     def _finish(self, stream: H2Stream, code: int, details: str) -> None:
         """The call's trailers (or trailers only), and a reset of the client's side if it still sends."""
