@@ -16,6 +16,7 @@ from gateway.client.inspector import add_client_inspector_routes, client_inspect
 from gateway.client.local_entry import LocalEntry
 from gateway.client.quick import Console
 from gateway.grpc_io import grpc_io_in_use
+from gateway.heap import settle_heap
 from gateway.http.connections import EntryLimits
 from gateway.http.entry import entry_runner
 from gateway.http.upstream import UpstreamClients
@@ -51,6 +52,7 @@ async def serve(config: ClientConfig, console: Console | None = None) -> int:
         runners.append(runner)
     if config.admin_port:
         runners.append(await _start_admin(agent, config, registry))
+    settle_heap()
     try:
         await agent.run_forever(stop)
     finally:

@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 
 from gateway.config import GatewayConfig
 from gateway.grpc_io import choose_grpc_io
+from gateway.heap import settle_heap
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
 
@@ -188,6 +189,7 @@ class Worker:
         log.info("listening: %s", ", ".join(f"{what} {url}" for what, url in urls.items()),
                  extra={"http_port": cfg.http_port, "tunnel_port": cfg.tunnel_port, "admin_port": cfg.admin_port,
                         "urls": urls})
+        settle_heap()
         await stop.wait()
         await self.shutdown(listeners)
 
