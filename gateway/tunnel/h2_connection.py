@@ -185,12 +185,11 @@ class H2Connection(H2Calls, asyncio.Protocol):
         return 0
 
     def _frames(self, buf: bytes) -> None:
-        if self._data_left:  # inside a DATA frame's payload, read as it comes
-            n = min(self._data_left, len(buf))
-            self._data_left -= n
-            self._payload(self._data_stream, buf, 0, n, 0 if self._data_left else self._data_flags)
-            buf = buf[n:] if n < len(buf) else b""
         pos, end = 0, len(buf)
+        if self._data_left:  # inside a DATA frame's payload, read as it comes
+            pos = min(self._data_left, end)
+            self._data_left -= pos
+            self._payload(self._data_stream, buf, 0, pos, 0 if self._data_left else self._data_flags)
         while end - pos >= 9:
             kind, flags, sid = FRAME_HEAD.unpack_from(buf, pos)
             length = kind >> 8

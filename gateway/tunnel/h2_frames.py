@@ -72,7 +72,7 @@ class H2Stream:
         self.messages: deque[bytes] = deque()
         self.queued = 0  # bytes of messages not yet read
         self.unacked = 0  # DATA bytes received and not yet given back as window
-        self.partial: list[bytes] = []  # a message spanning frames or reads, and how much of it is missing
+        self.partial: list[bytes | memoryview] = []  # a message spanning frames or reads, and how much of it is missing
         self.missing = 0
         self.head = b""  # a message prefix split between frames
         self.waiter: asyncio.Future | None = None
@@ -99,7 +99,8 @@ class H2Stream:
         while start < stop:
             if self.missing:  # a message begun in an earlier frame or read
                 n = min(self.missing, stop - start)
-                self.partial.append(buf[start:start + n])
+                # A view, not a slice: the message's bytes are copied once, by the join.
+                self.partial.append(buf if n == len(buf) else memoryview(buf)[start:start + n])
                 start += n
                 self.missing -= n
                 if not self.missing:
