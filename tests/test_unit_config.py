@@ -138,7 +138,7 @@ def test_valid_file_loads(tmp_path):
     assert cfg.path == path
     # settings: from the file, else defaults; read as attributes
     assert (cfg.workers, cfg.http_port, cfg.request_timeout, cfg.log_format) == (2, 8080, 12.5, "text")
-    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 65536, True)
+    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 131072, True)
     assert set(cfg.settings) == {s.name for s in GATEWAY_SETTINGS}
     with pytest.raises(AttributeError):
         cfg.no_such_setting

@@ -534,29 +534,38 @@ async def test_the_serving_end_at_its_inflight_limit_resets_overloaded():
 
 
 @async_test
-async def test_a_full_outbound_queue_refuses_requests_and_holds_body_writers():
+async def test_bodies_wait_at_half_the_outbound_queue_and_a_full_queue_refuses_requests():
     async def serve(ex: InboundExchange) -> None:
         await respond(ex, b"%d" % len(await read_all(ex.body)))
 
-    async with Pair(b_handler=serve, a_limits=limits(max_queue_bytes=1000, chunk_size=400)) as p:
+    async with Pair(b_handler=serve, a_limits=limits(max_queue_bytes=1000, chunk_size=200)) as p:
         p.ta.flowing.clear()  # the transport takes no more: the peer is not reading
         ex = request(p.a, "r1", end_stream=False)
         await settle(p.ta, p.tb)  # the writer took the head and waits on the transport
-        assert not p.a.queue_full
         body = pattern(3, 2000)
         writing = asyncio.get_running_loop().create_task(ex.sender.write(body, end=True))
         await settle(p.ta, p.tb)
-        assert p.a.queue_full and not writing.done()  # the body writer waits for room
+        # The body writer waits once bodies fill half the queue; the stream still takes
+        # requests (bodies in flight, up to a window each, never refuse one by themselves).
+        assert not writing.done() and not p.a.queue_full
+        heads = []
+        while not p.a.queue_full:  # heads and control fill the other half
+            heads.append(request(p.a, f"h{len(heads)}"))
+            assert len(heads) < 50
+        assert len(heads) >= 2
         with pytest.raises(TunnelError) as info:
-            request(p.a, "r2")
+            request(p.a, "refused")
         assert info.value.code == "overloaded"
-        assert set(p.a.pending) == {"r1"}
+        assert set(p.a.pending) == {"r1"} | {h.request_id for h in heads}
 
         p.ta.flowing.set()  # the writer drains the queue
         await writing
         assert not p.a.queue_full
         assert await read_all(ex.body) == b"2000"
         ex.close()
+        for head in heads:
+            assert await read_all(head.body) == b"0"
+            head.close()
         second = request(p.a, "r2")
         assert await read_all(second.body) == b"0"
         second.close()

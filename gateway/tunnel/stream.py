@@ -114,13 +114,15 @@ class TunnelStream:
             return
         self._out.append(raw)
         self._out_bytes += len(raw) if type(raw) is bytes else sum(map(len, raw))
-        if self._out_bytes >= self.limits.max_queue_bytes:
+        if self._out_bytes >= self.limits.max_queue_bytes >> 1:
             self._space.clear()
         self._wake.set()
 
     async def push_data(self, parts: tuple[bytes | memoryview, ...]) -> None:
-        """Queue a body frame (`frames.encode_data`), waiting while the outbound queue is full."""
-        while self._out_bytes >= self.limits.max_queue_bytes and not self.closed:
+        """Queue a body frame (`frames.encode_data`), waiting while the outbound queue is half
+        full: the other half is for heads, credit and control, so bodies in flight (up to a
+        window each) hold their senders back but never make the stream refuse a request."""
+        while self._out_bytes >= self.limits.max_queue_bytes >> 1 and not self.closed:
             await self._space.wait()
         if self.closed:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} closed: {self.close_reason}")
@@ -150,7 +152,7 @@ class TunnelStream:
                     parts += raw
                     size += sum(map(len, raw))
             self._out_bytes -= size
-            if self._out_bytes < self.limits.max_queue_bytes:
+            if self._out_bytes < self.limits.max_queue_bytes >> 1:
                 self._space.set()
             self.batches_out += 1
             self.frames_out += n_frames
