@@ -14,7 +14,7 @@ The allocator: glibc's malloc hands a block of 128 KiB or more out as fresh page
 assembled from its reads then cost its pages' faults and zeroing every time
 (about 100 page faults a 1 MiB response in a worker). Blocks up to
 `MMAP_THRESHOLD` now come from the heap, and up to `TRIM_THRESHOLD` of free heap
-is kept for the next message. What each bought: docs/performance.md, "The heap".
+is kept for the next message. What each bought: docs/performance.md, "The heap, the windows, the interpreter".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import ctypes.util
 import gc
 import logging
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "YOUNG_THRESHOLD", "settle_heap"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "YOUNG_THRESHOLD", "keep_large_blocks", "settle_heap"]
 
 log = logging.getLogger(__name__)
 
