@@ -78,8 +78,11 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
             "HELLOs naming it are refused (never other addresses')"),
     Setting("tunnel_max_streams_per_group", 1000, positive_int,
             "tunnel streams one group may hold on a worker (checked after the credentials)"),
-    Setting("chunk_size", 131072, positive_int, "largest DATA frame payload"),
-    Setting("stream_window", 1048576, positive_int, "per-request flow-control window, bytes"),
+    Setting("chunk_size", 65536, positive_int, "largest DATA frame payload"),
+    Setting("stream_window", 1048576, positive_int,
+            "per-request flow-control window on a client's tunnel, bytes (the client takes it from the gateway)"),
+    Setting("channel_window", 262144, positive_int,
+            "per-request flow-control window between workers and nodes, bytes (keep it the same on all of a fleet)"),
     Setting("max_batch_bytes", 1 << 20, positive_int, "target size of one gRPC message of frames"),
     Setting("max_queue_bytes", 8 << 20, positive_int,
             "outbound bytes queued per stream before 503 (bodies wait at half)"),
@@ -271,8 +274,9 @@ def _check_settings(settings: dict[str, Any], path: str, errors: Errors) -> None
     def error(key: str, message: str) -> None:
         errors.add(ConfigError(path, f"gateway.{key}", message))
 
-    if settings["chunk_size"] > settings["stream_window"]:
-        error("chunk_size", f"must not exceed gateway.stream_window ({settings['chunk_size']} > {settings['stream_window']})")
+    for window in ("stream_window", "channel_window"):
+        if settings["chunk_size"] > settings[window]:
+            error("chunk_size", f"must not exceed gateway.{window} ({settings['chunk_size']} > {settings[window]})")
     if settings["max_header_bytes"] + settings["chunk_size"] > settings["max_batch_bytes"] * 3:
         error("max_batch_bytes", f"too small for a head plus a chunk, got {settings['max_batch_bytes']}")
     for key in ("tls_cert", "tls_key", "tls_client_ca"):

@@ -18,12 +18,12 @@ is kept for the next message. What each bought: docs/performance.md, "The heap, 
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
-import ctypes.util
 import gc
 import logging
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "YOUNG_THRESHOLD", "keep_large_blocks", "settle_heap"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "YOUNG_THRESHOLD", "keep_large_blocks", "refreeze_soon", "settle_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,16 @@ MMAP_THRESHOLD = 4 << 20
 # Free heap a process keeps: a few messages' worth, well within its memory budget.
 TRIM_THRESHOLD = 16 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+# Seconds after a config change before the heap is frozen anew (refreeze_soon).
+REFREEZE_AFTER = 10.0
+_refreeze: asyncio.TimerHandle | None = None
 
 
 def settle_heap() -> None:
-    """Call once the process has started to serve: what it made to start is
-    kept out of every later collection (gc.freeze), young collections run
-    less often (cycles are still found and freed, in larger batches), and
-    large blocks are reused instead of mapped afresh."""
+    """Call once the process has started to serve: what it made to start is kept
+    out of every later collection (gc.freeze), young collections run less often
+    (cycles are still found and freed, in larger batches), and large blocks are
+    reused instead of mapped afresh."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
@@ -49,16 +52,41 @@ def settle_heap() -> None:
     keep_large_blocks()
 
 
+def refreeze_soon(delay: float = REFREEZE_AFTER) -> None:
+    """After a config change: what the old config held was frozen with the rest, and
+    frozen cycles are never freed. In `delay` seconds (the old rules' tasks ended),
+    the frozen objects go back to the collector, the dead are freed and the living
+    frozen again; what the old config's requests still hold then goes at the next
+    change. Another change within the delay moves the time on."""
+    global _refreeze
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # not serving: nothing was frozen
+    if _refreeze is not None:
+        _refreeze.cancel()
+    _refreeze = loop.call_later(delay, _refreeze_now)
+
+
+def _refreeze_now() -> None:
+    global _refreeze
+    _refreeze = None
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
 def keep_large_blocks() -> bool:
     """Tell glibc's malloc to serve large blocks from its heap and keep some free
     heap; False where the C library has no mallopt (musl, macOS): nothing changes."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    if not ok:
-        log.debug("mallopt refused the thresholds: the allocator keeps its defaults")
-    return ok
+    mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    kept = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not (mapped and kept):
+        log.debug("mallopt refused a threshold: the allocator keeps its default there")
+    return mapped and kept

@@ -5,6 +5,7 @@ are written to tmp_path; no sockets, no processes."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import os
 import pickle
@@ -132,13 +133,30 @@ host = "api.github.com"
 """
 
 
+def test_a_clients_tunnel_and_the_channels_between_workers_take_their_own_windows(tmp_path):
+    from gateway.workers.routing import Routing
+
+    cfg = load_gateway_config(write(tmp_path, FULL))
+    # Defaults: a client takes 1 MiB from its WELCOME; channels keep 256 KiB, the window
+    # every version gave them, so workers of the old code and the new agree in an upgrade.
+    assert (cfg.stream_window, cfg.channel_window, cfg.chunk_size) == (1 << 20, 256 << 10, 64 << 10)
+
+    async def limits():
+        routing = Routing(cfg, worker=0, workers=2, spawn=asyncio.ensure_future)
+        return routing.stream_limits(), routing.stream_limits(channel=True)
+
+    client, channel = asyncio.run(limits())
+    assert (client.window, channel.window) == (cfg.stream_window, cfg.channel_window)
+    assert client.body_queue_bytes == cfg.max_queue_bytes // 2
+
+
 def test_valid_file_loads(tmp_path):
     path = write(tmp_path, FULL)
     cfg = load_gateway_config(path)
     assert cfg.path == path
     # settings: from the file, else defaults; read as attributes
     assert (cfg.workers, cfg.http_port, cfg.request_timeout, cfg.log_format) == (2, 8080, 12.5, "text")
-    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 131072, True)
+    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 65536, True)
     assert set(cfg.settings) == {s.name for s in GATEWAY_SETTINGS}
     with pytest.raises(AttributeError):
         cfg.no_such_setting
@@ -215,6 +233,7 @@ BAD = {
     "health path without slash": (dict(upstream='health_path = "healthz"'), "upstreams.out.health_path"),
     # cross-setting checks
     "chunk_size > stream_window": (dict(gateway="chunk_size = 300000\nstream_window = 262144"), "gateway.chunk_size"),
+    "chunk_size > channel_window": (dict(gateway="channel_window = 32768"), "gateway.chunk_size"),
     "max_batch_bytes too small": (dict(gateway="max_batch_bytes = 1024"), "gateway.max_batch_bytes"),
     "tls_cert missing": (dict(gateway='tls_cert = "/nonexistent/cert.pem"\ntls_key = "/nonexistent/key.pem"'),
                          "gateway.tls_cert"),

@@ -21,6 +21,7 @@ from gateway.client.fleet import NodeSet, home_offset
 from gateway.client.inspector import captured, finish
 from gateway.client.quick import Console
 from gateway.groupconfig import check_allowed, group_config_from_json
+from gateway.heap import refreeze_soon
 from gateway.inspection import Inspector
 from gateway.settings import ConfigError
 from gateway.dispatch import RuleDispatcher
@@ -90,6 +91,7 @@ class Agent:
         self.dispatcher.start()
         if old is not None:
             old.close()
+            refreeze_soon()  # the old rules' objects may have been frozen (gateway/heap.py)
         self.config_version = version
         log.info("config applied", extra={"config_version": version, "rules": len(group.rules)})
         if cache and self.config.config_cache:

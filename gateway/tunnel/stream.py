@@ -4,8 +4,8 @@ A stream multiplexes many requests over one transport. The read loop only
 dispatches: a request from the peer gets its own task, a frame for a request
 this end originated goes to that request's exchange. A single writer task sends
 everything queued as one batch. Every buffer is bounded: the outbound queue by
-bytes (a full queue makes new requests fail with `overloaded` and makes body
-writers wait), each body by its flow-control window.
+bytes (body writers wait once bodies fill half of it, a full queue makes new
+requests fail with `overloaded`), each body by its flow-control window.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class TunnelStream:
             return
         self._out.append(raw)
         self._out_bytes += len(raw) if type(raw) is bytes else sum(map(len, raw))
-        if self._out_bytes >= self.limits.max_queue_bytes >> 1:
+        if self._out_bytes >= self.limits.body_queue_bytes:
             self._space.clear()
         self._wake.set()
 
@@ -122,7 +122,7 @@ class TunnelStream:
         """Queue a body frame (`frames.encode_data`), waiting while the outbound queue is half
         full: the other half is for heads, credit and control, so bodies in flight (up to a
         window each) hold their senders back but never make the stream refuse a request."""
-        while self._out_bytes >= self.limits.max_queue_bytes >> 1 and not self.closed:
+        while self._out_bytes >= self.limits.body_queue_bytes and not self.closed:
             await self._space.wait()
         if self.closed:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} closed: {self.close_reason}")
@@ -152,7 +152,7 @@ class TunnelStream:
                     parts += raw
                     size += sum(map(len, raw))
             self._out_bytes -= size
-            if self._out_bytes < self.limits.max_queue_bytes >> 1:
+            if self._out_bytes < self.limits.body_queue_bytes:
                 self._space.set()
             self.batches_out += 1
             self.frames_out += n_frames

@@ -5,9 +5,11 @@ __all__ = ["StreamLimits"]
 
 
 class StreamLimits:
-    """Sizes and bounds of one stream; both ends use the same defaults."""
+    """Sizes and bounds of one stream. The window must be the same at both ends: a client
+    takes the gateway's (its WELCOME says it), workers' channels share a setting."""
 
-    __slots__ = ("max_inflight", "window", "chunk_size", "max_batch_bytes", "max_queue_bytes", "heartbeat_interval")
+    __slots__ = ("max_inflight", "window", "chunk_size", "max_batch_bytes", "max_queue_bytes", "body_queue_bytes",
+                 "heartbeat_interval")
 
     def __init__(
         self,
@@ -24,4 +26,6 @@ class StreamLimits:
         self.chunk_size = chunk_size
         self.max_batch_bytes = max_batch_bytes
         self.max_queue_bytes = max_queue_bytes
+        # Bodies wait at half the queue: the other half is for heads, credit and control.
+        self.body_queue_bytes = max(1, max_queue_bytes // 2)
         self.heartbeat_interval = heartbeat_interval

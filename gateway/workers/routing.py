@@ -82,7 +82,9 @@ class Routing:
         cfg = self.config
         return StreamLimits(
             max_inflight=cfg.max_inflight_per_stream * (CHANNEL_INFLIGHT_FACTOR if channel else 1),
-            window=cfg.stream_window,
+            # A channel's two ends each take their own setting, not a value the other sent (as a
+            # client does): a default they share, kept across versions (docs/performance.md).
+            window=cfg.channel_window if channel else cfg.stream_window,
             chunk_size=cfg.chunk_size,
             max_batch_bytes=cfg.max_batch_bytes,
             max_queue_bytes=cfg.max_queue_bytes,

@@ -24,7 +24,7 @@ from setproctitle import setproctitle
 
 from gateway.config import GatewayConfig
 from gateway.grpc_io import choose_grpc_io
-from gateway.heap import settle_heap
+from gateway.heap import refreeze_soon, settle_heap
 from gateway.ids import RequestIds, gateway_prefix, new_instance_id
 from gateway.logs import setup_logging
 
@@ -112,6 +112,7 @@ class Worker:
         pushed = self.routing.apply_config(new)
         self.endpoint.apply_config(new)
         self.metrics.set_config_versions(self.routing.config_versions(), old_versions)
+        refreeze_soon()  # the old config's objects were frozen with the rest at start
         log.info("config reloaded", extra={"file": new.path, "pushed": pushed})
 
     async def _beat(self) -> None:
