@@ -16,7 +16,7 @@ import pytest
 
 from gateway.client.config import CLIENT_SETTINGS, load_client_config
 from gateway.client.config import ENV_PREFIX as CLIENT_ENV
-from gateway.config import ENV_PREFIX, GATEWAY_SETTINGS, load_gateway_config
+from gateway.config import AUTO_CHUNK, ENV_PREFIX, GATEWAY_SETTINGS, load_gateway_config
 from gateway.groupconfig import group_config_from_json, parse_group_config, parse_upstreams
 from gateway.grpc_io import choose_grpc_io, grpc_io_in_use
 from gateway.settings import (
@@ -139,7 +139,7 @@ def test_a_clients_tunnel_and_the_channels_between_workers_take_their_own_window
     cfg = load_gateway_config(write(tmp_path, FULL))
     # Defaults: a client takes 1 MiB from its WELCOME; channels keep 256 KiB, the window
     # every version gave them, so workers of the old code and the new agree in an upgrade.
-    assert (cfg.stream_window, cfg.channel_window, cfg.chunk_size) == (1 << 20, 256 << 10, 64 << 10)
+    assert (cfg.stream_window, cfg.channel_window, cfg.chunk_size) == (1 << 20, 256 << 10, 128 << 10)
 
     async def limits():
         routing = Routing(cfg, worker=0, workers=2, spawn=asyncio.ensure_future)
@@ -148,6 +148,11 @@ def test_a_clients_tunnel_and_the_channels_between_workers_take_their_own_window
     client, channel = asyncio.run(limits())
     assert (client.window, channel.window) == (cfg.stream_window, cfg.channel_window)
     assert client.body_queue_bytes == cfg.max_queue_bytes // 2
+    # chunk_size 0 (the default) is 128 KiB, or the smaller window: a file that set a small
+    # window before 128 KiB frames were the default still loads.
+    small = load_gateway_config(write(tmp_path, FULL.replace("[gateway]", "[gateway]\nstream_window = 65536"),
+                                      name="small.toml"))
+    assert (small.stream_window, small.chunk_size) == (65536, 65536)
 
 
 def test_valid_file_loads(tmp_path):
@@ -156,7 +161,7 @@ def test_valid_file_loads(tmp_path):
     assert cfg.path == path
     # settings: from the file, else defaults; read as attributes
     assert (cfg.workers, cfg.http_port, cfg.request_timeout, cfg.log_format) == (2, 8080, 12.5, "text")
-    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 65536, True)
+    assert (cfg.tunnel_port, cfg.chunk_size, cfg.watch_config) == (50001, 131072, True)
     assert set(cfg.settings) == {s.name for s in GATEWAY_SETTINGS}
     with pytest.raises(AttributeError):
         cfg.no_such_setting
@@ -194,7 +199,8 @@ def test_config_pickles(tmp_path):
 
 def test_minimal_file_uses_defaults(tmp_path):
     cfg = load_gateway_config(write(tmp_path, ""))
-    assert dict(cfg.settings) == {s.name: s.default for s in GATEWAY_SETTINGS}
+    # chunk_size's default, 0, is resolved at load (128 KiB, or the smaller window).
+    assert dict(cfg.settings) == {s.name: s.default for s in GATEWAY_SETTINGS} | {"chunk_size": AUTO_CHUNK}
     assert (cfg.groups, cfg.routes, cfg.forward, cfg.upstreams, cfg.grpc_routes) == ({}, (), (), {}, ())
 
 
@@ -233,7 +239,7 @@ BAD = {
     "health path without slash": (dict(upstream='health_path = "healthz"'), "upstreams.out.health_path"),
     # cross-setting checks
     "chunk_size > stream_window": (dict(gateway="chunk_size = 300000\nstream_window = 262144"), "gateway.chunk_size"),
-    "chunk_size > channel_window": (dict(gateway="channel_window = 32768"), "gateway.chunk_size"),
+    "chunk_size > channel_window": (dict(gateway="chunk_size = 65536\nchannel_window = 32768"), "gateway.chunk_size"),
     "max_batch_bytes too small": (dict(gateway="max_batch_bytes = 1024"), "gateway.max_batch_bytes"),
     "tls_cert missing": (dict(gateway='tls_cert = "/nonexistent/cert.pem"\ntls_key = "/nonexistent/key.pem"'),
                          "gateway.tls_cert"),
@@ -360,6 +366,7 @@ def test_env_and_flags_of_every_type(tmp_path, monkeypatch):
 
 def test_env_can_break_a_cross_setting_check(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNNEL_GATEWAY_STREAM_WINDOW", "1024")
+    monkeypatch.setenv("TUNNEL_GATEWAY_CHUNK_SIZE", "2048")
     path = write(tmp_path, "")
     with pytest.raises(ConfigError) as info:
         load_gateway_config(path)
