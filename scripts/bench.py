@@ -197,14 +197,21 @@ class Bench:
         with_slow.ratio, with_slow.ratio_to = round(with_slow.result.rps / alone.result.rps, 3), "hol_alone"
 
     def run_sharding(self) -> None:
-        """100-byte GET at 64 with 1 worker, 2 workers all local, 2 workers all cross-worker."""
-        configs = [("workers1", 1, False), ("workers2_local", 2, False), ("workers2_cross", 2, True)]
+        """100-byte GET at 64 with 1 worker, 2 workers all local, 2 workers with the client's two
+        connections on one (half the requests cross: the kernel's placement half the time, when
+        the client does not spread them), 2 workers all cross-worker."""
+        configs = [("workers1", 1, False), ("workers2_local", 2, False), ("workers2_crowded", 2, False),
+                   ("workers2_cross", 2, True)]
         rows: dict[str, Row] = {}
         for label, workers, cross in configs:
             self.stack.stop_tunnel()
             self.stack.start_gateway(workers, force_cross_worker=cross)
-            self.stack.start_client(connections=4 if workers > 1 else 2)
-            if workers > 1 and not cross:
+            if label == "workers2_crowded":
+                self.stack.start_client(connections=2, extra=["--no-spread-workers"])
+                self.stack.crowd_streams(worker=0, expected=2)
+            else:
+                self.stack.start_client(connections=4 if workers > 1 else 2)
+            if workers > 1 and not cross and label != "workers2_crowded":
                 self.stack.spread_streams(workers)
             url = f"http://127.0.0.1:{self.stack.http_port}"
             self.warm_up(url)
@@ -213,7 +220,7 @@ class Bench:
             row.extra["cross_frames"] = self.stack.cross_frames() - frames_before
             rows[label] = row
         local, cross = rows["workers2_local"], rows["workers2_cross"]
-        for row in (rows["workers1"], cross):
+        for row in (rows["workers1"], rows["workers2_crowded"], cross):
             if local.result.rps:
                 row.ratio, row.ratio_to = round(row.result.rps / local.result.rps, 3), "workers2_local"
         if local.cpu_gateway_per_1k is not None and cross.cpu_gateway_per_1k is not None:

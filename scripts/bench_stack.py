@@ -256,6 +256,16 @@ class RssSampler:
         self._thread.join()
 
 
+def drain_all_but(admin_url: str, counts: dict[int, int], worker: int) -> None:
+    """Drain the streams of every worker but `worker` (`counts`: streams by worker); their
+    clients reconnect wherever the kernel puts them, so repeat until all sit on it."""
+    for w, n in counts.items():
+        if w != worker and n:
+            request = urllib.request.Request(f"{admin_url}/admin/drain", data=json.dumps({"worker": w}).encode(),
+                                             method="POST", headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=5).close()
+
+
 class BenchStack:
     """Starts and stops the measured processes; every one it starts is stopped by close()."""
 
@@ -430,6 +440,25 @@ http {{
 
     def cross_frames(self) -> int:
         return sum(w["cross_frames_in"] + w["cross_frames_out"] for w in self.shards())
+
+    def crowd_streams(self, worker: int, expected: int) -> None:
+        """Drain the other workers until all `expected` streams sit on `worker` (a client started
+        with --no-spread-workers stays so), as the kernel may place a client's connections."""
+
+        def crowded() -> bool:
+            counts = self.streams_per_worker()
+            if sum(counts.values()) < expected:
+                return False
+            if counts.get(worker, 0) == expected:
+                return True
+            drain_all_but(self.admin_url, counts, worker)
+            return False
+
+        try:
+            wait_until(crowded, 60, interval=0.3, what=f"every stream on worker {worker}",
+                       watch=(self.gateway, self.client))
+        except (ProcessExited, TimeoutError) as exc:
+            raise SystemExit(f"bench: could not put every stream on worker {worker}: {exc}") from None
 
     def spread_streams(self, workers: int) -> None:
         """Make every worker own a stream (so every request can stay local), with the rebalance script."""

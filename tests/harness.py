@@ -22,7 +22,7 @@ STOP_TIMEOUT = 5.0  # a test's process not gone this long after SIGTERM is kille
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_stack import (  # noqa: E402,F401  (the one process harness, for tests and benchmarks)
-    NOT_READY, ProcGroup, ProcessExited, Processes, children_of, free_port, get_json, wait_until,
+    NOT_READY, ProcGroup, ProcessExited, Processes, children_of, drain_all_but, free_port, get_json, wait_until,
 )
 
 
@@ -299,9 +299,7 @@ def concentrate(stack: Stack, worker: int, expected: int, workers: int = 2, time
             return False
         if counts.get(worker, 0) == expected and stack.routable():
             return True
-        for w, n in counts.items():
-            if w != worker and n:
-                drain(stack, worker=w)
+        drain_all_but(stack.admin_url, counts, worker)
         return False
 
     wait_until(done, timeout, interval=0.5, what=f"all streams on worker {worker}", watch=stack.gateway)

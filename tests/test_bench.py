@@ -24,7 +24,8 @@ EXPECTED = {
     (s, t) for s in ("get100_c1", "get100_c16", "get100_c64", "get1m_c16", "post1m_c16")
     for t in ("direct", "ingress", "egress")
 } | {("hol_alone", "ingress"), ("hol_with_slow", "ingress"),
-     ("workers1", "ingress"), ("workers2_local", "ingress"), ("workers2_cross", "ingress")}
+     ("workers1", "ingress"), ("workers2_local", "ingress"), ("workers2_crowded", "ingress"),
+     ("workers2_cross", "ingress")}
 
 
 def run_quick(script: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
@@ -47,6 +48,7 @@ def test_quick_bench_runs_every_scenario_without_errors(tmp_path):
             assert row["cpu_gateway_s_per_1k"] > 0 and row["peak_rss_gateway_mb"] > 0, (key, row)
     # Through the tunnel every figure is compared with the direct call of the same run.
     assert rows[("get100_c64", "ingress")]["ratio_to"] == "direct"
+    assert rows[("workers2_local", "ingress")]["cross_frames"] < rows[("workers2_crowded", "ingress")]["cross_frames"]
     assert rows[("workers2_local", "ingress")]["cross_frames"] < rows[("workers2_cross", "ingress")]["cross_frames"]
     assert rows[("hol_with_slow", "ingress")]["slow_request"] == "ok"
     assert {t["target"] for t in report["targets"]} >= {"get100_c64 ingress / direct >= 0.40"}

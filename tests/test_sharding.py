@@ -20,11 +20,12 @@ from tests.harness import (
 
 @pytest.fixture
 def sharded(procs, tmp_path) -> Stack:
-    """Two workers; client c1 with two connections; both streams on worker 0."""
+    """Two workers; client c1 with two connections; both streams on worker 0
+    (the client does not spread them back: --no-spread-workers)."""
     stack = Stack(procs, tmp_path)
     stack.start_backend()
     stack.start_gateway(settings={"workers": 2})
-    stack.start_client("c1", extra=["--connections", "2"])
+    stack.start_client("c1", extra=["--connections", "2", "--no-spread-workers"])
     concentrate(stack, worker=0, expected=2)
     return stack
 
@@ -226,8 +227,8 @@ def test_rebalance_evens_out_and_dry_run_changes_nothing(procs, tmp_path):
     stack = Stack(procs, tmp_path)
     stack.start_backend()
     stack.start_gateway(settings={"workers": 2})
-    for cid in ("c1", "c2", "c3"):
-        stack.start_client(cid, extra=["--connections", "2"])
+    for cid in ("c1", "c2", "c3"):  # placed by the script alone
+        stack.start_client(cid, extra=["--connections", "2", "--no-spread-workers"])
     concentrate(stack, worker=0, expected=6)
     admin = f"http://127.0.0.1:{stack.admin_port}"
     dry = subprocess.run([sys.executable, "scripts/rebalance.py", "--admin", admin, "--dry-run"], cwd=ROOT,

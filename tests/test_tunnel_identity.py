@@ -45,10 +45,11 @@ class FakeClient:
         self.frames: list[frames.Frame] = []
         self._pump: asyncio.Task | None = None
 
-    async def hello(self, client_id: str, group: str, token: str, connection: int = 0) -> frames.pb.Welcome:
+    async def hello(self, client_id: str, group: str, token: str, connection: int = 0,
+                    instance: str = "") -> frames.pb.Welcome:
         await self.call.write(frames.encode_frame(frames.hello(
             client_id=client_id, group=group, token=token, version="test", capabilities=["http"],
-            connection_index=connection)))
+            connection_index=connection, instance=instance)))
         raw = await asyncio.wait_for(self.call.read(), 10)
         assert raw is not grpc.aio.EOF, "the gateway ended the call without WELCOME"
         first = frames.decode_batch(raw)[0]
@@ -109,6 +110,37 @@ def test_another_groups_client_id_evicts_nothing(make_stack):
     rows = get_json(f"http://127.0.0.1:{stack.admin_port}/admin/clients")["clients"]
     assert sorted(r["connection"] for r in rows if r["group"] == "other") == ["victim/0", "victim/1"]
     assert http("GET", f"{stack.url}/echo/other").status == 200
+
+
+def test_a_connection_of_the_same_process_is_a_move_and_another_process_a_duplicate(make_stack):
+    """The gateway tells a client moving its own connection (the same HELLO instance: to spread
+    over the workers) from a second process with its identity."""
+    stack = make_stack(settings={"workers": 1})
+
+    async def connect() -> tuple[frames.pb.Welcome, list[str]]:
+        fakes = [FakeClient(stack.tunnel_port) for _ in range(3)]
+        try:
+            welcome = await fakes[0].hello("mover", "g1", TOKEN, instance="proc-1")
+            assert (await fakes[1].hello("mover", "g1", TOKEN, instance="proc-1")).accepted  # its move
+            assert (await fakes[2].hello("mover", "g1", TOKEN, instance="proc-2")).accepted  # a duplicate
+
+            def goaways(fake: FakeClient) -> list[str]:
+                return [f.goaway.reason for f in fake.frames if f.WhichOneof("kind") == "goaway"]
+
+            await asyncio.to_thread(wait_until, lambda: goaways(fakes[0]) and goaways(fakes[1]), 10,
+                                    what="both older connections sent away")
+            return welcome, goaways(fakes[0]) + goaways(fakes[1])
+        finally:
+            for fake in fakes:
+                await fake.close()
+
+    welcome, reasons = asyncio.run(connect())
+    # WELCOME says which worker of how many, of which gateway: what a client spreads by.
+    assert (welcome.worker, welcome.workers) == ("0", 1) and welcome.instance, welcome
+    assert reasons == ["moved", "replaced_by_newer_connection"], reasons
+    log = stack.gateway.output()
+    assert log.count("a client moved a connection") == 1
+    assert log.count("duplicate client identity") == 1
 
 
 # -- refusals as a client process sees them: fatal ones stop it, draining does not ----------

@@ -2,7 +2,8 @@
 arrives on them. Each connection is its own stream with its own back-off;
 losing one does not interrupt the others. With several gateway nodes the
 connections are spread over them (gateway/client/fleet.py decides, one move
-at a time; gateway/client/connection.py moves)."""
+at a time; gateway/client/connection.py moves), and on one gateway over its
+workers (gateway/client/worker_spread.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,9 +18,10 @@ import orjson
 from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.client.connection import Connection
-from gateway.client.fleet import NodeSet, home_offset
+from gateway.client.fleet import Move, NodeSet, home_offset
 from gateway.client.inspector import captured, finish
 from gateway.client.quick import Console
+from gateway.client.worker_spread import Seat, WorkerSpread
 from gateway.groupconfig import check_allowed, group_config_from_json
 from gateway.heap import refreeze_soon
 from gateway.inspection import Inspector
@@ -50,6 +52,7 @@ class Agent:
         self.inspector: Inspector | None = None  # the last requests served, for the status port's Inspector
         self.connections = [Connection(self, i) for i in range(config.connections)]
         self.nodes = NodeSet(config.server.split(","), offset=home_offset(config.group, config.client_id))
+        self.worker_spread = WorkerSpread()
         self._rr = itertools.count()
         self._rebalance_now = asyncio.Event()
 
@@ -166,6 +169,19 @@ class Agent:
         """Each connection's node (None: not connected)."""
         return {c.index: c.node for c in self.connections}
 
+    def seats(self) -> dict[int, Seat | None]:
+        """Each connection's gateway and worker (None: not connected)."""
+        return {c.index: c.seat for c in self.connections}
+
+    def _next_move(self) -> Move | None:
+        """Over the nodes first; then, on one node, over its workers."""
+        move = self.nodes.plan_move(self.placed())
+        if move is not None or not self.config.spread_workers:
+            return move
+        index = self.worker_spread.plan(self.seats())
+        node = self.connections[index].node if index is not None else None
+        return Move(index, node, "spread over the gateway's workers") if index is not None and node else None
+
     def learn(self, nodes: Sequence[str], via: str) -> None:
         """The serving nodes a gateway named (WELCOME, FLEET): new ones get connections soon."""
         if not self.config.learn_fleet:
@@ -176,14 +192,15 @@ class Agent:
             self._rebalance_now.set()
 
     async def _rebalance(self, stop: asyncio.Event) -> None:
-        """Keep the connections spread: one move at a time, each made before it breaks."""
+        """Keep the connections spread over the nodes and their workers: one move at a
+        time, each made before it breaks."""
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self._rebalance_now.wait(), REBALANCE_EVERY)
             except asyncio.TimeoutError:
                 pass
             self._rebalance_now.clear()
-            move = self.nodes.plan_move(self.placed())
+            move = self._next_move()
             if move is None or stop.is_set():
                 continue
             conn = self.connections[move.index]

@@ -40,6 +40,9 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting("quick_name", "", string, "a quick tunnel's public name, one DNS label (tunnel-client http --name)"),
     Setting("client_id", "", string, "this client's id (default: hostname-pid)"),
     Setting("connections", 2, positive_int, "parallel tunnel connections (each its own stream)"),
+    Setting("spread_workers", True, boolean,
+            "move a connection that shares a gateway worker with another of this client's until every worker "
+            "it can reach holds one, so requests do not cross workers (false: where the kernel put them)"),
     Setting("local_host", "127.0.0.1", string, "address of the local egress entry"),
     Setting("local_port", 7001, port, "local egress entry port (0: off)"),
     Setting("admin_host", "127.0.0.1", string, "address of the client's status port"),

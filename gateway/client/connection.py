@@ -16,6 +16,7 @@ import grpc.aio
 
 from gateway import __version__
 from gateway.backoff import Backoff
+from gateway.client.worker_spread import Seat
 from gateway.settings import ConfigError
 from gateway.tls import channel_credentials, client_ssl_context
 from gateway.tunnel import frames
@@ -72,6 +73,7 @@ class Opened:
     node: str
     channel: grpc.aio.Channel | H2Channel
     stream: TunnelStream
+    seat: Seat  # which gateway and worker serve it
 
 
 class Connection:
@@ -82,6 +84,7 @@ class Connection:
         self.index = index
         self.stream: TunnelStream | None = None
         self.node: str | None = None
+        self.seat: Seat | None = None
         self.draining: set[TunnelStream] = set()
         self.connected_since: float | None = None
         self.connects = 0
@@ -278,12 +281,13 @@ class Connection:
         stream.header_fields = frames.HEADER_FIELDS in welcome.capabilities
         log.info("tunnel connected", extra={"server": node, "worker": welcome.worker, "library": cfg.tunnel_library,
                                              "config_version": welcome.config_version, "connection": self.index})
-        return Opened(node, channel, stream)
+        return Opened(node, channel, stream, Seat(node, welcome.instance, welcome.worker, welcome.workers))
 
     def _serving(self, opened: Opened) -> asyncio.Task:
         self._goaway.clear()
         self.stream = opened.stream
         self.node = opened.node
+        self.seat = opened.seat
         self.connects += 1
         self.connected_since = time.time()
         self.agent.last_rejection = ""
@@ -351,6 +355,7 @@ class Connection:
             # Returning means this stream takes no new requests.
             self.stream = None
             self.node = None
+            self.seat = None
             self.connected_since = None
             if not keep_channel:
                 await opened.channel.close()
@@ -368,7 +373,8 @@ class Connection:
         self.moves += 1
         old.stream.push(frames.goaway("moved"))
         self._retire(old, old_task)
-        log.info("connection moved", extra={"connection": self.index, "from": old.node, "to": node, "why": why})
+        log.info("connection moved", extra={"connection": self.index, "from": old.node, "to": node, "why": why,
+                                            "worker": new.seat.worker})
         return new, task
 
     def _drained(self, task: asyncio.Task, stream: TunnelStream, channel: grpc.aio.Channel | H2Channel) -> None:

@@ -85,8 +85,9 @@ async def _start_admin(agent: Agent, config: ClientConfig, registry: CollectorRe
             "frames_out": sum(s.frames_out for s in streams),
             "bytes_out": sum(s.bytes_out for s in streams),
             "grpc_io": grpc_io_in_use(),
-            # Which gateway node each connection is on (null: connecting), and the nodes known.
-            "placement": [{"connection": c.index, "node": c.node, "moves": c.moves} for c in agent.connections],
+            # Which gateway node and worker each connection is on (null: connecting), and the nodes known.
+            "placement": [{"connection": c.index, "node": c.node, "worker": c.seat.worker if c.seat else None,
+                           "moves": c.moves} for c in agent.connections],
             "nodes": agent.nodes.known(),
             "nodes_down": sorted(n for n in agent.nodes.known() if n not in agent.nodes.usable()),
         }

@@ -145,7 +145,7 @@ class Hello(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., group: _Optional[str] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., connection_index: _Optional[int] = ..., instance: _Optional[str] = ..., quick_upstream: _Optional[str] = ..., quick_name: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities", "nodes", "public_url")
+    __slots__ = ("accepted", "code", "message", "config_version", "config_json", "heartbeat_ms", "worker", "window", "chunk_size", "capabilities", "nodes", "public_url", "workers", "instance")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,8 @@ class Welcome(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_URL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     code: str
     message: str
@@ -170,7 +172,9 @@ class Welcome(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     nodes: _containers.RepeatedScalarFieldContainer[str]
     public_url: str
-    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ..., public_url: _Optional[str] = ...) -> None: ...
+    workers: int
+    instance: str
+    def __init__(self, accepted: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., config_version: _Optional[str] = ..., config_json: _Optional[bytes] = ..., heartbeat_ms: _Optional[int] = ..., worker: _Optional[str] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ..., public_url: _Optional[str] = ..., workers: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class Fleet(_message.Message):
     __slots__ = ("nodes",)

@@ -232,16 +232,17 @@ class Routing:
         old = self.registry.add(stream, key)
         self.streams_changed()
         if old is not None:
-            # The newest connection of one identity wins; the old one is told to go (and
-            # its process stops: two processes sharing an identity is a deployment error).
-            self._replace(old, getattr(stream, "remote", ""))
+            # The newest connection of one identity wins; the old one goes (a duplicate process stops).
+            self._replace(old, getattr(stream, "remote", ""), getattr(stream, "instance", ""))
         self._replace_elsewhere(stream)
 
-    def _replace(self, old: TunnelStream, newer_remote: str) -> None:
-        log.warning("duplicate client identity: a newer connection replaces an older one",
-                    extra={"group": old.group, "client_id": old.peer_id, "connection": old.label,
-                           "remote": newer_remote, "replaced_remote": getattr(old, "remote", "")})
-        self._spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
+    def _replace(self, old: TunnelStream, newer_remote: str, newer_instance: str = "") -> None:
+        moved = bool(newer_instance) and getattr(old, "instance", "") == newer_instance  # its own client's move
+        log.log(logging.INFO if moved else logging.WARNING, "a client moved a connection" if moved else
+                "duplicate client identity: a newer connection replaces an older one",
+                extra={"group": old.group, "client_id": old.peer_id, "connection": old.label,
+                       "remote": newer_remote, "replaced_remote": getattr(old, "remote", "")})
+        self._spawn(old.goaway("moved" if moved else "replaced_by_newer_connection", self.config.shutdown_grace))
 
     def _replace_elsewhere(self, stream: TunnelStream) -> None:
         """An older stream of the same identity and connection on another worker of
@@ -285,7 +286,7 @@ class Routing:
                     and s.connected_at < command.get("before", 0)
                     # From another node, the same process's stream is the one it is moving (see above).
                     and not (command.get("from_node") and getattr(s, "instance", "") == command.get("instance"))):
-                self._replace(s, command.get("remote", ""))
+                self._replace(s, command.get("remote", ""), command.get("instance", ""))
                 n += 1
         return n
 

@@ -92,8 +92,9 @@ def _admission_settings(cfg: "GatewayConfig") -> tuple:
 
 
 class TunnelEndpoint:
-    def __init__(self, routing: "Routing", upstreams: UpstreamClients, metrics: Metrics) -> None:
+    def __init__(self, routing: "Routing", upstreams: UpstreamClients, metrics: Metrics, *, instance: str = "") -> None:
         self.routing = routing
+        self.instance = instance  # the gateway's process group (WELCOME: clients tell two gateways apart)
         self.upstreams = upstreams
         self.metrics = metrics
         # The egress requests this worker serves: access log lines and metrics, as the entries'.
@@ -335,6 +336,9 @@ class TunnelEndpoint:
                     public_url=public_url,
                     heartbeat_ms=int(cfg.heartbeat_interval * 1000),
                     worker=str(routing.index),
+                    # Every request crosses workers anyway when forced to: nothing to spread over.
+                    workers=1 if cfg.force_cross_worker else routing.workers,
+                    instance=self.instance,
                     window=cfg.stream_window,
                     chunk_size=cfg.chunk_size,
                     capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],

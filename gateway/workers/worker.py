@@ -165,7 +165,7 @@ class Worker:
         self.metrics.set_config_versions(self.routing.config_versions())
         self.access_log = AccessLog(cfg.access_log)
         self.http_entry = HttpEntry(self.routing, self.ids, access_log=self.access_log, metrics=self.metrics)
-        self.endpoint = TunnelEndpoint(self.routing, self.upstreams, self.metrics)
+        self.endpoint = TunnelEndpoint(self.routing, self.upstreams, self.metrics, instance=self.instance)
         self.endpoint.start()
         self.spawn(self._sample_metrics())
         if self.heartbeat is not None:
