@@ -206,12 +206,13 @@ class Bench:
         for label, workers, cross in configs:
             self.stack.stop_tunnel()
             self.stack.start_gateway(workers, force_cross_worker=cross)
+            # The client's default two connections in every row: one on each worker, both on one, any.
             if label == "workers2_crowded":
                 self.stack.start_client(connections=2, extra=["--no-spread-workers"])
                 self.stack.crowd_streams(worker=0, expected=2)
             else:
-                self.stack.start_client(connections=4 if workers > 1 else 2)
-            if workers > 1 and not cross and label != "workers2_crowded":
+                self.stack.start_client(connections=2)
+            if label == "workers2_local":
                 self.stack.spread_streams(workers)
             url = f"http://127.0.0.1:{self.stack.http_port}"
             self.warm_up(url)

@@ -256,6 +256,16 @@ class RssSampler:
         self._thread.join()
 
 
+def routable(shards: list[dict[str, Any]]) -> bool:
+    """Every worker sees every stream of every group, its own or through the router
+    (`shards`: GET /admin/shards's workers)."""
+    totals: dict[str, int] = {}
+    for w in shards:
+        for g, n in w["streams"].items():
+            totals[g] = totals.get(g, 0) + n
+    return all(w.get("sees", {}) == totals for w in shards)
+
+
 def drain_all_but(admin_url: str, counts: dict[int, int], worker: int) -> None:
     """Drain the streams of every worker but `worker` (`counts`: streams by worker); their
     clients reconnect wherever the kernel puts them, so repeat until all sit on it."""
@@ -450,7 +460,7 @@ http {{
             if sum(counts.values()) < expected:
                 return False
             if counts.get(worker, 0) == expected:
-                return True
+                return routable(self.shards())
             drain_all_but(self.admin_url, counts, worker)
             return False
 

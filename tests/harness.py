@@ -22,7 +22,8 @@ STOP_TIMEOUT = 5.0  # a test's process not gone this long after SIGTERM is kille
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_stack import (  # noqa: E402,F401  (the one process harness, for tests and benchmarks)
-    NOT_READY, ProcGroup, ProcessExited, Processes, children_of, drain_all_but, free_port, get_json, wait_until,
+    NOT_READY, ProcGroup, ProcessExited, Processes, children_of, drain_all_but, free_port, get_json, routable,
+    wait_until,
 )
 
 
@@ -207,12 +208,7 @@ class Stack:
 
     def routable(self) -> bool:
         """Every worker sees every stream of every group (its own or through the router)."""
-        shards = get_json(f"{self.admin_url}/admin/shards")["workers"]
-        totals: dict[str, int] = {}
-        for w in shards:
-            for g, n in w["streams"].items():
-                totals[g] = totals.get(g, 0) + n
-        return all(w.get("sees", {}) == totals for w in shards)
+        return routable(get_json(f"{self.admin_url}/admin/shards")["workers"])
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         """Every pending table on every hop is empty."""

@@ -114,30 +114,41 @@ def test_another_groups_client_id_evicts_nothing(make_stack):
 
 def test_a_connection_of_the_same_process_is_a_move_and_another_process_a_duplicate(make_stack):
     """The gateway tells a client moving its own connection (the same HELLO instance: to spread
-    over the workers) from a second process with its identity."""
+    over the workers) from a second process with its identity. The moved one is sent nothing new
+    but still carries what the client sends on it before it has switched (no GOAWAY, no drain)."""
     stack = make_stack(settings={"workers": 1})
 
-    async def connect() -> tuple[frames.pb.Welcome, list[str]]:
+    def goaways(fake: FakeClient) -> list[str]:
+        return [f.goaway.reason for f in fake.frames if f.WhichOneof("kind") == "goaway"]
+
+    def answer(fake: FakeClient, rid: str) -> frames.Frame | None:
+        return next((f for f in fake.frames if f.request_id == rid and f.WhichOneof("kind") in ("headers", "reset")),
+                    None)
+
+    async def connect() -> tuple[frames.pb.Welcome, frames.Frame, list[str], list[str], list[str]]:
         fakes = [FakeClient(stack.tunnel_port) for _ in range(3)]
         try:
             welcome = await fakes[0].hello("mover", "g1", TOKEN, instance="proc-1")
             assert (await fakes[1].hello("mover", "g1", TOKEN, instance="proc-1")).accepted  # its move
+            # An egress request on the old stream, sent as if before the client had read the new WELCOME.
+            await fakes[0].call.write(frames.encode_frame(frames.request_head(
+                "e1", "t1", method="GET", path="/hello", scheme="http", authority="backend", headers=[],
+                end_stream=True, timeout_ms=5000)))
+            await asyncio.to_thread(wait_until, lambda: answer(fakes[0], "e1"), 10, what="the egress answer")
+            before_duplicate = goaways(fakes[0]) + goaways(fakes[1])
             assert (await fakes[2].hello("mover", "g1", TOKEN, instance="proc-2")).accepted  # a duplicate
-
-            def goaways(fake: FakeClient) -> list[str]:
-                return [f.goaway.reason for f in fake.frames if f.WhichOneof("kind") == "goaway"]
-
-            await asyncio.to_thread(wait_until, lambda: goaways(fakes[0]) and goaways(fakes[1]), 10,
-                                    what="both older connections sent away")
-            return welcome, goaways(fakes[0]) + goaways(fakes[1])
+            await asyncio.to_thread(wait_until, lambda: goaways(fakes[1]), 10, what="the duplicate's GOAWAY")
+            return welcome, answer(fakes[0], "e1"), before_duplicate, goaways(fakes[0]), goaways(fakes[1])
         finally:
             for fake in fakes:
                 await fake.close()
 
-    welcome, reasons = asyncio.run(connect())
+    welcome, egress, before, first, second = asyncio.run(connect())
     # WELCOME says which worker of how many, of which gateway: what a client spreads by.
     assert (welcome.worker, welcome.workers) == ("0", 1) and welcome.instance, welcome
-    assert reasons == ["moved", "replaced_by_newer_connection"], reasons
+    assert egress.WhichOneof("kind") == "headers" and egress.headers.status == 200, egress
+    assert before == [] and first == [], (before, first)  # the move: no GOAWAY to either
+    assert second == ["replaced_by_newer_connection"]  # the duplicate: the one it replaced goes
     log = stack.gateway.output()
     assert log.count("a client moved a connection") == 1
     assert log.count("duplicate client identity") == 1

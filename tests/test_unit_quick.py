@@ -11,6 +11,7 @@ from gateway.config import _parse_tokens
 from gateway.quick import (DEFAULT_PUBLIC_URL, QuickConfig, client_config, group_of, name_of_group, parse_quick,
                            random_name, valid_name)
 from gateway.settings import ConfigError
+from gateway.workers.quick_tunnels import settle_quick
 from tests.test_unit_fleet import routing_with
 
 
@@ -93,8 +94,8 @@ def test_two_processes_admitted_to_one_name_at_once_the_later_goes(tmp_path):
         return Stream(peer_id="me", group="quick.demo", connected_at=at, instance=instance, closed=False, draining=False)
 
     def settle(routing, s) -> None:
-        routing._spawn = lambda coro: asyncio.run(coro)
-        routing.settle_quick(s)
+        routing.spawn = lambda coro: asyncio.run(coro)
+        settle_quick(routing, s)
 
     settle(routing_with(tmp_path, remote("other", 10.0)), stream(11.0))
     assert sent == ["me:name_taken"]  # the other was first

@@ -59,6 +59,11 @@ def test_it_gives_up_after_tries_per_worker_misses_and_starts_again_when_placeme
     # A connection lost and back (or another gateway answering): worth trying again.
     assert spread.plan(seats("0", None, count=2)) is None
     assert spread.plan(crowded_seats) == 1 and not spread.given_up
+    # So is a reconnect the agent saw (an operator's drain, a worker respawned) though
+    # the placement looks the same.
+    while spread.plan(crowded_seats) is not None:
+        pass
+    assert spread.given_up and spread.plan(crowded_seats, reconnects=1) == 1
 
 
 def test_a_move_that_reaches_a_new_worker_resets_the_count():

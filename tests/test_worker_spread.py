@@ -18,30 +18,30 @@ def test_four_connections_end_on_four_workers_and_no_request_fails_meanwhile(pro
     stack = Stack(procs, tmp_path)
     stack.start_backend()
     stack.start_gateway(settings={"workers": 4})
-    stack.start_client("c1", extra=["--connections", "4"])
-    first = [p["worker"] for p in stack.client_status()["placement"]]
+    client = stack.start_client("c1", extra=["--connections", "4"])
     failures: list[str] = []
     stop = threading.Event()
 
     def traffic(n: int) -> None:
-        """Requests all along, some slow enough to be in flight on a stream that moves."""
+        """Requests both ways all along, some slow enough to be in flight on a stream that moves."""
         i = 0
         while not stop.is_set():
             i += 1
             method = "POST" if i % 2 else "GET"  # a POST is never retried: a lost one shows
             path = f"/slow?ms=300&token=t{n}-{i}" if i % 5 == 0 else f"/echo?n={n}-{i}"
+            base = stack.url if n % 2 else stack.local_url("c1")  # ingress, egress
             try:
-                r = http(method, stack.url + path, b"x" * 100 if method == "POST" else None, timeout=20)
+                r = http(method, base + path, b"x" * 100 if method == "POST" else None, timeout=20)
                 if r.status != 200:
-                    failures.append(f"{method} {path}: {r.status} {r.body[:200]!r}")
+                    failures.append(f"{method} {base}{path}: {r.status} {r.body[:200]!r}")
             except Exception as exc:  # a cut connection is a failure too
-                failures.append(f"{method} {path}: {exc!r}")
+                failures.append(f"{method} {base}{path}: {exc!r}")
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         runs = [pool.submit(traffic, n) for n in range(6)]
         try:
-            wait_until(lambda: _spread(stack, 4, 4), 90, interval=0.5, what="a stream on each of the 4 workers",
-                       watch=(stack.gateway, stack.clients["c1"][0]))
+            wait_until(lambda: _spread(stack, 4, 4), 120, interval=0.5, what="a stream on each of the 4 workers",
+                       watch=(stack.gateway, client))
         finally:
             stop.set()
             for run in runs:
@@ -49,28 +49,16 @@ def test_four_connections_end_on_four_workers_and_no_request_fails_meanwhile(pro
     assert not failures, failures[:5]
     placement = stack.client_status()["placement"]
     assert sorted(p["worker"] for p in placement) == ["0", "1", "2", "3"], placement
-    # Each move was one connection opened before the old one went: as many as the crowding needed.
-    crowded_at_start = len(first) - len(set(first))
-    assert (sum(p["moves"] for p in placement) >= 1) == (crowded_at_start > 0), (first, placement)
-    # Settled: the streams stay where they are.
-    moves = sum(p["moves"] for p in placement)
-    wait_until(lambda: stack.routable(), 10, what="every worker sees every stream")
-    assert sum(p["moves"] for p in stack.client_status()["placement"]) == moves
-
-
-def test_a_clients_moves_are_no_duplicate_to_the_gateway(procs, tmp_path):
-    """Its own moves never look like a second process with its identity (tests/test_tunnel_identity.py
-    has the gateway's side)."""
-    stack = Stack(procs, tmp_path)
-    stack.start_backend()
-    stack.start_gateway(settings={"workers": 2})
-    stack.start_client("c1", extra=["--connections", "2"])
-    wait_until(lambda: _spread(stack, 2, 2), 60, interval=0.5, what="a stream on each worker",
-               watch=(stack.gateway, stack.clients["c1"][0]))
+    # Its own moves never look like a second process with its identity.
     assert "duplicate client identity" not in stack.gateway.output()
-    client = stack.clients["c1"][0]
     assert client.alive() and "another tunnel-client with this identity" not in client.output()
-    assert stack.client_status()["connections"] == 2
+    # Settled: over more than two of the agent's checks (a second apart) nothing moves.
+    moves = sum(p["moves"] for p in placement)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert _spread(stack, 4, 4)
+        time.sleep(0.1)
+    assert sum(p["moves"] for p in stack.client_status()["placement"]) == moves
 
 
 def test_no_spread_workers_leaves_the_connections_where_the_kernel_put_them(procs, tmp_path):

@@ -178,7 +178,7 @@ class Agent:
         move = self.nodes.plan_move(self.placed())
         if move is not None or not self.config.spread_workers:
             return move
-        index = self.worker_spread.plan(self.seats())
+        index = self.worker_spread.plan(self.seats(), sum(c.connects - c.moves for c in self.connections))
         node = self.connections[index].node if index is not None else None
         return Move(index, node, "spread over the gateway's workers") if index is not None and node else None
 

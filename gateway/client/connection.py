@@ -241,13 +241,15 @@ class Connection:
 
     async def _open(self, node: str) -> Opened | str:
         """Connect to `node` up to its WELCOME: an Opened stream, or the outcome
-        ("unreachable", "rejected") when not. A node that cannot take us is marked down."""
+        ("unreachable", "rejected") when not. A node that cannot take us is marked down, but
+        the one this connection serves from (a move to another of its workers failed)."""
         cfg = self.agent.config
+        mark_down = self.agent.nodes.mark_down if node != self.node else (lambda _node: None)
         try:
             channel = await self._channel(node)
         except (OSError, ValueError) as exc:
             log.warning("cannot set up the tunnel channel: %s", describe(exc), extra={"server": node})
-            self.agent.nodes.mark_down(node)
+            mark_down(node)
             return "unreachable"
         transport: Transport = (H2ClientTransport(channel) if isinstance(channel, H2Channel)
                                 else ClientTransport(open_client_call(channel), node))
@@ -255,7 +257,7 @@ class Connection:
             welcome = await self._handshake(transport)
             if welcome is None:
                 if self.agent.last_rejection == "draining":
-                    self.agent.nodes.mark_down(node)
+                    mark_down(node)
                 await channel.close()
                 return "rejected"
             self.agent.apply_config(welcome.config_version, welcome.config_json)
@@ -264,7 +266,7 @@ class Connection:
                 self.agent.console.forwarding(welcome.public_url)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, frames.ProtocolError, ConfigError, OSError) as exc:
             self._unreachable(node, exc)
-            self.agent.nodes.mark_down(node)
+            mark_down(node)
             await channel.close()
             return "unreachable"
         limits = StreamLimits(

@@ -10,7 +10,7 @@ agent moves one of them, to the same address, make-before-break, and the kernel
 places the new connection afresh. A move that lands on a worker already held
 changes nothing; after `TRIES_PER_WORKER` x workers moves in a row that did not
 spread them further it stops trying, until its connections change otherwise (a
-reconnect, a new gateway).
+reconnect, another gateway).
 
 The gateway says which worker answered, how many it runs and which gateway
 process group it is (WELCOME `worker`, `workers`, `instance`): two gateways
@@ -25,8 +25,10 @@ __all__ = ["Seat", "WorkerSpread", "TRIES_PER_WORKER"]
 
 # Moves in a row that may fail to reach a new worker, per worker of the gateway,
 # before the spread stops trying: with W workers and one left to reach, each move
-# reaches it with chance 1/W, so 4 x W of them all miss it about 2 % of the time.
-TRIES_PER_WORKER = 4
+# reaches it with chance 1/W, so 8 x W of them all miss it 0.03 % of the time (e^-8);
+# where the kernel cannot spread them (a balancer pinning by address), 8 x W moves
+# at one a second is all it costs.
+TRIES_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,15 @@ class WorkerSpread:
         self.given_up = False
         self._held_before: int | None = None  # workers held when the last move was planned
         self._placement: dict[int, tuple[str, str]] = {}  # where the connections were then (node, gateway)
+        self._reconnects = 0
 
-    def plan(self, seats: Mapping[int, Seat | None]) -> int | None:
-        """The connection to move now, or None (spread, nothing to gain, or given up)."""
+    def plan(self, seats: Mapping[int, Seat | None], reconnects: int = 0) -> int | None:
+        """The connection to move now, or None (spread, nothing to gain, or given up).
+        `reconnects`: how often the connections were opened again, moves aside."""
         placement = {i: (s.node, s.gateway) for i, s in seats.items() if s is not None}
-        if placement != self._placement:  # a reconnect, another gateway: start afresh
+        if placement != self._placement or reconnects != self._reconnects:  # start afresh
             self.misses, self.given_up, self._held_before = 0, False, None
+            self._reconnects = reconnects
         held = workers_held(seats)
         if self._held_before is not None:  # the last move's outcome
             self.misses = 0 if held > self._held_before else self.misses + 1

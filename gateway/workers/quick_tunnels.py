@@ -7,19 +7,24 @@ the name is free (on every worker and, in a fleet, every node), no configured
 route takes its host, and the gateway holds fewer than `max_tunnels`."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from gateway.quick import QUICK_PREFIX, client_config, group_of, random_name, valid_name
 from gateway.rules import first_match, host_matches
 from gateway.settings import ConfigError
+from gateway.workers.registry import stream_info
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig, GroupSpec
     from gateway.groupconfig import GroupConfig
     from gateway.tunnel import tunnel_pb2 as pb
+    from gateway.tunnel.stream import TunnelStream
     from gateway.workers.routing import Routing
 
-__all__ = ["QuickRefused", "quick_group", "admit_quick"]
+__all__ = ["QuickRefused", "quick_group", "admit_quick", "holders", "settle_quick"]
+
+log = logging.getLogger("gateway.worker")
 
 
 class QuickRefused(Exception):
@@ -54,13 +59,43 @@ def admit_quick(spec: "GroupSpec", hello: "pb.Hello", cfg: "GatewayConfig", rout
         raise QuickRefused("name_taken", f"{host} is served by a configured route; choose another name")
     # A name is held by a process (its HELLO's random instance), not by a client id, which
     # anyone may claim: another process, whatever id it gives, is refused.
-    holders = routing.holders(group_of(name))
-    if holders and (not hello.instance or holders != {(hello.client_id, hello.instance)}):
+    held_by = holders(routing, group_of(name))
+    if held_by and (not hello.instance or held_by != {(hello.client_id, hello.instance)}):
         raise QuickRefused("name_taken", f"the name {name!r} is in use by another tunnel; choose another name")
     held = sum(1 for g in routing.visible_streams() if g.startswith(QUICK_PREFIX))
-    if not holders and held >= cfg.quick.max_tunnels:
+    if not held_by and held >= cfg.quick.max_tunnels:
         raise QuickRefused("overloaded", f"this gateway holds its maximum of {cfg.quick.max_tunnels} quick tunnels")
     try:
         return client_config(hello.quick_upstream, "HELLO")
     except ConfigError as exc:
         raise QuickRefused("bad_request", f"quick tunnel upstream: {exc}") from None
+
+
+def holders(routing: "Routing", group: str) -> set[tuple[str, str]]:
+    """(client id, process instance) of every stream of `group` the worker knows of:
+    its own, other workers', other nodes' (draining ones too: they still hold it)."""
+    out = {(s.peer_id, getattr(s, "instance", "")) for s in routing.registry if s.group == group}
+    link = routing.link
+    if link is not None and link.router_ok:
+        for info in [*link.table.values(), *link.remote.values()]:
+            out |= {(c["client_id"], c.get("instance", "")) for c in info.get("clients", ()) if c["group"] == group}
+    return out
+
+
+def settle_quick(routing: "Routing", stream: "TunnelStream") -> None:
+    """Two processes admitted to one quick name at once (on two workers or nodes, before
+    either saw the other): the later, by connection time then instance, is sent away
+    (GOAWAY name_taken; its client's HELLO is then refused and it exits saying why)."""
+    if stream.closed or stream.draining:
+        return
+    mine = (stream.connected_at, getattr(stream, "instance", ""))
+    rows = [stream_info(s, routing.index) for s in routing.registry if s.group == stream.group and s is not stream]
+    link = routing.link
+    if link is not None and link.router_ok:
+        rows += [c for info in [*link.table.values(), *link.remote.values()]
+                 for c in info.get("clients", ()) if c["group"] == stream.group]
+    if any(c.get("instance", "") != mine[1] and (c.get("connected_at", 0.0), c.get("instance", "")) < mine
+           for c in rows):
+        log.warning("quick name held by another process too: this later one goes",
+                    extra={"group": stream.group, "client_id": stream.peer_id})
+        routing.spawn(stream.goaway("name_taken", routing.config.shutdown_grace))

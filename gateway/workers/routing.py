@@ -66,7 +66,7 @@ class Routing:
         self.registry = StreamRegistry()
         self.balancer = Balancer()
         self.link: PeerLink | None = None
-        self._spawn = spawn
+        self.spawn = spawn  # a background task the worker owns (cancelled when it stops)
         self._gates: dict[tuple[str, str], LimitGate] = {}
         # Staged rollouts: which config version each client runs (kept by gateway/workers/rollouts.py).
         self.book = Book()
@@ -121,34 +121,6 @@ class Routing:
                     into.append(Candidate(c["client_id"], info["worker"], c["inflight"], frozenset(c["unhealthy"]),
                                           node=info["node"]))
         return serving if serving or serving_only else draining
-
-    def holders(self, group: str) -> set[tuple[str, str]]:
-        """(client id, process instance) of every stream of `group` this worker knows of:
-        its own, other workers', other nodes' (draining ones too: they still hold it)."""
-        out = {(s.peer_id, getattr(s, "instance", "")) for s in self.registry if s.group == group}
-        link = self.link
-        if link is not None and link.router_ok:
-            for info in [*link.table.values(), *link.remote.values()]:
-                out |= {(c["client_id"], c.get("instance", "")) for c in info.get("clients", ()) if c["group"] == group}
-        return out
-
-    def settle_quick(self, stream: TunnelStream) -> None:
-        """Two processes admitted to one quick name at once (on two workers or nodes, before
-        either saw the other): the later, by connection time then instance, is sent away
-        (GOAWAY name_taken; its client's HELLO is then refused and it exits saying why)."""
-        if stream.closed or stream.draining:
-            return
-        mine = (stream.connected_at, getattr(stream, "instance", ""))
-        rows = [stream_info(s, self.index) for s in self.registry if s.group == stream.group and s is not stream]
-        link = self.link
-        if link is not None and link.router_ok:
-            rows += [c for info in [*link.table.values(), *link.remote.values()]
-                     for c in info.get("clients", ()) if c["group"] == stream.group]
-        if any(c.get("instance", "") != mine[1] and (c.get("connected_at", 0.0), c.get("instance", "")) < mine
-               for c in rows):
-            log.warning("quick name held by another process too: this later one goes",
-                        extra={"group": stream.group, "client_id": stream.peer_id})
-            self._spawn(stream.goaway("name_taken", self.config.shutdown_grace))
 
     def choose(self, spec: "GroupSpec", *, authority: str, path: str, method: str, headers: Mapping[str, str],
                key: str | None, avoid: str = "", avoid_stream: TunnelStream | None = None,
@@ -237,12 +209,17 @@ class Routing:
         self._replace_elsewhere(stream)
 
     def _replace(self, old: TunnelStream, newer_remote: str, newer_instance: str = "") -> None:
-        moved = bool(newer_instance) and getattr(old, "instance", "") == newer_instance  # its own client's move
-        log.log(logging.INFO if moved else logging.WARNING, "a client moved a connection" if moved else
-                "duplicate client identity: a newer connection replaces an older one",
-                extra={"group": old.group, "client_id": old.peer_id, "connection": old.label,
-                       "remote": newer_remote, "replaced_remote": getattr(old, "remote", "")})
-        self._spawn(old.goaway("moved" if moved else "replaced_by_newer_connection", self.config.shutdown_grace))
+        extra = {"group": old.group, "client_id": old.peer_id, "connection": old.label, "remote": newer_remote,
+                 "replaced_remote": getattr(old, "remote", "")}
+        if newer_instance and getattr(old, "instance", "") == newer_instance:
+            # The same process: a move (or a reconnect after it lost the old one). Nothing new goes
+            # to the old stream; it still takes what the client sends until the client's own GOAWAY
+            # (a drain now would refuse what it sent before it saw the new WELCOME), or its heartbeat ends it.
+            log.info("a client moved a connection", extra=extra)
+            self.remove_stream(old)
+            return
+        log.warning("duplicate client identity: a newer connection replaces an older one", extra=extra)
+        self.spawn(old.goaway("replaced_by_newer_connection", self.config.shutdown_grace))
 
     def _replace_elsewhere(self, stream: TunnelStream) -> None:
         """An older stream of the same identity and connection on another worker of
@@ -264,12 +241,12 @@ class Routing:
 
         for info in link.table.values():
             if info.get("worker") != self.index and any(older(c) for c in info.get("clients", ())):
-                self._spawn(self._send_command(link, f"w{info['worker']}", command))
+                self.spawn(self._send_command(link, f"w{info['worker']}", command))
         if not instance:
             return  # a client too old to say which process it is: its moves would look like duplicates
         for info in link.remote.values():
             if any(older(c) and c.get("instance") and c["instance"] != instance for c in info["clients"]):
-                self._spawn(self._send_command(link, f"{info['node']}/w{info['worker']}", {**command, "from_node": True}))
+                self.spawn(self._send_command(link, f"{info['node']}/w{info['worker']}", {**command, "from_node": True}))
 
     async def _send_command(self, link: PeerLink, worker: str, command: dict) -> None:
         try:
@@ -315,7 +292,7 @@ class Routing:
                 continue
             if limit is not None and n >= limit:
                 break
-            self._spawn(s.goaway("drain", self.config.shutdown_grace))
+            self.spawn(s.goaway("drain", self.config.shutdown_grace))
             n += 1
         if n:
             self.streams_changed()
@@ -336,7 +313,7 @@ class Routing:
         self.config = new
         for s in list(self.registry):
             if new.groups.get(s.group) is None and not self._is_quick(s.group):
-                self._spawn(s.goaway("group_removed", new.shutdown_grace))
+                self.spawn(s.goaway("group_removed", new.shutdown_grace))
         return self.sync_configs()
 
     def _is_quick(self, group: str) -> bool:

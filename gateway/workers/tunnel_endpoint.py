@@ -24,7 +24,7 @@ from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import ServerTransport
 from gateway.quick import label_of, name_of_group
 from gateway.workers.admission import Admission, source_address
-from gateway.workers.quick_tunnels import QuickRefused, admit_quick, quick_group
+from gateway.workers.quick_tunnels import QuickRefused, admit_quick, quick_group, settle_quick
 from gateway.workers.registry import connection_key
 from gateway.workers.rollouts import READY_WAIT
 
@@ -349,7 +349,7 @@ class TunnelEndpoint:
         self.metrics.connects.labels(label_of(name)).inc()
         routing.add_stream(stream, key)
         if quick:  # once the other workers and nodes have heard of it (a heartbeat or two)
-            asyncio.get_running_loop().call_later(QUICK_SETTLE, routing.settle_quick, stream)
+            asyncio.get_running_loop().call_later(QUICK_SETTLE, settle_quick, routing, stream)
         log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
                                               "connection": hello.connection_index, **(
                                                   {"public_url": public_url} if public_url else {})})
