@@ -195,15 +195,23 @@ class Stack:
         proc = self.procs.start(f"client-{client_id}", args)
         self.clients[client_id] = (proc, local, admin)
         if wait:
-            wait_until(lambda: self._client_connected(client_id), what=f"client {client_id} connected",
+            spreads = "--no-spread-workers" not in (extra or [])
+            wait_until(lambda: self._client_connected(client_id, spreads), what=f"client {client_id} connected",
                        watch=(proc, self.gateway))
         return proc
 
-    def _client_connected(self, client_id: str) -> bool:
-        """Every tunnel connection of the client is up and routable (wait on it watching the client)."""
+    def _client_connected(self, client_id: str, spreads: bool = False) -> bool:
+        """Every tunnel connection of the client is up and routable (wait on it watching the client)
+        and, when it spreads them over the workers (by default), spread: a test starts from
+        connections that stay (gateway/client/worker_spread.py)."""
         st = self.client_status(client_id)
         if st["connections"] < st.get("wanted", 1):
             return False
+        if spreads:
+            here = [p["worker"] for p in st["placement"] if p["node"] == f"{self.host}:{self.tunnel_port}"]
+            workers = len(get_json(f"{self.admin_url}/admin/shards")["workers"])
+            if len(set(here)) < min(workers, len(here)):
+                return False
         return self.routable()
 
     def routable(self) -> bool:

@@ -18,7 +18,10 @@ def test_four_connections_end_on_four_workers_and_no_request_fails_meanwhile(pro
     stack = Stack(procs, tmp_path)
     stack.start_backend()
     stack.start_gateway(settings={"workers": 4})
-    client = stack.start_client("c1", extra=["--connections", "4"])
+    # Not waiting for the spread, as start_client does: the traffic starts while it goes on.
+    client = stack.start_client("c1", extra=["--connections", "4"], wait=False)
+    wait_until(lambda: stack.client_status()["connections"] == 4 and stack.routable(), 30,
+               what="four connections up", watch=(stack.gateway, client))
     failures: list[str] = []
     stop = threading.Event()
 
