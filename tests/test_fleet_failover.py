@@ -34,8 +34,9 @@ def test_node_killed_under_requests_in_flight(redis_server, make_stack, tmp_path
         get = pool.submit(http, "GET", f"{b.url}/slow?ms=1500&token=retried", timeout=30)
         post = pool.submit(http, "POST", f"{b.url}/slow?ms=20000", b"x" * 1024, timeout=30)
         wait_until(lambda: get_json(f"{a.backend_url}/stats")["inflight"] >= 2, 10, what="two requests in flight")
-        # Another client of g1, on node B only: where the GET can go again.
-        b.start_client("c2", extra=["--no-learn-fleet"])
+        # Another client of g1, on node B only: where the GET can go again (up before the GET
+        # ends: not waiting for it to spread over b's workers).
+        b.start_client("c2", extra=["--no-learn-fleet", "--no-spread-workers"])
         killed = time.monotonic()
         os.killpg(a.gateway.popen.pid, signal.SIGKILL)
         r = post.result(timeout=15)

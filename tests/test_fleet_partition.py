@@ -286,8 +286,9 @@ def test_cut_fails_over_to_a_client_on_b(whole):
         get = pool.submit(http, "GET", f"{b.url}/slow?ms=1500&token=retried", timeout=30)
         post = pool.submit(http, "POST", f"{b.url}/slow?ms={SLOW_MS}", b"x" * 1024, timeout=30)
         wait_until(lambda: fleet.ns_backend_inflight() >= 2, 10, what="two requests in flight at c1's backend")
-        # Another client of g1, on node B only (the root namespace's backend): where the GET can go again.
-        b.start_client("c2", extra=["--no-learn-fleet"])
+        # Another client of g1, on node B only (the root namespace's backend): where the GET can go again
+        # (up before the GET ends: not waiting for it to spread over b's workers).
+        b.start_client("c2", extra=["--no-learn-fleet", "--no-spread-workers"])
         cut = fleet.net.cut()
         r = post.result(timeout=BOUND + 5)
         post_after = time.monotonic() - cut
