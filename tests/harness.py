@@ -210,7 +210,7 @@ class Stack:
         if spreads:
             here = [p["worker"] for p in st["placement"] if p["node"] == f"{self.host}:{self.tunnel_port}"]
             workers = len(get_json(f"{self.admin_url}/admin/shards")["workers"])
-            if len(set(here)) < min(workers, len(here)):
+            if len(set(here)) < min(workers, len(here)) or st["draining"]:  # moving, or a moved one ending
                 return False
         return self.routable()
 

@@ -135,6 +135,9 @@ def world(make_module_stack):
     for p in probers:
         p.start()
     try:
+        # Their two connections each and no other (a stream a move let go gone from the gateway's view too).
+        wait_until(lambda: all(len(_connections(stack, g)) == 2 for g in ("alpha", "beta")), 15,
+                   what="alpha's and beta's two connections", watch=stack.gateway)
         clients = {g: (stack.clients[g][0].popen.pid, _connections(stack, g)) for g in ("alpha", "beta")}
         world = World(stack, probers, clients, sorted(w["pid"] for w in shards(stack)))
         world.wait_probes(5)

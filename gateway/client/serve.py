@@ -74,6 +74,8 @@ async def _start_admin(agent: Agent, config: ClientConfig, registry: CollectorRe
             "connections": agent.connected,
             "wanted": len(agent.connections),
             "connects": sum(c.connects for c in agent.connections),
+            # Streams let go (a move, a GOAWAY) that still finish what they carry.
+            "draining": sum(len(c.draining) for c in agent.connections),
             "config_version": agent.config_version,
             "last_rejection": agent.last_rejection,
             "pending": sum(len(s.pending) for s in streams),
