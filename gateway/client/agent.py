@@ -179,8 +179,8 @@ class Agent:
         if move is not None or not self.config.spread_workers:
             return move
         index = self.worker_spread.plan(self.seats(), sum(c.connects - c.moves for c in self.connections))
-        node = self.connections[index].node if index is not None else None
-        return Move(index, node, "spread over the gateway's workers") if index is not None and node else None
+        node = None if index is None else self.connections[index].node
+        return None if node is None else Move(index, node, "spread over the gateway's workers")  # type: ignore[arg-type]
 
     def learn(self, nodes: Sequence[str], via: str) -> None:
         """The serving nodes a gateway named (WELCOME, FLEET): new ones get connections soon."""
