@@ -1,0 +1,429 @@
+"""One connection of the entries' HTTP/1.1 server (`entry_server.py`, which
+says what it is for): httptools parses; each request runs its handler in a
+task of its own, one at a time (pipelined heads wait their turn); a whole
+answer leaves in one write (`entry_response.py`), a streamed one through
+aiohttp's StreamResponse and writer; an upgrade is handed to aiohttp."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+
+from gateway.http.connections import _408, HEADER_TIMEOUT, LINGER, REFUSED
+from gateway.http.entry_request import HTTP10, HTTP11, EntryRequest, HttpVersion
+from gateway.http.entry_response import plain_error, whole_response
+
+if TYPE_CHECKING:
+    from gateway.http.entry_server import EntryServer
+
+__all__ = ["EntryConnection"]
+
+log = logging.getLogger("gateway.http")
+
+MAX_WAITING = 16  # pipelined heads parsed ahead of the one served; then reading pauses
+DISCARD_TIME = 10.0  # seconds an answered request's unread body may take to arrive (and be dropped)
+
+
+# What aiohttp's parser refuses beyond llhttp, refused here the same (400): a repeat of
+# a header RFC 9110 allows once, a NUL in a value, over 128 headers, an HTTP/1.1 request
+# without Host, the WebSocket draft's Sec-WebSocket-Key1.
+SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
+MAX_HEADERS = 128
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _BadHead(Exception):
+    pass
+
+
+class EntryConnection(BaseProtocol):
+    """One caller's connection: parses, queues and answers its requests."""
+
+    def __init__(self, server: EntryServer, remote: tuple[str, int] | None) -> None:
+        super().__init__(server.loop)
+        self.server = server
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.declared = remote
+        self.remote: str | None = remote[0] if remote is not None else None
+        self.tls = False
+        self.counted = False
+        self.waiting: collections.deque[EntryRequest] = collections.deque()
+        self.serving: asyncio.Task[None] | None = None
+        self.reading: EntryRequest | None = None  # the request whose body is arriving
+        self.discarding = False  # that body is unread by its answered handler: dropped
+        self.done = False  # no more requests: what arrives is read away until the close
+        self.in_head = False
+        self.url = b""
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_deadline = 0.0
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.upgrade: list[bytes] | None = None  # an upgrade request's head and body, for aiohttp
+        self.refusal: bytes | None = None  # the answer to a malformed request, after those before it
+        self.broken: EntryRequest | None = None  # a request whose body the parser refused
+
+    # -- the connection ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        upgrades = server.upgrades
+        if upgrades.open >= server.limits.max_connections:
+            transport.close()  # before a byte is read
+            upgrades.drop(REFUSED)
+            return
+        upgrades.open += 1
+        self.counted = True
+        server.connections.add(self)
+        super().connection_made(transport)  # TCP_NODELAY, as aiohttp's
+        if self.remote is None:
+            peer = transport.get_extra_info("peername")
+            self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) else (str(peer) if peer else None)
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        self.head_deadline = self.loop.time() + server.limits.header_timeout
+        self._arm(self.head_deadline)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._forget()
+        super().connection_lost(exc)  # wakes a writer waiting to drain
+        lost = ConnectionResetError("the caller's connection was lost")
+        if self.reading is not None and not self.discarding:
+            self.reading.content.set_exception(lost)
+        for request in self.waiting:
+            request.content.set_exception(lost)
+        self.waiting.clear()
+        if self.serving is not None:
+            self.serving.cancel()  # the handler's task: its record says the caller went away
+
+    def _forget(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.server.upgrades.open -= 1
+            self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def close(self) -> None:
+        self.done = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.upgrade is not None:  # handed to aiohttp once the requests before it are answered
+            self.upgrade.append(data)
+            self.pause_reading()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            assert self.upgrade is not None
+            self.upgrade.append(data[exc.args[0]:])
+            self.pause_reading()
+            if self.serving is None:
+                self._hand_off()
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                             f"request head over {self.server.head_cap} bytes")
+                return
+            if not isinstance(exc.__context__, _BadHead):
+                raise
+            detail = f"BadHttpMessage: {exc.__context__}"
+            log.warning("bad request rejected: %s", detail, extra={"remote": self.remote})
+            self._refuse(400, "Bad Request", "bad_request", f"malformed request: {detail}")
+        except httptools.HttpParserError as exc:
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            log.warning("bad request rejected: %s", detail, extra={"remote": self.remote})
+            broken = self.reading
+            if broken is not None and not self.discarding:  # its body is malformed: the 400 answers it
+                self.broken = broken
+                broken.content.set_exception(ValueError(f"malformed request body: {detail}"))
+                if broken in self.waiting:
+                    self.waiting.remove(broken)
+            self._refuse(400, "Bad Request", "bad_request", f"malformed request: {detail}")
+            return
+        if self.in_head and not self.head_deadline and self.serving is None and not self.waiting:
+            # Part of a head: header_timeout from its first byte.
+            self.head_deadline = self.loop.time() + self.server.limits.header_timeout
+            self._arm(self.head_deadline)
+
+    # -- the parser's calls -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.raw = []
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(b" \t")  # llhttp strips the space before a value, not after
+        raw = self.raw
+        raw.append((name, value))
+        self._count(len(name) + len(value) + 4)
+        if b"\x00" in value:
+            raise _BadHead(f"a NUL byte in header {name[:100]!r}")
+        low = name.lower()
+        if low in SINGLETONS and any(n.lower() == low for n, _ in raw[:-1]):
+            raise _BadHead(f"duplicate {name.decode('latin-1')!r} header")
+        if len(raw) > MAX_HEADERS:
+            raise _BadHead(f"over {MAX_HEADERS} headers")
+
+    def _count(self, n: int) -> None:
+        self.head_size += n
+        if self.head_size > self.server.head_cap:
+            raise _HeadTooLarge()
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_deadline = 0.0
+        parser = self.parser
+        method = parser.get_method().decode("ascii")
+        given = parser.get_http_version()
+        version = HTTP11 if given == "1.1" else HTTP10 if given == "1.0" else HttpVersion(*map(int, given.split(".")))
+        if parser.should_upgrade():
+            lines = [f"{method} ".encode("ascii"), self.url, f" HTTP/{version[0]}.{version[1]}\r\n".encode("ascii")]
+            lines += [b"%s: %s\r\n" % pair for pair in self.raw]
+            self.upgrade = [b"".join(lines) + b"\r\n"]
+            return
+        request = EntryRequest(self, method, self.url.decode("utf-8", "surrogateescape"), version,
+                               tuple(self.raw), parser.should_keep_alive())
+        headers = request.headers
+        if version is HTTP11 and "Host" not in headers:
+            raise _BadHead("no Host header in an HTTP/1.1 request")
+        if "Sec-WebSocket-Key1" in headers:
+            raise _BadHead("the draft WebSocket handshake (Sec-WebSocket-Key1) is not supported")
+        if request.body_exists:
+            self.reading = request
+        self.waiting.append(request)
+        if self.serving is None:
+            self._next()
+        elif len(self.waiting) >= MAX_WAITING:
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        if self.upgrade is not None:
+            self.upgrade[0] += body
+        elif not self.discarding and self.reading is not None:
+            self.reading.content.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        reading = self.reading
+        if reading is None:
+            return
+        self.reading = None
+        if self.discarding:
+            self.discarding = False
+            if self.timer is not None:  # the discard's bound
+                self.timer.cancel()
+                self.timer = None
+            if self.serving is None:
+                self._next()
+        else:
+            reading.content.feed_eof()
+
+    # -- serving -------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Serve the next request that waits, hand an upgrade on, or go idle."""
+        if self.discarding:
+            return  # the next head comes after the body being dropped
+        if self.waiting:
+            request = self.waiting.popleft()
+            self.serving = self.loop.create_task(self._serve(request))
+            if self._reading_paused and len(self.waiting) < MAX_WAITING // 2 and (
+                    self.reading is None or not self.reading.content.is_eof()):
+                self.resume_reading()
+            return
+        self.serving = None
+        if self.refusal is not None:
+            self.transport.write(self.refusal)  # type: ignore[union-attr]
+            self.refusal = None
+            self._end_now()
+            return
+        if self.upgrade is not None:
+            self._hand_off()
+            return
+        now = self.loop.time()
+        self.idle_since = now
+        if self.in_head:  # a head began while the last request was served: its time starts now
+            self.head_deadline = now + self.server.limits.header_timeout
+            self._arm(self.head_deadline)
+        elif self.timer is None:
+            self._arm(now + self.server.limits.keepalive_timeout)
+
+    async def _serve(self, request: EntryRequest) -> None:
+        if request is self.broken:  # refused before its handler began: the refusal is its answer
+            self.serving = None
+            self._next()
+            return
+        keep = False
+        try:
+            try:
+                resp = await self.server.handler(request)
+            except Exception:
+                log.exception("unhandled error serving a request", extra={"remote": self.remote})
+                resp = web.Response(status=500, body=b'{"error":"internal","message":"internal error"}',
+                                    content_type="application/json")
+                resp.force_close()
+            keep = await self._answer(request, resp)
+        except ConnectionError:  # the caller went away while it was answered
+            keep = False
+        except Exception:
+            log.exception("unhandled error answering a request", extra={"remote": self.remote})
+            keep = False
+        finally:
+            if self.serving is asyncio.current_task():
+                self.serving = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not keep:
+            self._end(request)
+            return
+        if request.body_exists and not request.content.is_eof() and self.reading is request:
+            # Answered before its body arrived: the rest is dropped as it comes, within a bound.
+            self.discarding = True
+            if self._reading_paused:
+                self.resume_reading()
+            self._arm(self.loop.time() + DISCARD_TIME, replace=True)
+        self._next()
+
+    async def _answer(self, request: EntryRequest, resp: web.StreamResponse) -> bool:
+        """Write `resp` (unless the handler streamed it already); whether the connection stays open."""
+        closing = self.server.closing
+        if not resp.prepared:
+            whole = whole_response(resp, request, closing)
+            if whole is not None:
+                data, keep = whole
+                self.transport.write(data)  # type: ignore[union-attr]
+                if self._paused:  # the caller reads slower than it asks: wait for it
+                    await self._drain_helper()
+                return keep
+            await resp.prepare(request)
+        await resp.write_eof()
+        return bool(resp.keep_alive) and not closing
+
+    def _end(self, request: EntryRequest) -> None:
+        """No more requests on this connection: close it, reading away first what
+        the caller is still sending (a close with unread bytes is a RST, which can
+        discard the answer before the caller reads it)."""
+        self.waiting.clear()
+        if self.reading is None and not self.in_head:
+            self.close()
+            return
+        self.done = True
+        if self._reading_paused:
+            self.resume_reading()
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        self._arm(self.loop.time() + LINGER, replace=True)
+
+    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        """A request the parser could not take: answered (after those before it) and the connection ends."""
+        self.done = True
+        self.in_head = False
+        self.refusal = plain_error(status, reason, code, message)
+        if self.serving is None:
+            self._next()
+
+    def _end_now(self) -> None:
+        self.waiting.clear()
+        self.reading = None
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        self._arm(self.loop.time() + LINGER, replace=True)
+
+    def _hand_off(self) -> None:
+        """The upgrade request, and all after it, to aiohttp's server."""
+        transport = self.transport
+        data = b"".join(self.upgrade or ())
+        self.upgrade = None
+        self.done = True
+        self._forget()
+        if transport is None or transport.is_closing():
+            return
+        protocol = self.server.upgrades()
+        if self.declared is not None:
+            protocol._cache["peername"] = self.declared  # aiohttp's request.remote reads it
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()  # type: ignore[attr-defined]
+        if data and protocol.transport is not None:
+            protocol.data_received(data)
+
+    def pause_reading(self) -> None:
+        """Flow control (a body's reader, pipelined heads): the transport stops reading."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """(aiohttp's body reader calls it at its low water and at the body's end.)"""
+        if self.upgrade is not None or len(self.waiting) >= MAX_WAITING:
+            return  # held for another reason: an upgrade to hand on, pipelined heads
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    # -- the one timer ---------------------------------------------------------------------
+
+    def _arm(self, when: float, replace: bool = False) -> None:
+        timer = self.timer
+        if timer is not None:
+            if not replace and timer.when() <= when:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        """A deadline: the head's, the idle one, a discard's or a linger's."""
+        self.timer = None
+        if self.transport is None:
+            return
+        now = self.loop.time()
+        if self.done or self.discarding:
+            self.close()  # a linger or a discard ran out
+            return
+        if self.serving is not None or self.waiting:
+            return  # re-armed when the connection is idle again
+        limits = self.server.limits
+        if self.head_deadline:
+            if now < self.head_deadline:
+                self._arm(self.head_deadline)
+                return
+            self.server.upgrades.drop(HEADER_TIMEOUT)
+            if not self.in_head:
+                self.close()  # nothing of a head came
+                return
+            # The 408, then our FIN, and what the caller still sends is read away
+            # for LINGER seconds (see _end).
+            self.transport.write(_408)
+            self.done = True
+            self._end_now()
+            return
+        deadline = self.idle_since + limits.keepalive_timeout
+        if now < deadline:
+            self._arm(deadline)
+        else:
+            self.close()
