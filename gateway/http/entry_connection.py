@@ -266,7 +266,7 @@ class EntryConnection(BaseProtocol):
         if self.in_head:  # a head began while the last request was served: its time starts now
             self.head_deadline = now + self.server.limits.header_timeout
             self._arm(self.head_deadline)
-        elif self.timer is None:
+        else:  # a timer already due sooner (the usual: header_timeout from accept) re-arms when it fires
             self._arm(now + self.server.limits.keepalive_timeout)
 
     async def _serve(self, request: EntryRequest) -> None:
