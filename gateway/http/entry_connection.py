@@ -15,7 +15,8 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 from gateway.http.connections import _408, HEADER_TIMEOUT, LINGER, REFUSED
-from gateway.http.entry_request import HTTP10, HTTP11, EntryRequest, HttpVersion
+from gateway.http.entry_head import BadHead, HeadTooLarge, check_field, check_head, head_bytes, version_of
+from gateway.http.entry_request import EntryRequest
 from gateway.http.entry_response import plain_error, whole_response
 
 if TYPE_CHECKING:
@@ -27,22 +28,6 @@ log = logging.getLogger("gateway.http")
 
 MAX_WAITING = 16  # pipelined heads parsed ahead of the one served; then reading pauses
 DISCARD_TIME = 10.0  # seconds an answered request's unread body may take to arrive (and be dropped)
-
-
-# What aiohttp's parser refuses beyond llhttp, refused here the same (400): a repeat of
-# a header RFC 9110 allows once, a NUL in a value, over 128 headers, an HTTP/1.1 request
-# without Host, the WebSocket draft's Sec-WebSocket-Key1.
-SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
-                        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
-MAX_HEADERS = 128
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-class _BadHead(Exception):
-    pass
 
 
 class EntryConnection(BaseProtocol):
@@ -136,25 +121,24 @@ class EntryConnection(BaseProtocol):
                 self._hand_off()
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
+            cause = exc.__context__
+            if isinstance(cause, HeadTooLarge):
                 self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
                              f"request head over {self.server.head_cap} bytes")
-                return
-            if not isinstance(exc.__context__, _BadHead):
+            elif isinstance(cause, BadHead):
+                self._malformed(f"BadHttpMessage: {cause}")
+            else:
                 raise
-            detail = f"BadHttpMessage: {exc.__context__}"
-            log.warning("bad request rejected: %s", detail, extra={"remote": self.remote})
-            self._refuse(400, "Bad Request", "bad_request", f"malformed request: {detail}")
+            return
         except httptools.HttpParserError as exc:
             detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            log.warning("bad request rejected: %s", detail, extra={"remote": self.remote})
             broken = self.reading
             if broken is not None and not self.discarding:  # its body is malformed: the 400 answers it
                 self.broken = broken
                 broken.content.set_exception(ValueError(f"malformed request body: {detail}"))
                 if broken in self.waiting:
                     self.waiting.remove(broken)
-            self._refuse(400, "Bad Request", "bad_request", f"malformed request: {detail}")
+            self._malformed(detail)
             return
         if self.in_head and not self.head_deadline and self.serving is None and not self.waiting:
             # Part of a head: header_timeout from its first byte.
@@ -175,41 +159,27 @@ class EntryConnection(BaseProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         value = value.rstrip(b" \t")  # llhttp strips the space before a value, not after
-        raw = self.raw
-        raw.append((name, value))
+        self.raw.append((name, value))
         self._count(len(name) + len(value) + 4)
-        if b"\x00" in value:
-            raise _BadHead(f"a NUL byte in header {name[:100]!r}")
-        low = name.lower()
-        if low in SINGLETONS and any(n.lower() == low for n, _ in raw[:-1]):
-            raise _BadHead(f"duplicate {name.decode('latin-1')!r} header")
-        if len(raw) > MAX_HEADERS:
-            raise _BadHead(f"over {MAX_HEADERS} headers")
+        check_field(self.raw)
 
     def _count(self, n: int) -> None:
         self.head_size += n
         if self.head_size > self.server.head_cap:
-            raise _HeadTooLarge()
+            raise HeadTooLarge()
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_deadline = 0.0
         parser = self.parser
         method = parser.get_method().decode("ascii")
-        given = parser.get_http_version()
-        version = HTTP11 if given == "1.1" else HTTP10 if given == "1.0" else HttpVersion(*map(int, given.split(".")))
+        version = version_of(parser.get_http_version())
         if parser.should_upgrade():
-            lines = [f"{method} ".encode("ascii"), self.url, f" HTTP/{version[0]}.{version[1]}\r\n".encode("ascii")]
-            lines += [b"%s: %s\r\n" % pair for pair in self.raw]
-            self.upgrade = [b"".join(lines) + b"\r\n"]
+            self.upgrade = [head_bytes(method, self.url, version, self.raw)]
             return
         request = EntryRequest(self, method, self.url.decode("utf-8", "surrogateescape"), version,
                                tuple(self.raw), parser.should_keep_alive())
-        headers = request.headers
-        if version is HTTP11 and "Host" not in headers:
-            raise _BadHead("no Host header in an HTTP/1.1 request")
-        if "Sec-WebSocket-Key1" in headers:
-            raise _BadHead("the draft WebSocket handshake (Sec-WebSocket-Key1) is not supported")
+        check_head(version, request.headers)
         if request.body_exists:
             self.reading = request
         self.waiting.append(request)
@@ -256,7 +226,7 @@ class EntryConnection(BaseProtocol):
         if self.refusal is not None:
             self.transport.write(self.refusal)  # type: ignore[union-attr]
             self.refusal = None
-            self._end_now()
+            self._end(linger=True)
             return
         if self.upgrade is not None:
             self._hand_off()
@@ -295,7 +265,7 @@ class EntryConnection(BaseProtocol):
         if self.transport is None or self.transport.is_closing():
             return
         if not keep:
-            self._end(request)
+            self._end()
             return
         if request.body_exists and not request.content.is_eof() and self.reading is request:
             # Answered before its body arrived: the rest is dropped as it comes, within a bound.
@@ -320,21 +290,26 @@ class EntryConnection(BaseProtocol):
         await resp.write_eof()
         return bool(resp.keep_alive) and not closing
 
-    def _end(self, request: EntryRequest) -> None:
-        """No more requests on this connection: close it, reading away first what
-        the caller is still sending (a close with unread bytes is a RST, which can
-        discard the answer before the caller reads it)."""
+    def _end(self, linger: bool = False) -> None:
+        """No more requests on this connection: close it, reading away first, for
+        LINGER, what the caller is (or, with `linger`, may be) still sending (a close
+        with unread bytes is a RST, which can discard the answer before it is read)."""
         self.waiting.clear()
-        if self.reading is None and not self.in_head:
+        if not linger and self.reading is None and not self.in_head:
             self.close()
             return
         self.done = True
+        self.reading = None
         if self._reading_paused:
             self.resume_reading()
         transport = self.transport
         if transport is not None and transport.can_write_eof():
             transport.write_eof()
         self._arm(self.loop.time() + LINGER, replace=True)
+
+    def _malformed(self, detail: str) -> None:
+        log.warning("bad request rejected: %s", detail, extra={"remote": self.remote})
+        self._refuse(400, "Bad Request", "bad_request", f"malformed request: {detail}")
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
         """A request the parser could not take: answered (after those before it) and the connection ends."""
@@ -343,14 +318,6 @@ class EntryConnection(BaseProtocol):
         self.refusal = plain_error(status, reason, code, message)
         if self.serving is None:
             self._next()
-
-    def _end_now(self) -> None:
-        self.waiting.clear()
-        self.reading = None
-        transport = self.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-        self._arm(self.loop.time() + LINGER, replace=True)
 
     def _hand_off(self) -> None:
         """The upgrade request, and all after it, to aiohttp's server."""
@@ -419,8 +386,7 @@ class EntryConnection(BaseProtocol):
             # The 408, then our FIN, and what the caller still sends is read away
             # for LINGER seconds (see _end).
             self.transport.write(_408)
-            self.done = True
-            self._end_now()
+            self._end(linger=True)
             return
         deadline = self.idle_since + limits.keepalive_timeout
         if now < deadline:

@@ -61,6 +61,11 @@ class EntryRequest:
         return host if host is not None else _own_name()
 
     @property
+    def path(self) -> str:
+        """The target without its query, as sent (what aiohttp's repr of a response shows)."""
+        return self.raw_path.partition("?")[0]
+
+    @property
     def remote(self) -> str | None:
         return self._conn.remote
 
