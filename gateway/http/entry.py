@@ -42,14 +42,10 @@ def entry_server(handler: Callable[[Any], Any], max_header_bytes: int, limits: E
     """The server of an entry (`entry_server.py`: every path is ours, no application,
     router or middlewares), calling `handler` for every request, its connections
     bounded by `limits` (`on_drop(reason)` counts those it closes)."""
-
-    async def handle(request: Any) -> Any:
-        # The request being served, for its access record (EntryLog.record): the entries
-        # need not hand it down. Set in the request's own task, so it never leaks to another.
-        _serving.set(request)
-        return await handler(request)
-
-    return EntryServer(handle, limits=limits, max_header_bytes=max_header_bytes, on_drop=on_drop)
+    # The request being served is set for its access record (EntryLog.record): the entries
+    # need not hand it down. Set in the request's own task, so it never leaks to another.
+    return EntryServer(handler, limits=limits, max_header_bytes=max_header_bytes, on_drop=on_drop,
+                       current=_serving)
 
 
 class _Tracking:

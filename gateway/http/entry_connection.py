@@ -247,7 +247,10 @@ class EntryConnection(BaseProtocol):
         keep = False
         try:
             try:
-                resp = await self.server.handler(request)
+                server = self.server
+                if server.current is not None:
+                    server.current.set(request)
+                resp = await server.handler(request)
             except Exception:
                 log.exception("unhandled error serving a request", extra={"remote": self.remote})
                 resp = web.Response(status=500, body=b'{"error":"internal","message":"internal error"}',
