@@ -291,3 +291,47 @@ def test_an_encoded_upload_goes_on_as_it_came(stack, way):
     # The backend (aiohttp) decodes what it gets: the plain bytes, so the gzip arrived whole.
     assert seen["sha256"] == hashlib.sha256(plain).hexdigest() and seen["size"] == len(plain)
     assert ["Content-Length", str(len(encoded))] in seen["headers"]
+
+
+def test_a_websocket_over_tls_is_handed_on_too(tmp_path):
+    """The hand-over to aiohttp swaps the protocol under a TLS transport as under a plain one."""
+    import ssl
+    import subprocess
+
+    import aiohttp
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    client_ctx = ssl.create_default_context(cafile=tmp_path / "c.pem")
+    client_ctx.check_hostname = False
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(text="plain over " + request.scheme)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"{request.scheme}:{msg.data}")
+        return ws
+
+    async def run() -> list[str]:
+        entry = EntryServer(handler, limits=EntryLimits(), max_header_bytes=8192)
+        await entry.listen("127.0.0.1", 0, ssl_context=server_ctx, handshake_timeout=5.0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = f"https://127.0.0.1:{entry.port}"
+                async with session.get(f"{url}/", ssl=client_ctx) as r:
+                    plain = await r.text()
+                async with session.ws_connect(f"wss://127.0.0.1:{entry.port}/ws", ssl=client_ctx) as ws:
+                    await ws.send_str("one")
+                    first = (await ws.receive(timeout=5)).data
+                    await ws.send_str("two")
+                    second = (await ws.receive(timeout=5)).data
+            return [plain, first, second]
+        finally:
+            await entry.shutdown(1)
+
+    assert asyncio.run(run()) == ["plain over https", "https:one", "https:two"]
