@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import pytest
 from aiohttp import web
@@ -56,14 +57,14 @@ async def _case_handler(request: web.BaseRequest) -> web.Response:
     return _response_of(CASES[int(request.raw_path.strip("/"))])
 
 
-async def _exchange(port: int, raw: bytes) -> bytes:
-    """Send `raw`, read until the server closes or goes quiet for 0.3 s."""
+async def _exchange(port: int, raw: bytes, quiet: float = 0.3) -> bytes:
+    """Send `raw`, read until the server closes or goes quiet for `quiet` seconds."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
     data = b""
     while True:
         try:
-            chunk = await asyncio.wait_for(reader.read(65536), 0.3)
+            chunk = await asyncio.wait_for(reader.read(65536), quiet)
         except asyncio.TimeoutError:
             break
         if not chunk:
@@ -270,6 +271,128 @@ def test_an_upgrade_after_requests_on_the_same_connection_goes_to_aiohttp():
     assert data.startswith(b"HTTP/1.1 200 ")
     assert b"HTTP/1.1 101 Switching Protocols" in data
     assert data.endswith(b"\x81\x07echo:hi")
+
+
+def test_a_field_that_never_ends_is_refused_before_it_grows():
+    """llhttp keeps a field's pieces until its end: one that never ends gets 431 once it
+    passes the head's cap, not after header_timeout with every byte of it held."""
+
+    async def run() -> tuple[bytes, int]:
+        entry = await _entry(_case_handler)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", entry.port)
+            writer.write(b"GET /0 HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+            sent = 0
+            answer = asyncio.ensure_future(reader.read())
+            while not answer.done() and sent < 4_000_000:
+                writer.write(b"a" * 8192)
+                sent += 8192
+                await asyncio.wait([answer], timeout=0.001)
+            got = await asyncio.wait_for(answer, 5)
+            writer.close()
+            return got, sent
+        finally:
+            await entry.shutdown(1)
+
+    got, sent = asyncio.run(run())
+    assert got.startswith(b"HTTP/1.1 431 ") and b"headers_too_large" in got
+    assert sent < 1_000_000, sent  # refused near the cap (64 KiB), not at the end of the stream
+
+
+def test_a_refusal_waiting_behind_a_slow_answer_does_not_cut_it():
+    """The timer that fires while a request is served (header_timeout from accept, here)
+    leaves it alone though a malformed request waits behind it."""
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(0.8)
+        return web.Response(text="slow but whole")
+
+    async def run() -> bytes:
+        entry = await _entry(handler, header_timeout=0.2)
+        try:
+            return await _exchange(entry.port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", quiet=2.0)
+        finally:
+            await entry.shutdown(1)
+
+    data = asyncio.run(run())
+    assert re.findall(rb"HTTP/1\.1 (\d+)", data) == [b"200", b"400"], data
+    assert b"slow but whole" in data
+
+
+def test_a_body_broken_while_its_handler_reads_it_ends_the_connection_at_once():
+    """The handler's read fails; its answer goes out and the connection closes (nothing
+    after a broken body can be told apart from it), with no wait."""
+    got = []
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        try:
+            await request.content.read()
+        except Exception as exc:
+            got.append(type(exc).__name__)
+            return web.Response(status=400, text="body failed")
+        return web.Response(text="read")
+
+    async def run() -> tuple[bytes, float]:
+        entry = await _entry(handler)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", entry.port)
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            writer.write(b"zz\r\nbroken\r\n")
+            data = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return data, time.monotonic() - t0
+        finally:
+            await entry.shutdown(1)
+
+    data, took = asyncio.run(run())
+    assert data.startswith(b"HTTP/1.1 400 ") and took < 2, (data, took)
+    assert got == ["ValueError"]
+
+
+def test_a_request_without_host_reads_the_address_it_came_to():
+    """As aiohttp: an HTTP/1.0 request with no Host has the server's address as its host."""
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        return web.Response(text=request.host)
+
+    async def run() -> bytes:
+        entry = await _entry(handler)
+        try:
+            return await _exchange(entry.port, b"GET / HTTP/1.0\r\n\r\n")
+        finally:
+            await entry.shutdown(1)
+
+    assert asyncio.run(run()).endswith(b"\r\n\r\n127.0.0.1")
+
+
+def test_a_handler_that_fails_mid_answer_cuts_the_connection():
+    """No 500 written into the middle of a streamed answer: the connection is cut."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "100"})
+        await resp.prepare(request)
+        await resp.write(b"half")
+        raise RuntimeError("the handler broke")
+
+    async def run() -> bytes:
+        entry = await _entry(handler)
+        try:
+            return await _exchange(entry.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        finally:
+            await entry.shutdown(1)
+
+    data = asyncio.run(run())
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nhalf") and b" 500 " not in data
+
+
+@pytest.mark.parametrize("connection, upgrade", [
+    ("Upgrade", True), ("keep-alive, Upgrade", True), ("x-upgrade", False), ("upgraded", False)])
+def test_a_websocket_handshake_names_upgrade_as_a_token(connection, upgrade):
+    from gateway.http.websocket import is_websocket
+    assert is_websocket("GET", {"Upgrade": "websocket", "Connection": connection}) is upgrade
 
 
 # -- through a real gateway and client ---------------------------------------------------------

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import httptools
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.tcp_helpers import tcp_keepalive
 
 from gateway.http.connections import _408, HEADER_TIMEOUT, LINGER, REFUSED
 from gateway.http.entry_head import BadHead, HeadTooLarge, check_field, check_head, head_bytes, version_of
 from gateway.http.entry_request import EntryRequest
-from gateway.http.entry_response import plain_error, whole_response
+from gateway.http.entry_response import answer, plain_error
 
 if TYPE_CHECKING:
     from gateway.http.entry_server import EntryServer
@@ -51,9 +52,10 @@ class EntryConnection(BaseProtocol):
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
         self.head_size = 0
+        self.unparsed = 0  # bytes fed since the parser last completed something (a field, a head, body)
         self.head_deadline = 0.0
         self.idle_since = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the one timer: head, idle, discard or linger
         self.upgrade: list[bytes] | None = None  # an upgrade request's head and body, for aiohttp
         self.refusal: bytes | None = None  # the answer to a malformed request, after those before it
         self.broken: EntryRequest | None = None  # a request whose body the parser refused
@@ -64,6 +66,7 @@ class EntryConnection(BaseProtocol):
         server = self.server
         upgrades = server.upgrades
         if upgrades.open >= server.limits.max_connections:
+            self.done = True
             transport.close()  # before a byte is read
             upgrades.drop(REFUSED)
             return
@@ -71,6 +74,7 @@ class EntryConnection(BaseProtocol):
         self.counted = True
         server.connections.add(self)
         super().connection_made(transport)  # TCP_NODELAY, as aiohttp's
+        tcp_keepalive(transport)  # and SO_KEEPALIVE
         if self.remote is None:
             peer = transport.get_extra_info("peername")
             self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) else (str(peer) if peer else None)
@@ -111,6 +115,7 @@ class EntryConnection(BaseProtocol):
             self.upgrade.append(data)
             self.pause_reading()
             return
+        self.unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -131,14 +136,13 @@ class EntryConnection(BaseProtocol):
                 raise
             return
         except httptools.HttpParserError as exc:
-            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            broken = self.reading
-            if broken is not None and not self.discarding:  # its body is malformed: the 400 answers it
-                self.broken = broken
-                broken.content.set_exception(ValueError(f"malformed request body: {detail}"))
-                if broken in self.waiting:
-                    self.waiting.remove(broken)
-            self._malformed(detail)
+            self._malformed(" ".join(f"{type(exc).__name__}: {exc}".split())[:300])
+            return
+        if self.unparsed > self.server.head_cap:
+            # llhttp holds a field's pieces until its end (on_header sees none of them): one
+            # that never ends would grow, and be copied again, with every read.
+            self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                         f"a request field over {self.server.head_cap} bytes")
             return
         if self.in_head and not self.head_deadline and self.serving is None and not self.waiting:
             # Part of a head: header_timeout from its first byte.
@@ -158,6 +162,7 @@ class EntryConnection(BaseProtocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.unparsed = 0
         value = value.rstrip(b" \t")  # llhttp strips the space before a value, not after
         self.raw.append((name, value))
         self._count(len(name) + len(value) + 4)
@@ -169,6 +174,7 @@ class EntryConnection(BaseProtocol):
             raise HeadTooLarge()
 
     def on_headers_complete(self) -> None:
+        self.unparsed = 0
         self.in_head = False
         self.head_deadline = 0.0
         parser = self.parser
@@ -189,12 +195,14 @@ class EntryConnection(BaseProtocol):
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.unparsed = 0
         if self.upgrade is not None:
             self.upgrade[0] += body
         elif not self.discarding and self.reading is not None:
             self.reading.content.feed_data(body)
 
     def on_message_complete(self) -> None:
+        self.unparsed = 0
         reading = self.reading
         if reading is None:
             return
@@ -253,10 +261,12 @@ class EntryConnection(BaseProtocol):
                 resp = await server.handler(request)
             except Exception:
                 log.exception("unhandled error serving a request", extra={"remote": self.remote})
+                if request.started:  # part of an answer is out: a cut connection is all that is left
+                    raise ConnectionAbortedError() from None
                 resp = web.Response(status=500, body=b'{"error":"internal","message":"internal error"}',
                                     content_type="application/json")
                 resp.force_close()
-            keep = await self._answer(request, resp)
+            keep = await answer(self, request, resp, self.server.closing)
         except ConnectionError:  # the caller went away while it was answered
             keep = False
         except Exception:
@@ -267,7 +277,7 @@ class EntryConnection(BaseProtocol):
                 self.serving = None
         if self.transport is None or self.transport.is_closing():
             return
-        if not keep:
+        if not keep or request is self.broken:  # the rest of a broken one cannot be found
             self._end()
             return
         if request.body_exists and not request.content.is_eof() and self.reading is request:
@@ -277,21 +287,6 @@ class EntryConnection(BaseProtocol):
                 self.resume_reading()
             self._arm(self.loop.time() + DISCARD_TIME, replace=True)
         self._next()
-
-    async def _answer(self, request: EntryRequest, resp: web.StreamResponse) -> bool:
-        """Write `resp` (unless the handler streamed it already); whether the connection stays open."""
-        closing = self.server.closing
-        if not resp.prepared:
-            whole = whole_response(resp, request, closing)
-            if whole is not None:
-                data, keep = whole
-                self.transport.write(data)  # type: ignore[union-attr]
-                if self._paused:  # the caller reads slower than it asks: wait for it
-                    await self._drain_helper()
-                return keep
-            await resp.prepare(request)
-        await resp.write_eof()
-        return bool(resp.keep_alive) and not closing
 
     def _end(self, linger: bool = False) -> None:
         """No more requests on this connection: close it, reading away first, for
@@ -319,6 +314,14 @@ class EntryConnection(BaseProtocol):
         self.done = True
         self.in_head = False
         self.refusal = plain_error(status, reason, code, message)
+        broken = self.reading
+        if broken is not None and not self.discarding:  # its body (or trailer) is refused: so is it
+            self.broken = broken
+            broken.content.set_exception(ValueError(f"malformed request: {message}"))
+            if broken in self.waiting:
+                self.waiting.remove(broken)
+        self.reading = None
+        self.discarding = False  # nothing more is parsed: the refusal goes out next
         if self.serving is None:
             self._next()
 
@@ -329,18 +332,9 @@ class EntryConnection(BaseProtocol):
         self.upgrade = None
         self.done = True
         self._forget()
-        if transport is None or transport.is_closing():
-            return
-        protocol = self.server.upgrades()
-        if self.declared is not None:
-            protocol._cache["peername"] = self.declared  # aiohttp's request.remote reads it
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()  # type: ignore[attr-defined]
-        if data and protocol.transport is not None:
-            protocol.data_received(data)
+        if transport is not None and not transport.is_closing():
+            self.server.hand_off(transport, data, self.declared, writing_paused=self._paused,
+                                 reading_paused=self._reading_paused)
 
     def pause_reading(self) -> None:
         """Flow control (a body's reader, pipelined heads): the transport stops reading."""
@@ -372,11 +366,11 @@ class EntryConnection(BaseProtocol):
         if self.transport is None:
             return
         now = self.loop.time()
+        if self.serving is not None or self.waiting:
+            return  # re-armed when the connection is idle again (a refusal waits its turn too)
         if self.done or self.discarding:
             self.close()  # a linger or a discard ran out
             return
-        if self.serving is not None or self.waiting:
-            return  # re-armed when the connection is idle again
         limits = self.server.limits
         if self.head_deadline:
             if now < self.head_deadline:

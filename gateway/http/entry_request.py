@@ -5,8 +5,6 @@ request from either server, and aiohttp's StreamResponse can stream an
 answer to it (`_payload_writer`, `_prepare_hook`, `keep_alive`, `version`)."""
 from __future__ import annotations
 
-import functools
-import socket
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +19,6 @@ __all__ = ["EntryRequest", "HTTP10", "HTTP11", "HttpVersion"]
 
 HTTP10 = HttpVersion(1, 0)
 HTTP11 = HttpVersion(1, 1)
-
-
-@functools.cache
-def _own_name() -> str:
-    """What aiohttp's request.host says of a request without Host: this machine's name (once)."""
-    return socket.getfqdn()
 
 
 class EntryRequest:
@@ -56,9 +48,15 @@ class EntryRequest:
 
     @property
     def host(self) -> str:
-        """The Host header (aiohttp's reading: the machine's name without one)."""
+        """The Host header; without one (HTTP/1.0), as aiohttp: the address the request came to."""
         host = self.headers.get("Host")
-        return host if host is not None else _own_name()
+        if host is not None:
+            return host
+        transport = self._conn.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        if isinstance(sockname, tuple):
+            return f"[{sockname[0]}]" if len(sockname) == 4 else str(sockname[0])
+        return str(sockname) if sockname else ""
 
     @property
     def path(self) -> str:
@@ -103,6 +101,11 @@ class EntryRequest:
     @property
     def writer(self) -> StreamWriter:
         return self._payload_writer
+
+    @property
+    def started(self) -> bool:
+        """Part of an answer went out (a streamed head): no other answer can follow it."""
+        return self._writer is not None and self._writer.output_size > 0
 
     async def _prepare_hook(self, _response: Any) -> None:
         """aiohttp's StreamResponse calls this as it starts (an application's signal there; none here)."""

@@ -14,9 +14,11 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 if TYPE_CHECKING:
+    from aiohttp.base_protocol import BaseProtocol
+
     from gateway.http.entry_request import EntryRequest
 
-__all__ = ["whole_response", "plain_error"]
+__all__ = ["answer", "whole_response", "plain_error"]
 
 _SERVER = f"Server: {SERVER_SOFTWARE}"
 _FIELD = ": ".join  # of a (name, value) pair
@@ -26,7 +28,7 @@ def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: b
     open after it; None for one only aiohttp can write (a payload object for
     a body, compression, cookies, chunking asked for, a subclass). Reads
     aiohttp's private fields, the cheapest way at every request: the parity
-    with aiohttp's own output is tests/test_unit_entry_response.py's."""
+    with aiohttp's own output is tests/test_entry_server.py's."""
     if resp.__class__ is not web.Response or resp._chunked or resp._compression or resp._cookies:
         return None
     body = resp._body
@@ -80,6 +82,22 @@ def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: b
     if size and not empty:
         out += body[:length] if length is not None and length < size else body
     return out, keep_alive
+
+
+async def answer(conn: "BaseProtocol", request: "EntryRequest", resp: web.StreamResponse, closing: bool) -> bool:
+    """Write `resp` on `conn` (unless the handler streamed it already); whether the
+    connection stays open after it."""
+    if not resp.prepared:
+        whole = whole_response(resp, request, closing)
+        if whole is not None:
+            data, keep = whole
+            conn.transport.write(data)  # type: ignore[union-attr]
+            if conn.writing_paused:  # the caller reads slower than it asks: wait for it
+                await conn._drain_helper()
+            return keep
+        await resp.prepare(request)
+    await resp.write_eof()
+    return bool(resp.keep_alive) and not closing
 
 
 def plain_error(status: int, reason: str, code: str, message: str) -> bytes:

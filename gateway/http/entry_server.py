@@ -90,6 +90,22 @@ class EntryServer:
         tls = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout} if ssl_context is not None else {}
         await self.loop.connect_accepted_socket(lambda: self.connection(source), sock, **tls)
 
+    def hand_off(self, transport: asyncio.Transport, data: bytes, declared: tuple[str, int] | None, *,
+                 writing_paused: bool, reading_paused: bool) -> None:
+        """A connection whose next request asks for an upgrade, to aiohttp's server, from
+        that request's head (`data`) on; `declared`: the caller a PROXY header named."""
+        protocol = self.upgrades()
+        if declared is not None:
+            protocol._cache["peername"] = declared  # aiohttp's request.remote reads it
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if writing_paused:  # the transport will call the new protocol's resume_writing
+            protocol.pause_writing()
+        if reading_paused:
+            transport.resume_reading()
+        if data and protocol.transport is not None:
+            protocol.data_received(data)
+
     @property
     def port(self) -> int:
         """The port of the first listening socket (for a server bound to port 0)."""
@@ -111,8 +127,12 @@ class EntryServer:
                 conn.close()
             else:
                 serving.append(conn.serving)
+        upgraded = self.loop.create_task(self.upgrades.shutdown(timeout))  # at the same time
         if serving:
             await asyncio.wait(serving, timeout=timeout)
-        for conn in list(self.connections):
-            conn.close()
-        await self.upgrades.shutdown(timeout)
+        for conn in list(self.connections):  # what did not finish in time
+            if conn.serving is not None:
+                conn.serving.cancel()
+            if conn.transport is not None:
+                conn.transport.abort()  # a caller that reads nothing must not hold it open
+        await upgraded
