@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.http.connections import BoundedServer, EntryLimits
 from gateway.http.entry_server import EntryServer
-from tests.harness import Stack, http
+from tests.harness import Stack, http, self_signed_tls
 
 HEADERS = [("Content-Type", "text/plain"), ("X-Thing", "a b")]
 # (method, HTTP version, status, headers, body, force_close): each answered by both servers.
@@ -74,6 +74,19 @@ async def _exchange(port: int, raw: bytes, quiet: float = 0.3) -> bytes:
     return data
 
 
+def _served(handler, raw: bytes, quiet: float = 0.3, **limits) -> bytes:
+    """What an entry server of `handler` (with `limits`) sends back for `raw`."""
+
+    async def run() -> bytes:
+        entry = await _entry(handler, **limits)
+        try:
+            return await _exchange(entry.port, raw, quiet)
+        finally:
+            await entry.shutdown(1)
+
+    return asyncio.run(run())
+
+
 async def _entry(handler, **limits) -> EntryServer:
     server = EntryServer(handler, limits=EntryLimits(**limits), max_header_bytes=8192)
     await server.listen("127.0.0.1", 0)
@@ -109,14 +122,7 @@ def test_a_body_longer_than_its_content_length_is_cut_to_it():
     async def handler(request: web.BaseRequest) -> web.Response:
         return web.Response(body=b"hello, and more", headers={"Content-Length": "5"})
 
-    async def run() -> bytes:
-        entry = await _entry(handler)
-        try:
-            return await _exchange(entry.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        finally:
-            await entry.shutdown(1)
-
-    assert asyncio.run(run()).endswith(b"\r\n\r\nhello")
+    assert _served(handler, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").endswith(b"\r\n\r\nhello")
 
 
 def test_pipelined_requests_are_answered_in_order_one_at_a_time():
@@ -129,15 +135,8 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time():
         order.append(("end", request.raw_path))
         return web.Response(text=request.raw_path)
 
-    async def run() -> bytes:
-        entry = await _entry(handler)
-        try:
-            return await _exchange(entry.port, b"".join(
-                f"GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in ("slow", "fast", "fast2")))
-        finally:
-            await entry.shutdown(1)
-
-    data = asyncio.run(run())
+    data = _served(handler, b"".join(f"GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                                     for p in ("slow", "fast", "fast2")))
     assert re.findall(rb"\r\n\r\n(/[a-z0-9]+)", data) == [b"/slow", b"/fast", b"/fast2"], data
     assert order == [("start", "/slow"), ("end", "/slow"), ("start", "/fast"), ("end", "/fast"),
                      ("start", "/fast2"), ("end", "/fast2")]
@@ -157,15 +156,8 @@ def test_a_malformed_request_after_good_ones_is_refused_after_their_answers(bad)
         await asyncio.sleep(0.05)
         return web.Response(text="ok")
 
-    async def run() -> bytes:
-        entry = await _entry(handler)
-        try:
-            good = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
-            return await _exchange(entry.port, good + bad + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
-        finally:
-            await entry.shutdown(1)
-
-    data = asyncio.run(run())
+    good = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = _served(handler, good + bad + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
     statuses = re.findall(rb"HTTP/1\.1 (\d+)", data)
     assert statuses == [b"200", b"200", b"400"], data
     assert served == ["/a", "/b"]
@@ -196,14 +188,7 @@ def test_an_unread_body_is_read_away_and_the_connection_serves_on():
 
 
 def test_a_head_over_the_cap_gets_431_and_a_close():
-    async def run() -> bytes:
-        entry = await _entry(_case_handler)
-        try:
-            return await _exchange(entry.port, b"GET /0 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
-        finally:
-            await entry.shutdown(1)
-
-    data = asyncio.run(run())
+    data = _served(_case_handler, b"GET /0 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 431 ") and b"Connection: close" in data
     assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"] == "headers_too_large"
 
@@ -307,15 +292,8 @@ def test_a_refusal_waiting_behind_a_slow_answer_does_not_cut_it():
         await asyncio.sleep(0.8)
         return web.Response(text="slow but whole")
 
-    async def run() -> bytes:
-        entry = await _entry(handler, header_timeout=0.2)
-        try:
-            return await _exchange(entry.port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
-                                               b"GET /x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", quiet=2.0)
-        finally:
-            await entry.shutdown(1)
-
-    data = asyncio.run(run())
+    data = _served(handler, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                            b"GET /x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", quiet=2.0, header_timeout=0.2)
     assert re.findall(rb"HTTP/1\.1 (\d+)", data) == [b"200", b"400"], data
     assert b"slow but whole" in data
 
@@ -358,14 +336,7 @@ def test_a_request_without_host_reads_the_address_it_came_to():
     async def handler(request: web.BaseRequest) -> web.Response:
         return web.Response(text=request.host)
 
-    async def run() -> bytes:
-        entry = await _entry(handler)
-        try:
-            return await _exchange(entry.port, b"GET / HTTP/1.0\r\n\r\n")
-        finally:
-            await entry.shutdown(1)
-
-    assert asyncio.run(run()).endswith(b"\r\n\r\n127.0.0.1")
+    assert _served(handler, b"GET / HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\n127.0.0.1")
 
 
 def test_a_handler_that_fails_mid_answer_cuts_the_connection():
@@ -377,14 +348,7 @@ def test_a_handler_that_fails_mid_answer_cuts_the_connection():
         await resp.write(b"half")
         raise RuntimeError("the handler broke")
 
-    async def run() -> bytes:
-        entry = await _entry(handler)
-        try:
-            return await _exchange(entry.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        finally:
-            await entry.shutdown(1)
-
-    data = asyncio.run(run())
+    data = _served(handler, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nhalf") and b" 500 " not in data
 
 
@@ -418,18 +382,9 @@ def test_an_encoded_upload_goes_on_as_it_came(stack, way):
 
 def test_a_websocket_over_tls_is_handed_on_too(tmp_path):
     """The hand-over to aiohttp swaps the protocol under a TLS transport as under a plain one."""
-    import ssl
-    import subprocess
-
     import aiohttp
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
-                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    client_ctx = ssl.create_default_context(cafile=tmp_path / "c.pem")
-    client_ctx.check_hostname = False
+    server_ctx, client_ctx = self_signed_tls(tmp_path)
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() != "websocket":

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.http.connections import BoundedServer, EntryLimits
 from gateway.http.entry_connection import EntryConnection
 from gateway.http.entry_server import EntryServer
-from tests.harness import Stack
+from tests.harness import Stack, self_signed_tls
 
 HEADER_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 4.0
@@ -345,15 +345,7 @@ def test_a_dribbler_that_writes_on_still_reads_its_408(kind):
 @SERVERS
 def test_a_slow_head_over_tls_gets_its_408_too(tmp_path, kind):
     """TLS cannot half-close: the lingering 408 closes after the linger instead (no error)."""
-    import subprocess
-
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
-                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    client_ctx = ssl.create_default_context(cafile=tmp_path / "c.pem")
-    client_ctx.check_hostname = False
+    server_ctx, client_ctx = self_signed_tls(tmp_path)
 
     async def run() -> bytes:
         _counts, server, port = await _bounded(EntryLimits(header_timeout=0.3), kind, server_ctx)
