@@ -12,8 +12,9 @@ script measures, as CPU microseconds of the process doing it:
   gateway -> client -> backend), and how many gRPC messages a request takes
   each way and how big they are;
 * the parts alone, each in a process of its own:
-  - entry: aiohttp's low-level server answering 100 bytes (the HTTP side of
-    the gateway's public entry, with nothing behind it);
+  - entry: the entries' HTTP/1.1 server (gateway/http/entry_server.py)
+    answering 100 bytes (the HTTP side of the gateway's public entry, with
+    nothing behind it);
   - upstream: the client's pooled HTTP/1.1 client calling the backend (the
     HTTP side of the client);
   - gRPC: one message of the tunnel's average size through the tunnel's own
@@ -71,17 +72,18 @@ def _cpu() -> float:
 # -- the parts alone, each run as `bench_floor.py --part ...` in a child ---------------
 
 async def _serve_entry(port: int) -> None:
-    """aiohttp's low-level server (as the gateway's entry uses it) answering 100 bytes."""
+    """The entries' server (as the gateway's entry uses it) answering 100 bytes."""
     from aiohttp import web
+
+    from gateway.http.connections import EntryLimits
+    from gateway.http.entry import entry_server
 
     body = b"x" * 100
 
     async def handler(_request: web.BaseRequest) -> web.Response:
         return web.Response(body=body)
 
-    runner = web.ServerRunner(web.Server(handler, access_log=None), handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await entry_server(handler, 8192, EntryLimits()).listen("127.0.0.1", port)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -403,7 +405,7 @@ def print_report(report: dict) -> None:
               f"{g['bytes_per_message']} bytes each")
     print()
     print(f"{'part alone, CPU us':<40} {'saturated':>9} {'paced':>9}")
-    print(f"{'entry (aiohttp server, 100 B), a request':<40} {sat['entry']['cpu_us']['entry']:>9.1f} "
+    print(f"{'entry (its server, 100 B), a request':<40} {sat['entry']['cpu_us']['entry']:>9.1f} "
           f"{paced['entry']['cpu_us']['entry']:>9.1f}")
     print(f"{'upstream call (HttpPool -> backend)':<40} {sat['upstream']['cpu_us_per_call']:>9.1f} "
           f"{paced['upstream']['cpu_us_per_call']:>9.1f}")

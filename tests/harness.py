@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import ssl
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -50,6 +52,18 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
             return Response(r.status, list(r.headers.items()), r.read())
     except urllib.error.HTTPError as e:
         return Response(e.code, list(e.headers.items()), e.read())
+
+
+def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A throwaway certificate for localhost in `directory`: (a server's context, a client's that trusts it)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(directory / "k.pem"),
+                    "-out", str(directory / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(directory / "c.pem", directory / "k.pem")
+    client = ssl.create_default_context(cafile=directory / "c.pem")
+    client.check_hostname = False
+    return server, client
 
 
 def toml_value(v: Any) -> str:

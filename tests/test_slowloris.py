@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 import urllib.request
 
@@ -13,7 +14,9 @@ import pytest
 from aiohttp import web
 
 from gateway.http.connections import BoundedServer, EntryLimits
-from tests.harness import Stack
+from gateway.http.entry_connection import EntryConnection
+from gateway.http.entry_server import EntryServer
+from tests.harness import Stack, self_signed_tls
 
 HEADER_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 4.0
@@ -217,16 +220,27 @@ def test_max_connections_refuses_and_counts(make_stack):
         assert _dropped(admin, entry, "max_connections") == 3
 
 
-# -- one BoundedServer in this process ---------------------------------------------------
+# -- one server in this process: the entries' own (EntryServer), and aiohttp's -----------
+# (BoundedServer), which serves the connections that upgrade
 
 
-async def _bounded(limits: EntryLimits) -> tuple[BoundedServer, asyncio.AbstractServer, int]:
-    async def hello(request: web.BaseRequest) -> web.Response:
-        return web.Response(text="hi")
+async def _hello(request: web.BaseRequest) -> web.Response:
+    return web.Response(text="hi")
 
-    bounded = BoundedServer(hello, limits=limits, access_log=None)
-    server = await asyncio.get_running_loop().create_server(bounded, "127.0.0.1", 0)
-    return bounded, server, server.sockets[0].getsockname()[1]
+
+async def _bounded(limits: EntryLimits, kind: str, ssl_context: ssl.SSLContext | None = None
+                   ) -> tuple[dict[str, int], asyncio.AbstractServer, int]:
+    """A server of `kind` on a free port: (its drop counts, the listener, the port)."""
+    if kind == "entry":
+        entry = EntryServer(_hello, limits=limits, max_header_bytes=8192)
+        await entry.listen("127.0.0.1", 0, ssl_context=ssl_context, handshake_timeout=5.0)
+        return entry.upgrades.dropped, entry.listening[0], entry.port
+    bounded = BoundedServer(_hello, limits=limits, access_log=None)
+    server = await asyncio.get_running_loop().create_server(bounded, "127.0.0.1", 0, ssl=ssl_context)
+    return bounded.dropped, server, server.sockets[0].getsockname()[1]
+
+
+SERVERS = pytest.mark.parametrize("kind", ["entry", "aiohttp"])
 
 
 async def _answered(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -237,14 +251,15 @@ async def _answered(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     return reader, writer
 
 
-def test_keepalive_shorter_than_header_timeout_each_rules_its_wait():
+@SERVERS
+def test_keepalive_shorter_than_header_timeout_each_rules_its_wait(kind):
     """The two timeouts share aiohttp's one timer, armed for the nearer: with keepalive_timeout
     the shorter, a new silent connection still has header_timeout, an idle one keepalive_timeout,
     and a head begun after a response header_timeout from its first byte."""
     header, keepalive = 1.2, 0.4
 
     async def run() -> None:
-        bounded, server, port = await _bounded(EntryLimits(header, keepalive, 100))
+        dropped, server, port = await _bounded(EntryLimits(header, keepalive, 100), kind)
         try:
             silent = asyncio.ensure_future(_silent(port))
             idle_r, idle_w = await _answered(port)
@@ -257,7 +272,7 @@ def test_keepalive_shorter_than_header_timeout_each_rules_its_wait():
             assert got.startswith(b"HTTP/1.1 408 ") and header - 0.1 < took < header + 0.5, (took, got)
             took, got = await silent
             assert got == b"" and header - 0.1 < took < header + 0.5, took
-            assert bounded.dropped == {"max_connections": 0, "header_timeout": 2}  # idle ones are not counted
+            assert dropped == {"max_connections": 0, "header_timeout": 2}  # idle ones are not counted
             for w in (idle_w, slow_w):
                 w.close()
         finally:
@@ -266,7 +281,8 @@ def test_keepalive_shorter_than_header_timeout_each_rules_its_wait():
     asyncio.run(run())
 
 
-def test_a_head_that_comes_whole_costs_no_timer_call():
+@SERVERS
+def test_a_head_that_comes_whole_costs_no_timer_call(kind):
     """Requests whose heads arrive in one read (most do) neither arm nor re-arm a timer."""
 
     async def run() -> int:
@@ -275,11 +291,11 @@ def test_a_head_that_comes_whole_costs_no_timer_call():
         call_at = loop.call_at
 
         def counting(when, callback, *args, **kw):  # type: ignore[no-untyped-def]
-            if isinstance(getattr(callback, "__self__", None), web.RequestHandler):
+            if isinstance(getattr(callback, "__self__", None), (web.RequestHandler, EntryConnection)):
                 armed.append(callback)
             return call_at(when, callback, *args, **kw)
 
-        bounded, server, port = await _bounded(EntryLimits(30.0, 60.0, 100))
+        _counts, server, port = await _bounded(EntryLimits(30.0, 60.0, 100), kind)
         try:
             reader, writer = await _answered(port)
             loop.call_at = counting  # type: ignore[method-assign]
@@ -295,7 +311,8 @@ def test_a_head_that_comes_whole_costs_no_timer_call():
     assert asyncio.run(run()) == 0
 
 
-def test_a_dribbler_that_writes_on_still_reads_its_408():
+@SERVERS
+def test_a_dribbler_that_writes_on_still_reads_its_408(kind):
     """A caller that goes on sending after header_timeout gets its 408 all the same: the
     entry closes by lingering (408, FIN, the rest read away), not at once, which would
     answer those bytes with a RST that discards the 408 unread (one in two, before)."""
@@ -314,7 +331,7 @@ def test_a_dribbler_that_writes_on_still_reads_its_408():
             return "reset"
 
     async def run() -> list[bytes | str]:
-        bounded, server, port = await _bounded(EntryLimits(header_timeout=0.3))
+        _counts, server, port = await _bounded(EntryLimits(header_timeout=0.3), kind)
         try:
             return await asyncio.gather(*(dribble(port) for _ in range(100)))
         finally:
@@ -325,28 +342,15 @@ def test_a_dribbler_that_writes_on_still_reads_its_408():
         {a if isinstance(a, str) else a[:20] for a in answers}
 
 
-def test_a_slow_head_over_tls_gets_its_408_too(tmp_path):
+@SERVERS
+def test_a_slow_head_over_tls_gets_its_408_too(tmp_path, kind):
     """TLS cannot half-close: the lingering 408 closes after the linger instead (no error)."""
-    import ssl
-    import subprocess
-
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
-                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    client_ctx = ssl.create_default_context(cafile=tmp_path / "c.pem")
-    client_ctx.check_hostname = False
+    server_ctx, client_ctx = self_signed_tls(tmp_path)
 
     async def run() -> bytes:
-        async def hello(request: web.BaseRequest) -> web.Response:
-            return web.Response(text="hi")
-
-        bounded = BoundedServer(hello, limits=EntryLimits(header_timeout=0.3), access_log=None)
-        server = await asyncio.get_running_loop().create_server(bounded, "127.0.0.1", 0, ssl=server_ctx)
+        _counts, server, port = await _bounded(EntryLimits(header_timeout=0.3), kind, server_ctx)
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
-                                                           ssl=client_ctx)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
             got = await asyncio.wait_for(reader.read(), 10)
             writer.close()

@@ -18,7 +18,7 @@ from gateway.client.quick import Console
 from gateway.grpc_io import grpc_io_in_use
 from gateway.heap import settle_heap
 from gateway.http.connections import EntryLimits
-from gateway.http.entry import entry_runner
+from gateway.http.entry import entry_server
 from gateway.http.upstream import UpstreamClients
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from gateway.observe import AccessLog
@@ -39,23 +39,24 @@ async def serve(config: ClientConfig, console: Console | None = None) -> int:
     agent.inspector = client_inspector(config)  # None without a status port or with inspect = false
     agent.load_cache()
     runners = []
+    local = None
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     access_log = AccessLog(config.access_log)
     if config.local_port:
         entry = LocalEntry(agent, access_log=access_log, metrics=metrics)
         dropped = metrics.dropped_connections
-        runner = entry_runner(entry.handle, config.max_header_bytes, EntryLimits.of(config),
-                              on_drop=lambda reason: dropped.labels("local", reason).inc())
-        await runner.setup()
-        await web.TCPSite(runner, config.local_host, config.local_port).start()
-        runners.append(runner)
+        local = entry_server(entry.handle, config.max_header_bytes, EntryLimits.of(config),
+                             on_drop=lambda reason: dropped.labels("local", reason).inc())
+        await local.listen(config.local_host, config.local_port)
     if config.admin_port:
         runners.append(await _start_admin(agent, config, registry))
     settle_heap()
     try:
         await agent.run_forever(stop)
     finally:
+        if local is not None:
+            await local.shutdown()
         for runner in runners:
             await runner.cleanup()
         await upstreams.close()

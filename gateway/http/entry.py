@@ -15,7 +15,8 @@ from aiohttp import web
 from gateway.history import History, process_history
 from gateway.quick import label_of
 from gateway.rollout.stats import process_rollout_stats
-from gateway.http.connections import BoundedServer, EntryLimits
+from gateway.http.connections import EntryLimits
+from gateway.http.entry_server import EntryServer
 from gateway.http.headers import end_to_end, forwarded, header_bytes, is_trusted
 from gateway.http.relay import error_response, expectation
 from gateway.ids import RequestIds
@@ -25,7 +26,7 @@ from gateway.tunnel.errors import TunnelError
 if TYPE_CHECKING:
     from gateway.tunnel.exchange import InboundExchange
 
-__all__ = ["EntryLog", "ObservedExchange", "entry_runner", "head_problem", "body_problem", "forward_headers"]
+__all__ = ["EntryLog", "ObservedExchange", "entry_server", "head_problem", "body_problem", "forward_headers"]
 
 log = logging.getLogger("gateway.access")
 
@@ -36,24 +37,15 @@ Problem = tuple[str, str]  # (error code, message)
 _serving: contextvars.ContextVar[web.BaseRequest | None] = contextvars.ContextVar("entry_request", default=None)
 
 
-def entry_runner(handler: Callable[[web.BaseRequest], Any], max_header_bytes: int, limits: EntryLimits,
-                 on_drop: Callable[[str], None] | None = None) -> web.BaseRunner:
-    """The runner of an entry: aiohttp's low-level server calling `handler` for
-    every request (no application, router or middlewares: every path is ours),
-    its connections bounded by `limits` (`on_drop(reason)` counts those it closes)."""
-    # aiohttp's own limits sit above ours so oversize heads reach the
-    # handler and get our 431 with a JSON body.
-    limit = max(8190, max_header_bytes * 2)
-
-    async def handle(request: web.BaseRequest) -> Any:
-        # The request being served, for its access record (EntryLog.record): the entries
-        # need not hand it down. Set in the request's own task, so it never leaks to another.
-        _serving.set(request)
-        return await handler(request)
-
-    server = BoundedServer(handle, limits=limits, on_drop=on_drop, handler_cancellation=True, access_log=None,
-                           max_line_size=limit, max_field_size=limit)
-    return web.ServerRunner(server, handle_signals=False)
+def entry_server(handler: Callable[[Any], Any], max_header_bytes: int, limits: EntryLimits,
+                 on_drop: Callable[[str], None] | None = None) -> EntryServer:
+    """The server of an entry (`entry_server.py`: every path is ours, no application,
+    router or middlewares), calling `handler` for every request, its connections
+    bounded by `limits` (`on_drop(reason)` counts those it closes)."""
+    # The request being served is set for its access record (EntryLog.record): the entries
+    # need not hand it down. Set in the request's own task, so it never leaks to another.
+    return EntryServer(handler, limits=limits, max_header_bytes=max_header_bytes, on_drop=on_drop,
+                       current=_serving)
 
 
 class _Tracking:
@@ -113,7 +105,7 @@ class EntryLog:
 
     def record(self, *, trace_id: str, method: str, host: str, path: str) -> AccessRecord:
         """A new request's record, with a fresh request id, and the caller's address and
-        User-Agent when an entry_runner serves it."""
+        User-Agent when an entry_server serves it."""
         rec = AccessRecord(request_id=self.ids.next(), trace_id=trace_id, method=method, host=host, path=path,
                            worker=self.worker, direction=self.direction)
         request = _serving.get()

@@ -39,8 +39,16 @@ CLOSE_BAD_GATEWAY = 1014
 
 
 def is_websocket(method: str, headers: Any) -> bool:
-    return (method == "GET" and "websocket" in headers.get("Upgrade", "").lower()
-            and "upgrade" in headers.get("Connection", "").lower())
+    """A WebSocket handshake: a GET whose Upgrade names websocket and whose Connection
+    names upgrade (as tokens: `Connection: x-upgrade` is not one, as llhttp and aiohttp read it)."""
+    if method != "GET" or "websocket" not in headers.get("Upgrade", "").lower():
+        return False
+    return (_has_token(headers.get("Upgrade", ""), "websocket")
+            and _has_token(headers.get("Connection", ""), "upgrade"))
+
+
+def _has_token(value: str, token: str) -> bool:
+    return any(t.strip().lower() == token for t in value.split(","))
 
 
 def close_payload(code: int, reason: str) -> bytes:

@@ -1,19 +1,21 @@
 """A worker's listening ports, all shared with the other workers
 (SO_REUSEPORT): the tunnel endpoint (our own HTTP/2, or grpc.aio with
-tunnel_server = "grpcio") and the gRPC entry (grpc.aio),
-the HTTP entry and the admin port (aiohttp). With proxy_protocol the HTTP
-entry and the tunnel port read a PROXY header first (`proxied.py`)."""
+tunnel_server = "grpcio"), the gRPC entry (grpc.aio), the HTTP entry (our
+own HTTP/1.1, `gateway/http/entry_server.py`) and the admin port (aiohttp).
+With proxy_protocol the HTTP entry and the tunnel port read a PROXY header
+first (`proxied.py`)."""
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import grpc.aio
 from aiohttp import web
 
 from gateway.http.connections import EntryLimits
-from gateway.http.entry import entry_runner
+from gateway.http.entry import entry_server
+from gateway.http.entry_server import EntryServer
 from gateway.http.grpc_bridge import MAX_MESSAGE
 from gateway.tls import http_ssl_context, server_credentials
 from gateway.tunnel.h2_server import TunnelServer, server_ssl_context
@@ -44,8 +46,8 @@ class Listeners:
         self.tunnel_server: TunnelServer | None = None  # tunnel_server = "builtin"
         self.tunnel_proxied: ProxiedServer | None = None  # the public tunnel port, with proxy_protocol
         self.grpc_entry: grpc.aio.Server | None = None
-        self.http: web.BaseRunner | None = None
-        self.http_site: web.TCPSite | None = None
+        self.http: EntryServer | None = None
+        self.http_proxied: ProxiedServer | None = None  # the HTTP entry's port, with proxy_protocol
         self.admin: web.BaseRunner | None = None
 
     async def start(self) -> None:
@@ -75,15 +77,22 @@ class Listeners:
             await self.grpc_entry.start()
 
         dropped = worker.metrics.dropped_connections
-        self.http = entry_runner(worker.http_entry.handle, cfg.max_header_bytes, EntryLimits.of(cfg),
-                                 on_drop=lambda reason: dropped.labels("http", reason).inc())
-        await self.http.setup()
-        ssl_context = http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None
-        self.http_site = _EntrySite(self.http, cfg.host, cfg.http_port, reuse_port=True, backlog=1024,
-                                    ssl_context=ssl_context, handshake_timeout=cfg.header_timeout,
-                                    proxy_protocol=cfg.proxy_protocol, max_pending=cfg.max_connections,
-                                    on_drop=lambda reason: dropped.labels("http", reason).inc())
-        await self.http_site.start()
+        self.http = http = entry_server(worker.http_entry.handle, cfg.max_header_bytes, EntryLimits.of(cfg),
+                                        on_drop=lambda reason: dropped.labels("http", reason).inc())
+        tls = {"ssl_context": http_ssl_context(cfg.tls_cert, cfg.tls_key) if cfg.http_tls else None,
+               "handshake_timeout": cfg.header_timeout}
+        if cfg.proxy_protocol:
+            # Each connection's PROXY header first (within header_timeout), then TLS, if any, then HTTP.
+            async def accept(conn: socket.socket, source: tuple[str, int] | None, _peer: tuple[str, int],
+                             _deadline: float) -> None:
+                await http.accept(conn, source, **tls)
+
+            self.http_proxied = ProxiedServer(bind_sockets(cfg.host, cfg.http_port), accept,
+                                              timeout=cfg.header_timeout, max_pending=cfg.max_connections,
+                                              what="http", on_drop=lambda reason: dropped.labels("http", reason).inc())
+            self.http_proxied.start()
+        else:
+            await http.listen(cfg.host, cfg.http_port, reuse_port=True, **tls)
 
         self.admin = web.AppRunner(admin_app(worker), handle_signals=False, access_log=None)
         await self.admin.setup()
@@ -132,8 +141,10 @@ class Listeners:
         """Close the public ports now; the tasks end when running calls and
         streams have had `grace` to finish."""
         worker = self.worker
-        assert self.http_site is not None
-        await self.http_site.stop()
+        assert self.http is not None
+        self.http.close()
+        if self.http_proxied is not None:
+            self.http_proxied.close()
         stopping = []
         if self.grpc_entry is not None:
             # Stop taking calls; running ones get the grace period.
@@ -147,62 +158,7 @@ class Listeners:
         return stopping
 
     async def cleanup(self) -> None:
-        for runner in (self.http, self.admin):
-            if runner is not None:
-                await runner.cleanup()
-
-
-class _EntrySite(web.TCPSite):
-    """aiohttp's TCP site with the TLS handshake bounded by header_timeout: our
-    connection limits start once a connection is made, which with TLS is after
-    the handshake, and asyncio's own bound is 60 s (a TLS slowloris). With
-    `proxy_protocol`, each connection's PROXY header is read first (within
-    header_timeout), then TLS, if any, then HTTP."""
-
-    def __init__(self, *args: Any, handshake_timeout: float, proxy_protocol: bool = False, max_pending: int = 1024,
-                 on_drop: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._handshake_timeout = handshake_timeout
-        self._proxy_protocol = proxy_protocol
-        self._max_pending = max_pending
-        self._on_drop = on_drop
-
-    async def start(self) -> None:
-        if self._ssl_context is None and not self._proxy_protocol:
-            return await super().start()
-        await web.BaseSite.start(self)  # registers the site; TCPSite.start would create the server without the bound
-        server = self._runner.server
-        assert server is not None
-        if self._proxy_protocol:
-            proxied = ProxiedServer(bind_sockets(self._host or "", self._port, self._backlog), self._serve_proxied,
-                                    timeout=self._handshake_timeout, max_pending=self._max_pending, what="http",
-                                    on_drop=self._on_drop)
-            proxied.start()
-            self._server = proxied  # type: ignore[assignment]  # what BaseSite.stop and the runner use of it
-            return
-        self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self._handshake_timeout,
-        )
-
-    async def _serve_proxied(self, conn: socket.socket, source: tuple[str, int] | None, _peer: tuple[str, int],
-                             _deadline: float) -> None:
-        """Serve a connection whose PROXY header was read: TLS (a fresh
-        header_timeout for the handshake), then aiohttp, seeing `source` as the peer."""
-        server = self._runner.server
-        assert server is not None
-
-        def handler() -> Any:
-            protocol = server()
-            if source is not None:
-                # aiohttp's request.remote (X-Forwarded-For, the client-IP hash key) reads
-                # the handler's cached peername: set to the declared caller, it is never
-                # asked of the socket (the balancer).
-                protocol._cache["peername"] = source
-            return protocol
-
-        tls: dict[str, Any] = {}
-        if self._ssl_context is not None:
-            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
-        await asyncio.get_running_loop().connect_accepted_socket(handler, conn, **tls)
+        if self.http is not None:
+            await self.http.shutdown()
+        if self.admin is not None:
+            await self.admin.cleanup()
