@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from aiohttp import web
-from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
 from aiohttp.http import SERVER_SOFTWARE
 
 if TYPE_CHECKING:
@@ -44,8 +44,8 @@ def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: b
         keep_alive = False
     headers = resp._headers
     size = len(body) if body else 0
-    no_length = status < 200 or status == 204 or status == 304 or (method == "CONNECT" and status < 300)
-    empty = no_length or method == "HEAD"
+    no_length = should_remove_content_length(method, status)  # aiohttp's own rules, so the bytes stay its
+    empty = must_be_empty_body(method, status)
     declared = headers.get("Content-Length")
     if (no_length and declared is not None) or (empty and "Transfer-Encoding" in headers):
         drop = {"content-length", "transfer-encoding"} if no_length else {"transfer-encoding"}

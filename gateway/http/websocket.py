@@ -41,9 +41,11 @@ CLOSE_BAD_GATEWAY = 1014
 def is_websocket(method: str, headers: Any) -> bool:
     """A WebSocket handshake: a GET whose Upgrade names websocket and whose Connection
     names upgrade (as tokens: `Connection: x-upgrade` is not one, as llhttp and aiohttp read it)."""
-    if method != "GET" or "websocket" not in headers.get("Upgrade", "").lower():
+    if method != "GET":
         return False
-    return (_has_token(headers.get("Upgrade", ""), "websocket")
+    upgrade = headers.get("Upgrade", "")
+    # The substring first: most requests have no Upgrade, and they stop here.
+    return ("websocket" in upgrade.lower() and _has_token(upgrade, "websocket")
             and _has_token(headers.get("Connection", ""), "upgrade"))
 
 
