@@ -7,12 +7,18 @@ a clear message; a random name when none is given. Every process is stopped afte
 each test, also when it fails."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import signal
 import sys
 
 import pytest
 
-from tests.harness import Stack, free_port, get_json, http, raw_request, wait_until
+from gateway.tunnel import frames
+from tests.harness import Stack, children_of, free_port, get_json, http, proc_title, raw_request, wait_until
+from tests.test_bad_input import RawTunnel
 
 TOKEN = "quick-test-token"
 
@@ -88,6 +94,80 @@ def test_names_taken_bad_and_random(quick):
                                          "--name", "Not_A_Label"])
     wait_until(lambda: not bad.alive(), 10, what="a bad name refused at start")
     assert bad.popen.returncode == 2 and "one DNS label" in bad.output()
+
+
+def _router_of(quick: Quick) -> int:
+    return next(p for p in children_of(quick.gateway.popen.pid) if "tunnel-gateway: router" in proc_title(p))
+
+
+async def _quick_hello(quick: Quick, tunnel: RawTunnel, client_id: str, name: str) -> None:
+    await tunnel.send_frames(frames.hello(
+        client_id=client_id, group="quick", token=TOKEN, version="test", capabilities=["http"], connection_index=0,
+        instance=f"{client_id}-1", quick_name=name, quick_upstream=f"http://127.0.0.1:{quick.stack.backend_port}"))
+
+
+def test_the_url_works_on_every_worker_once_told(quick):
+    """WELCOME's URL is what a person opens at once: it comes after every worker can route it.
+    The router is held still (SIGSTOP) while a raw tunnel connection says HELLO and let go
+    0.3 s later; the moment WELCOME arrives, requests on fresh connections (landing on both
+    workers) go out: each reaches the one stream, none gets the 404 of a name a worker has
+    not heard of yet."""
+    router = _router_of(quick)
+
+    async def main() -> tuple[list[bytes], int]:
+        tunnel = RawTunnel(quick.tunnel_port)
+        os.kill(router, signal.SIGSTOP)
+        try:
+            await _quick_hello(quick, tunnel, "racer", "race")
+            asyncio.get_running_loop().call_later(0.3, os.kill, router, signal.SIGCONT)
+            first = await tunnel.read()
+            assert first and first[0].welcome.accepted, first
+            assert first[0].welcome.public_url == f"http://race.localhost:{quick.http_port}"
+            callers = [await asyncio.open_connection("127.0.0.1", quick.http_port) for _ in range(16)]
+            for _, writer in callers:
+                writer.write(f"GET /hello HTTP/1.1\r\nHost: race.localhost:{quick.http_port}\r\n\r\n".encode())
+            heads, answered = 0, []
+            for reader, writer in callers:
+                # The gateway's own answers (a 404) come at once; the routed ones wait for the tunnel.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    answered.append(await asyncio.wait_for(reader.read(200), 0.05))
+            while heads < len(callers) - len(answered):
+                batch = await tunnel.read(timeout=10)
+                assert batch is not None, "the gateway ended the tunnel"
+                heads += sum(1 for f in batch if f.WhichOneof("kind") == "headers" and not f.reply)
+            for _, writer in callers:
+                writer.close()
+            return answered, heads
+        finally:
+            os.kill(router, signal.SIGCONT)
+            await tunnel.close()
+
+    answered, heads = asyncio.run(asyncio.wait_for(main(), 30))
+    assert heads == 16 and not answered, answered
+
+
+def test_a_client_gone_before_its_welcome_leaves_its_name_free(quick):
+    """A quick client that hangs up while its WELCOME waits for the other workers (the router
+    held still) leaves no stream behind: its name is free for the next one."""
+    router = _router_of(quick)
+
+    async def gone() -> None:
+        tunnel = RawTunnel(quick.tunnel_port)
+        os.kill(router, signal.SIGSTOP)
+        try:
+            await _quick_hello(quick, tunnel, "leaver", "demo")
+            await asyncio.sleep(0.2)
+            await tunnel.close()
+            await asyncio.sleep(0.2)
+        finally:
+            os.kill(router, signal.SIGCONT)
+
+    asyncio.run(asyncio.wait_for(gone(), 30))
+    wait_until(lambda: not get_json(f"http://127.0.0.1:{quick.admin_port}/admin/status")["streams"], 10,
+               what="no stream left", watch=quick.gateway)
+    assert '"reason":"welcome_failed"' in quick.gateway.output()
+    client = quick.client("demo")
+    assert quick.get("demo.localhost").status == 200, client.output()
 
 
 def test_a_wrong_token_exits_2(quick):

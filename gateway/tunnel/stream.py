@@ -139,9 +139,7 @@ class TunnelStream:
                 await self._wake.wait()
                 await self._gather_turns()
                 continue
-            parts = []
-            size = 0
-            n_frames = 0
+            parts, size, n_frames = [], 0, 0
             while out and size < limit:
                 n_frames += 1
                 raw = out.popleft()
@@ -357,6 +355,8 @@ class TunnelStream:
 
     async def run(self) -> None:
         """Serve the stream until it closes; then fail or cancel what is on it."""
+        if self._done.is_set():  # closed before it ran (its WELCOME never went): nothing is sent
+            return await self._shutdown()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._writer())]
         if self.limits.heartbeat_interval > 0:

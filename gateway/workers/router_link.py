@@ -102,6 +102,7 @@ class RouterLink:
         self.router_ok = False
         self._last_table = 0.0
         self._announce_now = asyncio.Event()
+        self._new_table = asyncio.Event()  # set at each TABLE, for `until_table`
         self._tasks: list[asyncio.Task] = []
         self._asked: dict[str, tuple[bytes, asyncio.Future[dict | None]]] = {}  # ask id -> (worker, its answer)
         self._asked_seq = 0
@@ -215,6 +216,8 @@ class RouterLink:
                 self.table = {k: v for k, v in rows.items() if "/" not in k}
                 self.remote = {k: v for k, v in rows.items() if "/" in k} if len(rows) > len(self.table) else {}
                 self._last_table = time.monotonic()
+                self._new_table.set()
+                self._new_table = asyncio.Event()
                 if not self.router_ok:
                     log.info("router connected")
                 self.router_ok = True
@@ -235,6 +238,21 @@ class RouterLink:
 
     def announce_soon(self) -> None:
         self._announce_now.set()
+
+    async def until_table(self, check: Callable[[dict[str, dict[str, Any]]], bool], timeout: float) -> bool:
+        """Wait until the shard table the router last sent (to every worker at once) passes
+        `check`; False when no such table came within `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not check(self.table):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._new_table.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     async def _announce(self) -> None:
         try:

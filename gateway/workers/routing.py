@@ -54,6 +54,8 @@ class PeerLink(Protocol):
 
     def announce_soon(self) -> None: ...
 
+    async def until_table(self, check: Callable[[dict[str, dict[str, Any]]], bool], timeout: float) -> bool: ...
+
     async def send_command(self, worker: str, command: dict) -> None: ...
 
 
@@ -266,6 +268,21 @@ class Routing:
                 self._replace(s, command.get("remote", ""), command.get("instance", ""))
                 n += 1
         return n
+
+    async def heard(self, stream: TunnelStream, timeout: float) -> bool:
+        """Wait until the other workers of this node have been told of `stream` (the router's
+        table has it in this worker's row); False when they were not within `timeout`."""
+        link = self.link
+        if link is None or not link.router_ok:
+            return False
+        me = worker_identity(self.index).decode()
+        label, since = stream.label, stream.connected_at
+
+        def has_it(table: dict[str, dict[str, Any]]) -> bool:
+            clients = table.get(me, {}).get("clients", ())
+            return any(c.get("connection") == label and c.get("connected_at") == since for c in clients)
+
+        return await link.until_table(has_it, timeout)
 
     def remove_stream(self, stream: TunnelStream) -> None:
         self.registry.remove(stream)

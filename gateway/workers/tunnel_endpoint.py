@@ -38,6 +38,8 @@ log = logging.getLogger("gateway.tunnel")
 
 # Seconds after a quick tunnel connects that it checks no other process got its name at the same time.
 QUICK_SETTLE = 2.0
+# Seconds a quick tunnel's WELCOME waits at most for the other workers to hear of it.
+QUICK_HEARD = 1.0
 
 # The codes a refused HELLO answers, and what the client is told. An unknown
 # group and a wrong token answer alike (the log says which), so an
@@ -117,6 +119,24 @@ class TunnelEndpoint:
         self.egress.start()
         self._told = self.fleet_nodes()
         self._fleet_task = asyncio.get_running_loop().create_task(self._push_fleet())
+
+    def _welcome(self, stream: TunnelStream, version: str, config_json: bytes, public_url: str) -> frames.Frame:
+        cfg, routing = self.routing.config, self.routing
+        return frames.welcome(
+            accepted=True,
+            config_version=version,
+            config_json=config_json,
+            public_url=public_url,
+            heartbeat_ms=int(cfg.heartbeat_interval * 1000),
+            worker=str(routing.index),
+            # Every request crosses workers anyway when forced to: nothing to spread over.
+            workers=1 if cfg.force_cross_worker else routing.workers,
+            instance=self.instance,
+            window=cfg.stream_window,
+            chunk_size=cfg.chunk_size,
+            capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],
+            nodes=self.fleet_nodes(),
+        )
 
     def fleet_nodes(self) -> list[str]:
         link = self.routing.link
@@ -327,33 +347,25 @@ class TunnelEndpoint:
         stream.header_fields = frames.HEADER_FIELDS in hello.capabilities
         stream.config_version = stream.config_sent = client_version
         public_url = cfg.quick.url(name_of_group(name) or "", cfg.http_port) if quick and cfg.quick else ""
-        await transport.write(
-            frames.encode_frame(
-                frames.welcome(
-                    accepted=True,
-                    config_version=client_version,
-                    config_json=client_json,
-                    public_url=public_url,
-                    heartbeat_ms=int(cfg.heartbeat_interval * 1000),
-                    worker=str(routing.index),
-                    # Every request crosses workers anyway when forced to: nothing to spread over.
-                    workers=1 if cfg.force_cross_worker else routing.workers,
-                    instance=self.instance,
-                    window=cfg.stream_window,
-                    chunk_size=cfg.chunk_size,
-                    capabilities=[frames.HEADER_FIELDS] if stream.header_fields else [],
-                    nodes=self.fleet_nodes(),
-                )
-            )
-        )
-        self.metrics.connects.labels(label_of(name)).inc()
+        # Registered before its WELCOME (what comes for it waits in its queue, sent after): a
+        # quick tunnel's URL, which its user opens at once, is told once every worker can route it.
         routing.add_stream(stream, key)
-        if quick:  # once the other workers and nodes have heard of it (a heartbeat or two)
-            asyncio.get_running_loop().call_later(QUICK_SETTLE, settle_quick, routing, stream)
-        log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
-                                              "connection": hello.connection_index, **(
-                                                  {"public_url": public_url} if public_url else {})})
         try:
+            try:
+                if quick:
+                    await routing.heard(stream, QUICK_HEARD)
+                await transport.write(frames.encode_frame(self._welcome(stream, client_version, client_json,
+                                                                        public_url)))
+            except BaseException:
+                stream.close("welcome_failed")
+                await asyncio.shield(stream.run())  # fails what was queued for it; nothing is sent
+                raise
+            self.metrics.connects.labels(label_of(name)).inc()
+            if quick:  # once the other workers and nodes have heard of it (a heartbeat or two)
+                asyncio.get_running_loop().call_later(QUICK_SETTLE, settle_quick, routing, stream)
+            log.info("tunnel connected", extra={"peer": peer, "client_id": hello.client_id, "group": name,
+                                                  "connection": hello.connection_index, **(
+                                                      {"public_url": public_url} if public_url else {})})
             await stream.run()
         finally:
             routing.remove_stream(stream)
