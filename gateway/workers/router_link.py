@@ -103,6 +103,7 @@ class RouterLink:
         self._last_table = 0.0
         self._announce_now = asyncio.Event()
         self._new_table = asyncio.Event()  # set at each TABLE, for `until_table`
+        self._sees: frozenset[str] = frozenset()  # the groups this worker can reach, as last announced
         self._tasks: list[asyncio.Task] = []
         self._asked: dict[str, tuple[bytes, asyncio.Future[dict | None]]] = {}  # ask id -> (worker, its answer)
         self._asked_seq = 0
@@ -218,6 +219,10 @@ class RouterLink:
                 self._last_table = time.monotonic()
                 self._new_table.set()
                 self._new_table = asyncio.Event()
+                sees = frozenset(self.routing.visible_streams())
+                if sees != self._sees:  # a group came or went: said at once (a quick tunnel's WELCOME waits for it)
+                    self._sees = sees
+                    self.announce_soon()
                 if not self.router_ok:
                     log.info("router connected")
                 self.router_ok = True

@@ -270,19 +270,23 @@ class Routing:
         return n
 
     async def heard(self, stream: TunnelStream, timeout: float) -> bool:
-        """Wait until the other workers of this node have been told of `stream` (the router's
-        table has it in this worker's row); False when they were not within `timeout`."""
+        """Wait until every worker of this node can route to `stream`: the router's table has it
+        in this worker's row and every other worker's row says it sees its group; False when
+        that did not come within `timeout`."""
         link = self.link
         if link is None or not link.router_ok:
             return False
         me = worker_identity(self.index).decode()
-        label, since = stream.label, stream.connected_at
+        label, since, group = stream.label, stream.connected_at, stream.group
 
-        def has_it(table: dict[str, dict[str, Any]]) -> bool:
+        def everyone_sees_it(table: dict[str, dict[str, Any]]) -> bool:
             clients = table.get(me, {}).get("clients", ())
-            return any(c.get("connection") == label and c.get("connected_at") == since for c in clients)
+            if not any(c.get("connection") == label and c.get("connected_at") == since for c in clients):
+                return False
+            return all(row.get("sees", {}).get(group) for key, row in table.items()
+                       if key != me and not row.get("stopping"))
 
-        return await link.until_table(has_it, timeout)
+        return await link.until_table(everyone_sees_it, timeout)
 
     def remove_stream(self, stream: TunnelStream) -> None:
         self.registry.remove(stream)
