@@ -252,11 +252,11 @@ class Inspector:
         if not enabled:
             self.ring.clear()
 
-    def open(self, rec: Any, request_headers: Any, body: bool = True) -> Capture | None:
-        """A request starts (`body`: it has one): its capture (None when the inspector is off)."""
+    def open(self, rec: Any, request_headers: Any, body: bool = True, kind: type[Capture] = Capture) -> Capture | None:
+        """A request starts (`body`: it has one): its capture, a `kind` (None when the inspector is off)."""
         if not self.enabled:
             return None
-        cap = Capture(rec, request_headers, self.body_bytes, body)
+        cap = kind(rec, request_headers, self.body_bytes, body)
         self.ring.append(cap)
         return cap
 

@@ -6,6 +6,7 @@ whole; the admin token; an SSE stream still streams with the inspector on;
 `inspect = false`; and `tunnel-client http` shows what it served on its status port."""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sys
@@ -174,3 +175,47 @@ def test_tunnel_client_http_shows_what_it_served(procs, tmp_path):
     echoed = json.loads(again.json()["response_body"])
     assert echoed["query"] == "password=pw"
     assert get_json(f"http://127.0.0.1:{admin}/api/requests")["requests"][0]["id"] == again.json()["id"]
+
+
+def test_the_client_notes_bodies_errors_and_websockets(procs, tmp_path):
+    """What the client's capture notes as its exchange goes (no wrapper around it): a POST's
+    body both ways, an upstream that is gone as an error, a WebSocket's handshake only."""
+    import aiohttp
+
+    from tests.test_quick import TOKEN, Quick
+
+    quick = Quick(procs, tmp_path, ["--token", TOKEN])
+
+    def client(name: str, port: int) -> str:
+        admin = free_port()
+        proc = procs.start(f"quick-{name}", [
+            sys.executable, "-m", "gateway.client.main", "http", str(port), "--server", f"127.0.0.1:{quick.tunnel_port}",
+            "--token", TOKEN, "--name", name, "--admin-port", str(admin)])
+        wait_until(lambda: "Forwarding http://" in proc.output(), 15, what="the Forwarding line", watch=proc)
+        return f"http://127.0.0.1:{admin}/api/requests"
+
+    api = client("notes", quick.stack.backend_port)
+    r = http("POST", f"http://127.0.0.1:{quick.http_port}/echo/post", body=b"a body to note",
+             headers={"Host": "notes.localhost", "Content-Type": "text/plain"})
+    assert r.status == 200
+    e = get_json(api)["requests"][0]
+    assert (e["id"], e["method"], e["status"], e["error"]) == (r.header("x-request-id"), "POST", 200, "")
+    assert e["request_body"] == "a body to note" and json.loads(e["response_body"])["size"] == 14
+
+    async def websocket() -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{quick.http_port}/ws",
+                                          headers={"Host": "notes.localhost"}) as ws:
+                await ws.send_str("not noted")
+                return (await ws.receive(timeout=10)).data
+
+    assert asyncio.run(websocket()) == "not noted"
+    wait_until(lambda: get_json(api)["requests"][0]["path"] == "/ws", 10, what="the WebSocket's entry")
+    e = get_json(api)["requests"][0]
+    assert e["status"] == 101 and e["request_body"] == "" and e["response_body"] == "", e
+
+    gone = client("gone", free_port())
+    r = http("GET", f"http://127.0.0.1:{quick.http_port}/hello", headers={"Host": "gone.localhost"})
+    assert r.status == 502
+    e = get_json(gone)["requests"][0]
+    assert (e["status"], e["error"]) == (0, "upstream_unavailable"), e

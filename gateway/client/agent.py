@@ -19,7 +19,7 @@ from gateway.balance import prefer_filling
 from gateway.client.config import ClientConfig
 from gateway.client.connection import Connection
 from gateway.client.fleet import Move, NodeSet, home_offset
-from gateway.client.inspector import captured, finish
+from gateway.client.inspector import capture, finish
 from gateway.client.quick import Console
 from gateway.client.worker_spread import Seat, WorkerSpread
 from gateway.groupconfig import check_allowed, group_config_from_json
@@ -66,9 +66,9 @@ class Agent:
             await dispatcher.handle(ex)
             return
         started = time.monotonic()
-        served, cap = captured(self.inspector, ex, self.config) if self.inspector is not None else (ex, None)
+        cap = capture(self.inspector, ex, self.config) if self.inspector is not None else None
         try:
-            await dispatcher.handle(served)
+            await dispatcher.handle(ex)
         finally:
             if cap is not None:
                 finish(cap, ex, started)

@@ -2,9 +2,9 @@
 upstreams (what `tunnel-client http PORT` users want to see reach their port),
 on its status port: the page at / (and /inspector), /api/requests and replay.
 
-Capture wraps the exchange the agent hands its dispatcher: the response head and
-body chunks are noted as they pass, the request body as the upstream call reads
-it (nothing awaited, nothing copied but a reused buffer). A replay sends the
+The exchange the agent hands its dispatcher notes its capture itself: the response
+head and body chunks as they pass, the request body as the upstream call reads it
+(nothing awaited, nothing copied but a reused buffer, no wrapper in the way). A replay sends the
 captured request again straight to the upstream its rules choose (not through
 the gateway), marked `x-tunnel-replay: ID`, and keeps it as a new entry."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import base64
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from gateway.client.agent import Agent
     from gateway.client.config import ClientConfig
 
-__all__ = ["client_inspector", "captured", "add_client_inspector_routes"]
+__all__ = ["client_inspector", "capture", "finish", "add_client_inspector_routes"]
 
 MAX_LIMIT = 1000
 REPLAY_TIMEOUT = 30.0
@@ -60,88 +60,42 @@ class _HeadHeaders:
         return frames.header_list(self.head)
 
 
-class _Body:
-    __slots__ = ("_r", "_cap")
+class _ExchangeCapture(Capture):
+    """A capture the exchange itself tells of its answer (its `watch`) and its bodies' readers
+    and writers of their chunks (their `tap`): nothing stands between the dispatcher and it."""
 
-    def __init__(self, reader: Any, cap: Capture) -> None:
-        self._r = reader
-        self._cap = cap
+    __slots__ = ()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._r, name)
+    def response_head(self, head: Any) -> None:
+        self.rec.status = head.status
+        self.response_headers = _HeadHeaders(head)
 
-    async def read(self, idle: float | None = None) -> bytes | None:
-        chunk = await self._r.read(idle)
+    def reset(self, code: str) -> None:
+        self.rec.error = self.rec.error or code
+
+    def request_read(self, chunk: bytes | None) -> None:
         if chunk is None:
-            self._cap.request_end()
+            self.request_end()
         else:
-            self._cap.request_chunk(chunk)
-        return chunk
-
-    async def iter_chunks(self):
-        while (chunk := await self.read()) is not None:
-            yield chunk
+            self.request_chunk(chunk)
 
 
-class _Sender:
-    __slots__ = ("_w", "_cap")
-
-    def __init__(self, writer: Any, cap: Capture) -> None:
-        self._w = writer
-        self._cap = cap
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._w, name)
-
-    async def write(self, chunk: bytes, end: bool = False) -> None:
-        self._cap.response_chunk(chunk)
-        await self._w.write(chunk, end)
-
-
-class _Captured:
-    """The exchange as the dispatcher sees it: everything the exchange's own, the response
-    and the bodies noted on the capture on the way."""
-
-    __slots__ = ("_ex", "_cap", "body", "sender")
-
-    def __init__(self, ex: InboundExchange, cap: Capture) -> None:
-        self._ex = ex
-        self._cap = cap
-        websocket = ex.head.scheme in ("ws", "wss")  # its messages are not kept: the handshake only
-        self.body = ex.body if websocket else _Body(ex.body, cap)
-        self.sender = ex.sender if websocket else _Sender(ex.sender, cap)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ex, name)
-
-    def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], *, end_stream: bool) -> None:
-        headers = headers if isinstance(headers, (list, tuple)) else list(headers)
-        self._cap.rec.status = status
-        self._cap.response_headers = headers
-        self._ex.respond(status, reason, headers, end_stream=end_stream)
-
-    def respond_head(self, head: Any) -> None:
-        self._cap.rec.status = head.status
-        self._cap.response_headers = _HeadHeaders(head)
-        self._ex.respond_head(head)
-
-    def reset(self, code: str, message: str = "") -> None:
-        rec = self._cap.rec
-        rec.error = rec.error or code
-        self._ex.reset(code, message)
-
-
-def captured(inspector: Inspector, ex: InboundExchange, config: "ClientConfig") -> tuple[Any, Capture | None]:
-    """(the exchange to serve, its capture): the exchange wrapped, or itself with the inspector off."""
+def capture(inspector: Inspector, ex: InboundExchange, config: "ClientConfig") -> Capture | None:
+    """Start noting `ex` in the inspector's ring: its answer and, but for a WebSocket's
+    messages (the handshake only), its bodies."""
     head = ex.head
     rec = AccessRecord(request_id=ex.request_id, trace_id=ex.trace_id, method=head.method, host=head.authority,
                        path=head.path, worker="", direction="ingress")
     rec.group = ex.stream.group or config.group
     rec.client_id = config.client_id
-    cap = inspector.open(rec, _HeadHeaders(head), not head.end_stream)
-    if cap is None:
-        return ex, None
-    return _Captured(ex, cap), cap
+    cap = inspector.open(rec, _HeadHeaders(head), not head.end_stream, kind=_ExchangeCapture)
+    if not isinstance(cap, _ExchangeCapture):  # None: the inspector is off
+        return None
+    ex.watch = cap
+    if head.scheme not in ("ws", "wss"):
+        ex.body.tap = cap.request_read
+        ex.sender.tap = cap.response_chunk
+    return cap
 
 
 def finish(cap: Capture, ex: InboundExchange, started: float) -> None:

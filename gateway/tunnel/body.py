@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from gateway.tunnel import frames
 from gateway.tunnel.errors import TunnelError
@@ -19,7 +19,8 @@ class BodyReader:
     """Receiving half of a body: chunks arrive from the read loop, a consumer
     takes them, and credit goes back to the sender as they are consumed."""
 
-    __slots__ = ("_stream", "_rid", "_trace", "_reply", "_window", "_chunks", "_event", "_eof", "_error", "_credit_owed", "_buffered")
+    __slots__ = ("_stream", "_rid", "_trace", "_reply", "_window", "_chunks", "_event", "_eof", "_error", "_credit_owed",
+                 "_buffered", "tap")
 
     def __init__(self, stream: "TunnelStream", rid: str, trace: str, reply: bool, window: int) -> None:
         self._stream = stream
@@ -34,6 +35,7 @@ class BodyReader:
         self._error: TunnelError | None = None
         self._credit_owed = 0
         self._buffered = 0
+        self.tap: Callable[[bytes | None], None] | None = None  # told each chunk read, then None at the end
 
     @property
     def at_eof(self) -> bool:
@@ -74,6 +76,8 @@ class BodyReader:
             if self._error is not None:
                 raise self._error
             if self._eof:
+                if self.tap is not None:
+                    self.tap(None)
                 return None
             if self._event is None:
                 self._event = asyncio.Event()
@@ -95,6 +99,8 @@ class BodyReader:
             if self._credit_owed * 2 >= self._window:
                 self._stream.push(frames.window(self._rid, self._trace, self._credit_owed, reply=self._reply))
                 self._credit_owed = 0
+        if self.tap is not None:
+            self.tap(chunk)
         return chunk
 
     async def iter_chunks(self):
@@ -108,7 +114,7 @@ class BodyReader:
 class BodyWriter:
     """Sending half of a body: sends chunks while the peer has granted credit."""
 
-    __slots__ = ("_stream", "_rid", "_trace", "_reply", "_credit", "_event", "_error", "ended", "bytes_sent")
+    __slots__ = ("_stream", "_rid", "_trace", "_reply", "_credit", "_event", "_error", "ended", "bytes_sent", "tap")
 
     def __init__(self, stream: "TunnelStream", rid: str, trace: str, reply: bool, window: int) -> None:
         self._stream = stream
@@ -120,6 +126,7 @@ class BodyWriter:
         self._error: TunnelError | None = None
         self.ended = False
         self.bytes_sent = 0
+        self.tap: Callable[[bytes], None] | None = None  # told each chunk as it is written
 
     def grant(self, increment: int) -> None:
         self._credit += increment
@@ -136,6 +143,8 @@ class BodyWriter:
         """Send `chunk` within the credit granted; `end`: it is the last one (saves a frame)."""
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # queued until sent: the caller may reuse its buffer
+        if self.tap is not None:
+            self.tap(chunk)
         total = len(chunk)
         offset = 0
         size = self._stream.limits.chunk_size

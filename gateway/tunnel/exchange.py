@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from gateway.tunnel import frames
 from gateway.tunnel.body import BodyReader, BodyWriter
@@ -14,7 +14,16 @@ from gateway.tunnel.errors import TunnelError
 if TYPE_CHECKING:
     from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["OutboundExchange", "InboundExchange", "wait_head"]
+__all__ = ["OutboundExchange", "InboundExchange", "ExchangeWatch", "wait_head"]
+
+
+class ExchangeWatch(Protocol):
+    """What an inbound exchange tells of its answer as it goes (the client's Inspector:
+    gateway/client/inspector.py); its bodies' chunks go to their readers' and writers' `tap`."""
+
+    def response_head(self, head: frames.pb.Headers) -> None: ...
+
+    def reset(self, code: str) -> None: ...
 
 
 class OutboundExchange:
@@ -94,7 +103,7 @@ class InboundExchange:
     """A request the peer originated: read its body, send a response."""
 
     __slots__ = ("stream", "request_id", "trace_id", "head", "body", "sender", "task", "responded", "_closed", "started",
-                 "cause", "status")
+                 "cause", "status", "watch")
 
     def __init__(self, stream: "TunnelStream", request_id: str, trace_id: str, head: frames.pb.Headers) -> None:
         self.stream = stream
@@ -109,6 +118,7 @@ class InboundExchange:
         self.started = time.monotonic()
         self.cause: TunnelError | None = None  # the peer's RESET, passed on by whoever relays this request
         self.status = 0  # of the response head sent (0: none, e.g. a RESET)
+        self.watch: ExchangeWatch | None = None
 
     def on_frame(self, f: frames.Frame | frames.DataFrame, kind: str) -> None:
         if kind == "data":
@@ -133,6 +143,8 @@ class InboundExchange:
         """Send a response head built already (one passed on from another stream)."""
         self.responded = True
         self.status = head.status
+        if self.watch is not None:
+            self.watch.response_head(head)
         self.stream.push_encoded(frames.encode_head(self.request_id, self.trace_id, head, reply=True))
         if head.end_stream:
             self.sender.ended = True
@@ -140,6 +152,8 @@ class InboundExchange:
     def reset(self, code: str, message: str = "") -> None:
         if self._closed:
             return
+        if self.watch is not None:
+            self.watch.reset(code)
         self.stream.push(frames.reset(self.request_id, self.trace_id, code, message, reply=True))
         error = TunnelError(code, message)
         self.body.fail(error)
