@@ -167,6 +167,14 @@ class H2ClientTransport:
             raise CallFailed("RESOURCE_EXHAUSTED", f"Sent message larger than max ({size} vs. {conn.max_message})")
         await conn.send_parts(call, parts, size)
 
+    def write_now(self, parts: Sequence[bytes | memoryview], size: int) -> bool:
+        """`write_parts` when it waits for nothing; False (nothing written) when it would
+        (not connected yet, the call ended or an oversize message: `write_parts` says so)."""
+        conn = self._conn
+        if conn is None or conn.call.remote_done or size > conn.max_message:
+            return False
+        return conn.send_parts_now(conn.call, parts, size)
+
     async def read(self) -> bytes | None:
         conn = self._conn
         if conn is None:

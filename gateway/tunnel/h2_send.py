@@ -64,17 +64,32 @@ class H2Calls:
         self.check_open(stream)
         total = size + 5
         if total <= stream.send_window and total <= self.conn_send_window and total <= self.peer_max_frame:
-            stream.send_window -= total
-            self.conn_send_window -= total
-            head = FRAME_HEAD.pack(total << 8 | DATA, 0, stream.sid) + MESSAGE_PREFIX.pack(0, size)
-            if size <= 16384:  # one small write: a join is cheaper than a writev of many parts
-                self.transport.write(head + b"".join(parts))
-            else:
-                self.transport.writelines((head, *parts))
+            self._write_message(stream, parts, size)
         else:
             await self._send_frames(stream, [memoryview(MESSAGE_PREFIX.pack(0, size)), *map(memoryview, parts)], total)
         if self.paused:
             await self._drain(stream)
+
+    def send_parts_now(self, stream: H2Stream, parts: Sequence[bytes | memoryview], size: int) -> bool:
+        """`send_parts` when it waits for nothing: the call open, the windows holding the
+        message whole, the transport not paused; False (nothing written) otherwise."""
+        total = size + 5
+        if (self.paused or stream.error is not None or stream.reset or not self.is_open()
+                or total > stream.send_window or total > self.conn_send_window or total > self.peer_max_frame):
+            return False
+        self._write_message(stream, parts, size)
+        return True
+
+    def _write_message(self, stream: H2Stream, parts: Sequence[bytes | memoryview], size: int) -> None:
+        """A message as one DATA frame (the windows hold it: checked)."""
+        total = size + 5
+        stream.send_window -= total
+        self.conn_send_window -= total
+        head = FRAME_HEAD.pack(total << 8 | DATA, 0, stream.sid) + MESSAGE_PREFIX.pack(0, size)
+        if size <= 16384:  # one small write: a join is cheaper than a writev of many parts
+            self.transport.write(head + b"".join(parts))  # type: ignore[union-attr]
+        else:
+            self.transport.writelines((head, *parts))  # type: ignore[union-attr]
 
     async def _send_frames(self, stream: H2Stream, pieces: list[memoryview], remaining: int) -> None:
         """A message in DATA frames as large as the windows and the peer's frame size allow."""

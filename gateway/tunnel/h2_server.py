@@ -115,6 +115,15 @@ class H2ServerTransport:
             self._conn.respond(stream)
         await self._conn.send_parts(stream, parts, size)
 
+    def write_now(self, parts: Sequence[bytes | memoryview], size: int) -> bool:
+        """`write_parts` when it waits for nothing; False (nothing written) when it would."""
+        stream = self._stream
+        if not stream.headers_sent:
+            if stream.error is not None or stream.reset or not self._conn.is_open():
+                return False
+            self._conn.respond(stream)
+        return self._conn.send_parts_now(stream, parts, size)
+
     def peer(self) -> str:
         return self._conn.peer
 

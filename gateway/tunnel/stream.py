@@ -2,15 +2,14 @@
 
 A stream multiplexes many requests over one transport. The read loop only
 dispatches: a request from the peer gets its own task, a frame for a request
-this end originated goes to that request's exchange. A single writer task sends
-everything queued as one batch. Every buffer is bounded: the outbound queue by
+this end originated goes to that request's exchange. What is queued to send leaves
+in batches, one gRPC message each (outbox.py). Every buffer is bounded: the outbound queue by
 bytes (body writers wait once bodies fill half of it, a full queue makes new
 requests fail with `overloaded`), each body by its flow-control window.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import time
@@ -20,6 +19,7 @@ from gateway.tunnel import frames
 from gateway.tunnel.errors import TransportClosed, TunnelError
 from gateway.tunnel.exchange import InboundExchange, OutboundExchange
 from gateway.tunnel.faults import FaultLog
+from gateway.tunnel.outbox import StreamOutbox
 from gateway.tunnel.stream_limits import StreamLimits
 from gateway.tunnel.transport import Transport
 
@@ -33,8 +33,8 @@ _FAULTS = ("heartbeat_timeout", "message_too_large", "protocol_error", "transpor
            "connection_lost")
 
 
-class TunnelStream:
-    """Multiplexes requests in both directions over one transport."""
+class TunnelStream(StreamOutbox):
+    """Multiplexes requests in both directions over one transport (the sending half: outbox.py)."""
 
     _nonces = itertools.count(1)
 
@@ -72,16 +72,9 @@ class TunnelStream:
         self.requests_served = 0
         self.unknown_frames = 0
         self.faults = FaultLog()  # what the peer got wrong, logged within bounds
-        self.batches_out = 0
-        self.frames_out = 0
-        self.bytes_out = 0  # of gRPC messages sent
         self._on_request = on_request
         self._on_control = on_control
-        self._out: collections.deque[bytes | tuple[bytes | memoryview, ...]] = collections.deque()
-        self._out_bytes = 0
-        self._wake = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
+        self._start_outbox()
         self._done = asyncio.Event()
         self._last_seen = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,85 +84,6 @@ class TunnelStream:
     @property
     def inflight(self) -> int:
         return len(self.pending) + len(self.serving)
-
-    @property
-    def filling_batch(self) -> bool:
-        """Frames wait for the writer and their gRPC message has room: a
-        request sent now shares it. Not when the stream is at a limit, or holds
-        more than a message already (a body queued behind a slow peer)."""
-        return (bool(self._out) and self._out_bytes < self.limits.max_batch_bytes
-                and len(self.pending) < self.limits.max_inflight and not self.draining and not self.closed)
-
-    @property
-    def queue_full(self) -> bool:
-        return self._out_bytes >= self.limits.max_queue_bytes
-
-    def push(self, frame: frames.Frame) -> None:
-        """Queue a frame without waiting (heads, control, credit, resets)."""
-        self.push_encoded(frames.encode_frame(frame))
-
-    def push_encoded(self, raw: bytes | tuple[bytes | memoryview, ...]) -> None:
-        """Queue an encoded frame, whole or in parts (`frames.encode_data`)."""
-        if self.closed:
-            return
-        self._out.append(raw)
-        self._out_bytes += len(raw) if type(raw) is bytes else sum(map(len, raw))
-        if self._out_bytes >= self.limits.body_queue_bytes:
-            self._space.clear()
-        self._wake.set()
-
-    async def push_data(self, parts: tuple[bytes | memoryview, ...]) -> None:
-        """Queue a body frame (`frames.encode_data`), waiting while the outbound queue is half
-        full: the other half is for heads, credit and control, so bodies in flight (up to a
-        window each) hold their senders back but never make the stream refuse a request."""
-        while self._out_bytes >= self.limits.body_queue_bytes and not self.closed:
-            await self._space.wait()
-        if self.closed:
-            raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} closed: {self.close_reason}")
-        self.push_encoded(parts)
-
-    async def _writer(self) -> None:
-        out = self._out
-        limit = self.limits.max_batch_bytes
-        # A transport that writes a message in parts (ours, h2_send.py) spares the join's copy.
-        write_parts = getattr(self.transport, "write_parts", None)
-        while True:
-            if not out:
-                self._wake.clear()
-                await self._wake.wait()
-                await self._gather_turns()
-                continue
-            parts, size, n_frames = [], 0, 0
-            while out and size < limit:
-                n_frames += 1
-                raw = out.popleft()
-                if type(raw) is bytes:
-                    parts.append(raw)
-                    size += len(raw)
-                else:  # a DATA frame in parts
-                    parts += raw
-                    size += sum(map(len, raw))
-            self._out_bytes -= size
-            if self._out_bytes < self.limits.body_queue_bytes:
-                self._space.set()
-            self.batches_out += 1
-            self.frames_out += n_frames
-            self.bytes_out += size
-            await (write_parts(parts, size) if write_parts else self.transport.write(b"".join(parts)))
-
-    async def _gather_turns(self) -> None:
-        """Let the frames of the next loop turns join the batch: one turn, no timer;
-        while this end serves requests and each turn brings more (answers coming
-        back from the upstream), up to three. What each bought: docs/performance.md."""
-        out = self._out
-        queued = len(out)
-        await asyncio.sleep(0)
-        turns = 1
-        # Not once a message is full: the rest would only wait longer.
-        while turns < 3 and self.serving and len(out) > queued and self._out_bytes < self.limits.max_batch_bytes:
-            queued = len(out)
-            await asyncio.sleep(0)
-            turns += 1
 
     # -- originating requests ------------------------------------------------
 
@@ -325,11 +239,6 @@ class TunnelStream:
         """A PING now, with our health report when we have one."""
         unhealthy = self.health_source() if self.health_source is not None else None
         self.push(frames.ping(next(self._nonces), ack=False, inflight=self.inflight, unhealthy=unhealthy))
-
-    async def _flush(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._out and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
 
     # -- lifecycle -----------------------------------------------------------
 
