@@ -32,6 +32,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 30  # enough for several requests to share a gRPC message, as under real load
@@ -79,8 +80,19 @@ def measure(stacks: list, urls: list[str], rate: int, seconds: float, generator:
     return rows
 
 
+def start_stack(stack: Any, cross_worker: bool) -> None:
+    """Backend, gateway (one worker; or two, every request through the router) and a client of 2 connections."""
+    stack.start_backend()
+    if cross_worker:
+        stack.start_gateway(2, force_cross_worker=True)
+    else:
+        stack.start_gateway(1)
+    stack.start_client(2)
+
+
 def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path: str, concurrency: int,
-                      seconds: float, generator: str, stacks: list, b_first: bool) -> list[dict]:
+                      seconds: float, generator: str, stacks: list, b_first: bool,
+                      cross_worker: bool = False) -> list[dict]:
     """One round of `alternate`: each version in turn, on a fresh stack, under full load. Rounds
     alternate which goes first: the second of a pair measured 5-10 % slower here, whichever it was."""
     from bench_load import LoadSpec, run_load
@@ -92,9 +104,7 @@ def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path
         where = Path(tempfile.mkdtemp(dir=tmp))
         stack = module.BenchStack(where)
         stacks.append(stack)
-        stack.start_backend()
-        stack.start_gateway(1)
-        stack.start_client(2)
+        start_stack(stack, cross_worker)
         url = f"http://127.0.0.1:{stack.http_port if direction == 'ingress' else stack.local_port}{path}"
         run_load(generator, LoadSpec(url, concurrency, 2.0), where)  # warm-up
         result, cpu_us = load_with_cpu(generator, LoadSpec(url, concurrency, seconds), where,
@@ -115,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("together", "alternate"), default="together")
     p.add_argument("--direction", choices=("ingress", "egress"), default="ingress")
     p.add_argument("--path", default="/bytes/100", help="what to request from the bench backend")
+    p.add_argument("--cross-worker", action="store_true",
+                   help="two gateway workers, every request through the router (force_cross_worker)")
     p.add_argument("--rate", type=int, default=0,
                    help="together: requests/s on each stack (default 1500 with hey, 300 without)")
     p.add_argument("--concurrency", type=int, default=64, help="alternate: connections of the load generator")
@@ -151,15 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         modules[1]._handed_out = modules[0]._handed_out
         if args.mode == "alternate":
             rounds = [measure_alternate(modules, tmp, args.direction, args.path, args.concurrency, args.seconds,
-                                        generator, stacks, b_first=n % 2 == 1) for n in range(args.rounds)]
+                                        generator, stacks, b_first=n % 2 == 1, cross_worker=args.cross_worker)
+                      for n in range(args.rounds)]
         else:
             for i, module in enumerate(modules):
                 (tmp / f"stack{i}").mkdir()
                 stack = module.BenchStack(tmp / f"stack{i}")
                 stacks.append(stack)
-                stack.start_backend()
-                stack.start_gateway(1)
-                stack.start_client(2)
+                start_stack(stack, args.cross_worker)
             port = "http_port" if args.direction == "ingress" else "local_port"
             urls = [f"http://127.0.0.1:{getattr(s, port)}{args.path}" for s in stacks]
             measure(stacks, urls, rate, min(args.seconds, 2.0), generator, tmp)  # warm-up
@@ -189,7 +200,8 @@ def cleanup(stacks: list, roots: list[Path], tmp: Path) -> None:
 
 def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:
     out = {"base": args.base, "candidate": args.candidate, "mode": args.mode, "direction": args.direction,
-           "path": args.path, "generator": generator, "rounds": rounds, "median": {}, "ratio": {}}
+           "path": args.path, "generator": generator, "cross_worker": args.cross_worker, "rounds": rounds,
+           "median": {}, "ratio": {}}
     if args.mode == "alternate":
         out["concurrency"] = args.concurrency
     else:
@@ -207,7 +219,9 @@ def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[
 def print_report(report: dict) -> None:
     load = (f"concurrency {report['concurrency']}, one version after the other" if report["mode"] == "alternate"
             else f"{report['rate_per_stack']} req/s on each stack, both at once")
-    print(f"{report['direction']} {report['path']}, {load} ({report['generator']}), {len(report['rounds'])} rounds")
+    where = ", two workers, every request through the router" if report.get("cross_worker") else ""
+    print(f"{report['direction']} {report['path']}{where}, {load} ({report['generator']}), "
+          f"{len(report['rounds'])} rounds")
     print(f"{'':16s} {'A: ' + report['base']:>24s} {'B: ' + Path(report['candidate']).name:>24s}"
           f" {'B/A median':>11s}  B/A each round")
     for side, label in (("rps", "requests/s"), ("gateway_us", "gateway CPU (us)"), ("client_us", "client CPU (us)")):

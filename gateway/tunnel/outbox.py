@@ -82,7 +82,11 @@ class StreamOutbox:
         self._wake.set()
         if len(out) >= EARLY_FRAMES and not self._writing and self._write_now is not None:
             items, parts, size = self._take()
-            if self._write_now(parts, size):
+            try:
+                written = self._write_now(parts, size)
+            except Exception:  # the writer meets it too, and ends the stream saying why
+                written = False
+            if written:
                 self._count(size, len(items))
             else:  # it would wait (a window, a slow reader): back to the front, for the writer
                 out.extendleft(reversed(items))
