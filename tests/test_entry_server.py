@@ -41,6 +41,8 @@ CASES = [
     ("GET", "1.1", 200, [("Date", "Mon, 01 Jan 2024 00:00:00 GMT"), ("Server", "upstream/1")], b"x", False),
     ("GET", "1.1", 200, [("Connection", "close")], b"x", False),
     ("GET", "1.1", 599, [], b"odd status", False),
+    ("GET", "1.1", 200, HEADERS, bytes(range(256)) * 400, False),  # over 16 KiB: written after its head
+    ("GET", "1.0", 200, [], bytes(range(256)) * 400, True),
 ]
 DATE = re.compile(rb"\r\nDate: [^\r]+")
 

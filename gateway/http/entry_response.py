@@ -22,9 +22,14 @@ __all__ = ["answer", "whole_response", "plain_error"]
 
 _SERVER = f"Server: {SERVER_SOFTWARE}"
 _FIELD = ": ".join  # of a (name, value) pair
+# A body up to this size is joined to its head (one write); a larger one is written after it (no copy).
+_JOIN_UNDER = 16384
 
-def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: bool) -> tuple[bytes, bool] | None:
-    """The bytes of `resp`, not yet started, and whether the connection stays
+
+def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: bool
+                   ) -> tuple[list[bytes | bytearray], bool] | None:
+    """The bytes of `resp`, not yet started (its head and body in one piece, or in two
+    when the body is large), and whether the connection stays
     open after it; None for one only aiohttp can write (a payload object for
     a body, compression, cookies, chunking asked for, a subclass). Reads
     aiohttp's private fields, the cheapest way at every request: the parity
@@ -80,8 +85,11 @@ def whole_response(resp: web.StreamResponse, request: "EntryRequest", closing: b
     lines.append("\r\n")
     out = "\r\n".join(lines).encode("utf-8", "surrogateescape")
     if size and not empty:
-        out += body[:length] if length is not None and length < size else body
-    return out, keep_alive
+        body = body[:length] if length is not None and length < size else body
+        if size > _JOIN_UNDER:  # a large body goes as it is, after the head (a writev): not copied
+            return [out, body], keep_alive
+        out += body
+    return [out], keep_alive
 
 
 async def answer(conn: "BaseProtocol", request: "EntryRequest", resp: web.StreamResponse, closing: bool) -> bool:
@@ -91,7 +99,10 @@ async def answer(conn: "BaseProtocol", request: "EntryRequest", resp: web.Stream
         whole = whole_response(resp, request, closing)
         if whole is not None:
             data, keep = whole
-            conn.transport.write(data)  # type: ignore[union-attr]
+            if len(data) == 1:
+                conn.transport.write(data[0])  # type: ignore[union-attr]
+            else:
+                conn.transport.writelines(data)  # type: ignore[union-attr]
             if conn.writing_paused:  # the caller reads slower than it asks: wait for it
                 await conn._drain_helper()
             return keep
