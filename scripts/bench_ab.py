@@ -92,7 +92,7 @@ def start_stack(stack: Any, cross_worker: bool) -> None:
 
 def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path: str, concurrency: int,
                       seconds: float, generator: str, stacks: list, b_first: bool,
-                      cross_worker: bool = False) -> list[dict]:
+                      cross_worker: bool = False, post_bytes: int = 0) -> list[dict]:
     """One round of `alternate`: each version in turn, on a fresh stack, under full load. Rounds
     alternate which goes first: the second of a pair measured 5-10 % slower here, whichever it was."""
     from bench_load import LoadSpec, run_load
@@ -106,8 +106,9 @@ def measure_alternate(modules: list[ModuleType], tmp: Path, direction: str, path
         stacks.append(stack)
         start_stack(stack, cross_worker)
         url = f"http://127.0.0.1:{stack.http_port if direction == 'ingress' else stack.local_port}{path}"
-        run_load(generator, LoadSpec(url, concurrency, 2.0), where)  # warm-up
-        result, cpu_us = load_with_cpu(generator, LoadSpec(url, concurrency, seconds), where,
+        method = "POST" if post_bytes else "GET"
+        run_load(generator, LoadSpec(url, concurrency, 2.0, method, post_bytes), where)  # warm-up
+        result, cpu_us = load_with_cpu(generator, LoadSpec(url, concurrency, seconds, method, post_bytes), where,
                                        {"gateway": stack.gateway, "client": stack.client})
         stack.close()
         stacks.remove(stack)  # only once stopped: a stop that fails leaves it to cleanup()
@@ -125,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("together", "alternate"), default="together")
     p.add_argument("--direction", choices=("ingress", "egress"), default="ingress")
     p.add_argument("--path", default="/bytes/100", help="what to request from the bench backend")
+    p.add_argument("--post-bytes", type=int, default=0,
+                   help="alternate: POST a body of this many bytes to --path (e.g. /sink) instead of a GET")
     p.add_argument("--cross-worker", action="store_true",
                    help="two gateway workers, every request through the router (force_cross_worker)")
     p.add_argument("--rate", type=int, default=0,
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mode == "alternate" and args.rounds % 2:
         raise SystemExit("bench_ab: --mode alternate takes an even --rounds (each version goes first as often)")
+    if args.post_bytes and args.mode != "alternate":
+        raise SystemExit("bench_ab: --post-bytes is for --mode alternate")
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_load import pick_generator
 
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         modules[1]._handed_out = modules[0]._handed_out
         if args.mode == "alternate":
             rounds = [measure_alternate(modules, tmp, args.direction, args.path, args.concurrency, args.seconds,
-                                        generator, stacks, b_first=n % 2 == 1, cross_worker=args.cross_worker)
+                                        generator, stacks, b_first=n % 2 == 1, cross_worker=args.cross_worker,
+                                        post_bytes=args.post_bytes)
                       for n in range(args.rounds)]
         else:
             for i, module in enumerate(modules):
@@ -200,7 +206,7 @@ def cleanup(stacks: list, roots: list[Path], tmp: Path) -> None:
 
 def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:
     out = {"base": args.base, "candidate": args.candidate, "mode": args.mode, "direction": args.direction,
-           "path": args.path, "generator": generator, "cross_worker": args.cross_worker, "rounds": rounds,
+           "path": args.path, "generator": generator, "cross_worker": args.cross_worker, "post_bytes": args.post_bytes, "rounds": rounds,
            "median": {}, "ratio": {}}
     if args.mode == "alternate":
         out["concurrency"] = args.concurrency
@@ -220,6 +226,8 @@ def print_report(report: dict) -> None:
     load = (f"concurrency {report['concurrency']}, one version after the other" if report["mode"] == "alternate"
             else f"{report['rate_per_stack']} req/s on each stack, both at once")
     where = ", two workers, every request through the router" if report.get("cross_worker") else ""
+    if report.get("post_bytes"):
+        where = f" (POST of {report['post_bytes']} bytes){where}"
     print(f"{report['direction']} {report['path']}{where}, {load} ({report['generator']}), "
           f"{len(report['rounds'])} rounds")
     print(f"{'':16s} {'A: ' + report['base']:>24s} {'B: ' + Path(report['candidate']).name:>24s}"

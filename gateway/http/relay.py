@@ -60,7 +60,11 @@ async def _send_kept(ex: OutboundExchange, body: bytes, chunk_size: int) -> None
 async def _pump_body(request: web.Request, ex: OutboundExchange, max_body: int, chunk_size: int,
                      capture: Capture | None = None) -> None:
     total = 0
-    async for chunk in request.content.iter_chunked(chunk_size):
+    # Each piece as it was read from the socket: iter_chunked(n) would join pieces into n bytes
+    # (a copy); the writer cuts a piece over `chunk_size` into frames of views.
+    async for chunk, _end_of_http_chunk in request.content.iter_chunks():
+        if not chunk:
+            continue
         total += len(chunk)
         if total > max_body:
             raise BodyTooLarge()
