@@ -5,8 +5,11 @@ a new entry, and the backend sees the request twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -102,6 +105,33 @@ def _devtools_port(profile: Path, proc: subprocess.Popen) -> int:
     raise AssertionError("chromium did not open its DevTools port")
 
 
+def _stop_browser(proc: subprocess.Popen) -> None:
+    """Stop Chromium and every process it started (its own group): a renderer or crash handler
+    left running would still write in the profile while it is being removed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while _live_in_group(proc.pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group
+        time.sleep(0.05)
+    proc.wait()
+
+
+def _live_in_group(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, waiting for their reaper, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it")
 def test_inspector_in_headless_chromium(make_stack):
     s = make_stack(settings={"workers": 2})
@@ -116,16 +146,11 @@ def test_inspector_in_headless_chromium(make_stack):
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             seen = asyncio.run(_drive(_devtools_port(Path(profile), proc), s.admin_url, rid))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_browser(proc)
     print("\nchromium saw:", json.dumps(seen, indent=1)[:3000])  # shown with -s
     assert seen["list_path"] == "/inspector" and rid in seen["rows"]
     assert seen["detail_path"] == f"/inspector/{rid}"
