@@ -97,6 +97,10 @@ def test_names_taken_bad_and_random(quick):
 
 
 def _router_of(quick: Quick) -> int:
+    """The router's pid, once both workers are linked to it (a worker without the router
+    routes only to its own streams, and tells its clients at once)."""
+    wait_until(lambda: quick.gateway.output().count('"msg":"router connected"') >= 2, 10,
+               what="both workers linked to the router", watch=quick.gateway)
     return next(p for p in children_of(quick.gateway.popen.pid) if "tunnel-gateway: router" in proc_title(p))
 
 
@@ -156,16 +160,23 @@ def test_a_client_gone_before_its_welcome_leaves_its_name_free(quick):
         os.kill(router, signal.SIGSTOP)
         try:
             await _quick_hello(quick, tunnel, "leaver", "demo")
-            await asyncio.sleep(0.2)
+            # Registered, its WELCOME waiting (a worker's own status shows it; polled, as either may answer).
+            await asyncio.to_thread(wait_until, lambda: any(
+                s["client_id"] == "leaver" for s in get_json(f"http://127.0.0.1:{quick.admin_port}/admin/status")[
+                    "streams"]), 10, what="the HELLO's stream registered", watch=quick.gateway)
             await tunnel.close()
             await asyncio.sleep(0.2)
         finally:
             os.kill(router, signal.SIGCONT)
 
     asyncio.run(asyncio.wait_for(gone(), 30))
-    wait_until(lambda: not get_json(f"http://127.0.0.1:{quick.admin_port}/admin/status")["streams"], 10,
-               what="no stream left", watch=quick.gateway)
-    assert '"reason":"welcome_failed"' in quick.gateway.output()
+    # The stream ends saying so (its log line comes just before it leaves the registry)...
+    wait_until(lambda: '"reason":"welcome_failed"' in quick.gateway.output(), 10, what="the stream ended",
+               watch=quick.gateway)
+    # ...and no worker's status shows it (each answers for itself and from the router's table).
+    for _ in range(4):
+        wait_until(lambda: not get_json(f"http://127.0.0.1:{quick.admin_port}/admin/status")["streams"], 10,
+                   what="no stream left", watch=quick.gateway)
     client = quick.client("demo")
     assert quick.get("demo.localhost").status == 200, client.output()
 

@@ -9,7 +9,7 @@ import asyncio
 
 from gateway.tunnel import frames
 from gateway.tunnel.outbox import EARLY_FRAMES
-from tests.test_unit_stream import End, Pair, async_test, request, respond, settle
+from tests.test_unit_stream import End, Pair, async_test, request, respond, settle, until
 
 
 class NowEnd(End):
@@ -42,6 +42,12 @@ def now_pair(**kw) -> Pair:
     return pair
 
 
+async def running(pair: Pair) -> Pair:
+    """The pair once `a`'s writer runs (before, nothing goes early)."""
+    await until(lambda: not pair.a._writing)
+    return pair
+
+
 def heads(end: End) -> list[str]:
     return [f.request_id for f in end.sent("headers", reply=False)]
 
@@ -58,6 +64,7 @@ async def answered(pair: Pair, exchanges) -> None:
 async def test_a_full_batch_leaves_at_once_in_order():
     n = 2 * EARLY_FRAMES + 3
     async with now_pair() as pair:
+        await running(pair)
         exchanges = [request(pair.a, f"r{i}") for i in range(n)]  # one loop turn: the writer has not run
         assert pair.ta.now == 2 and heads(pair.ta) == [f"r{i}" for i in range(2 * EARLY_FRAMES)]
         await answered(pair, exchanges)
@@ -68,6 +75,7 @@ async def test_a_full_batch_leaves_at_once_in_order():
 @async_test
 async def test_a_batch_that_would_wait_stays_in_order_for_the_writer():
     async with now_pair() as pair:
+        await running(pair)
         pair.ta.ready = False
         exchanges = [request(pair.a, f"r{i}") for i in range(EARLY_FRAMES + 2)]
         assert pair.ta.now == 0 and not heads(pair.ta)
@@ -80,6 +88,7 @@ async def test_a_batch_that_would_wait_stays_in_order_for_the_writer():
 @async_test
 async def test_nothing_jumps_a_batch_being_written():
     async with now_pair() as pair:
+        await running(pair)
         pair.ta.flowing.clear()  # the writer's write waits (a peer not reading)
         first = request(pair.a, "first")
         await asyncio.sleep(0)
@@ -90,3 +99,15 @@ async def test_nothing_jumps_a_batch_being_written():
         pair.ta.flowing.set()
         await answered(pair, [first, *later])
         assert heads(pair.ta) == ["first"] + [f"r{i}" for i in range(EARLY_FRAMES + 1)]
+
+
+@async_test
+async def test_nothing_goes_early_before_the_stream_runs():
+    """A stream is registered before its WELCOME is written (gateway/workers/tunnel_endpoint.py):
+    what is queued for it meanwhile waits for its writer, however much it is."""
+    pair = now_pair()
+    exchanges = [request(pair.a, f"r{i}") for i in range(2 * EARLY_FRAMES)]
+    assert pair.ta.now == 0 and not heads(pair.ta)
+    async with pair:
+        await answered(pair, exchanges)
+        assert heads(pair.ta) == [f"r{i}" for i in range(2 * EARLY_FRAMES)]

@@ -48,7 +48,9 @@ class StreamOutbox:
         self.bytes_out = 0  # of gRPC messages sent
         self._out: collections.deque[Queued] = collections.deque()
         self._out_bytes = 0
-        self._writing = False  # a batch is being written: the next waits for it (frames keep their order)
+        # A batch is being written, or the writer has not started (the stream's first message,
+        # WELCOME, may still be on its way): nothing goes early (frames keep their order).
+        self._writing = True
         self._write_now = getattr(self.transport, "write_now", None)
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -133,6 +135,7 @@ class StreamOutbox:
         out = self._out
         # A transport that writes a message in parts (ours, h2_send.py) spares the join's copy.
         write_parts = getattr(self.transport, "write_parts", None)
+        self._writing = False
         while True:
             if not out:
                 self._wake.clear()
