@@ -83,15 +83,15 @@ class StreamOutbox:
             self._space.clear()
         self._wake.set()
         if len(out) >= EARLY_FRAMES and not self._writing and self._write_now is not None:
-            items, parts, size = self._take()
+            parts, size, n_frames = self._take()
             try:
                 written = self._write_now(parts, size)
             except Exception:  # the writer meets it too, and ends the stream saying why
                 written = False
             if written:
-                self._count(size, len(items))
-            else:  # it would wait (a window, a slow reader): back to the front, for the writer
-                out.extendleft(reversed(items))
+                self._count(size, n_frames)
+            else:  # it would wait (a window, a slow reader): back to the front, one item, for the writer
+                out.appendleft(tuple(parts))
                 self._out_bytes += size
 
     async def push_data(self, parts: tuple[bytes | memoryview, ...]) -> None:
@@ -104,16 +104,15 @@ class StreamOutbox:
             raise TunnelError("tunnel_closed", f"tunnel to {self.peer_id} closed: {self.close_reason}")
         self.push_encoded(parts)
 
-    def _take(self) -> tuple[list[Queued], list[bytes | memoryview], int]:
-        """The next batch out of the queue: its frames as queued, their parts, their bytes."""
+    def _take(self) -> tuple[list[bytes | memoryview], int, int]:
+        """The next batch out of the queue: its parts, bytes and frames."""
         out = self._out
         limit = self.limits.max_batch_bytes
-        items: list[Queued] = []
         parts: list[bytes | memoryview] = []
-        size = 0
+        size = n_frames = 0
         while out and size < limit:
             raw = out.popleft()
-            items.append(raw)
+            n_frames += 1
             if type(raw) is bytes:
                 parts.append(raw)
                 size += len(raw)
@@ -121,7 +120,7 @@ class StreamOutbox:
                 parts += raw
                 size += sum(map(len, raw))
         self._out_bytes -= size
-        return items, parts, size
+        return parts, size, n_frames
 
     def _count(self, size: int, n_frames: int) -> None:
         """A batch went out."""
@@ -142,8 +141,8 @@ class StreamOutbox:
                 await self._wake.wait()
                 await self._gather_turns()
                 continue
-            items, parts, size = self._take()
-            self._count(size, len(items))
+            parts, size, n_frames = self._take()
+            self._count(size, n_frames)
             self._writing = True
             try:
                 await (write_parts(parts, size) if write_parts else self.transport.write(b"".join(parts)))
