@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from gateway.exposure import MASK, mask_headers
 from gateway.observe import mask_query
+from gateway.tunnel.body import unchanging
 
 __all__ = ["Capture", "Inspector", "NotReplayable", "REPLAY_HEADER", "header_names", "process_inspector",
            "status_filter"]
@@ -128,7 +129,7 @@ class Capture:
     def response_chunk(self, chunk: Any) -> None:
         size = self.resp_size
         if size < self.limit:
-            self._resp.append(chunk if type(chunk) is bytes else bytes(chunk))  # a reused buffer is copied
+            self._resp.append(unchanging(chunk))  # a reused buffer is copied
         self.resp_size = size + len(chunk)
 
     def response_whole(self, body: Any) -> None:

@@ -12,7 +12,14 @@ from gateway.tunnel.errors import TunnelError
 if TYPE_CHECKING:
     from gateway.tunnel.stream import TunnelStream
 
-__all__ = ["BodyReader", "BodyWriter"]
+__all__ = ["BodyReader", "BodyWriter", "unchanging"]
+
+
+def unchanging(chunk: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """`chunk` itself when nothing can change it later (bytes, or a view of bytes), else a copy."""
+    if type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes):
+        return chunk
+    return bytes(chunk)
 
 
 class BodyReader:
@@ -28,20 +35,21 @@ class BodyReader:
         self._trace = trace
         self._reply = reply
         self._window = window
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         # Made by the first read that has to wait: most bodies never do.
         self._event: asyncio.Event | None = None
         self._eof = False
         self._error: TunnelError | None = None
         self._credit_owed = 0
         self._buffered = 0
-        self.tap: Callable[[bytes | None], None] | None = None  # told each chunk read, then None at the end
+        # Told each chunk read, then None at the end.
+        self.tap: Callable[[bytes | memoryview | None], None] | None = None
 
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
-    def feed(self, chunk: bytes, end: bool) -> bool:
+    def feed(self, chunk: bytes | memoryview, end: bool) -> bool:
         """Accept a DATA frame; False when it exceeds the window granted."""
         if chunk:
             self._buffered += len(chunk)
@@ -69,9 +77,9 @@ class BodyReader:
         self._buffered = 0
         return body
 
-    async def read(self, idle: float | None = None) -> bytes | None:
-        """The next chunk, or None at the end of the body; TunnelError("timeout")
-        when nothing arrives for `idle` seconds."""
+    async def read(self, idle: float | None = None) -> bytes | memoryview | None:
+        """The next chunk (a big one is a read-only view: `frames.VIEW_OVER`), or None at
+        the end of the body; TunnelError("timeout") when nothing arrives for `idle` seconds."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -126,7 +134,7 @@ class BodyWriter:
         self._error: TunnelError | None = None
         self.ended = False
         self.bytes_sent = 0
-        self.tap: Callable[[bytes], None] | None = None  # told each chunk as it is written
+        self.tap: Callable[[bytes | memoryview], None] | None = None  # told each chunk as it is written
 
     def grant(self, increment: int) -> None:
         self._credit += increment
@@ -139,10 +147,9 @@ class BodyWriter:
         if self._event is not None:
             self._event.set()
 
-    async def write(self, chunk: bytes, end: bool = False) -> None:
+    async def write(self, chunk: bytes | bytearray | memoryview, end: bool = False) -> None:
         """Send `chunk` within the credit granted; `end`: it is the last one (saves a frame)."""
-        if type(chunk) is not bytes:
-            chunk = bytes(chunk)  # queued until sent: the caller may reuse its buffer
+        chunk = unchanging(chunk)  # queued until sent: the caller may reuse its buffer
         if self.tap is not None:
             self.tap(chunk)
         total = len(chunk)
