@@ -4,8 +4,8 @@ show and replay. Pure: no I/O, nothing awaited.
 
 Capture is cheap on the request path: one small object per request, appended to
 a deque(maxlen=N) when the request starts (so a stream shows while it runs);
-body chunks are kept by reference until the preview limit is reached, never
-copied; headers are the request's own tuples, decoded and masked only when
+body chunks are kept by reference until the preview limit is reached (a view
+of a read, or a buffer that is reused, has its preview's part copied: `_kept`); headers are the request's own tuples, decoded and masked only when
 someone looks (`entry`)."""
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Any, Iterable
 
 from gateway.exposure import MASK, mask_headers
 from gateway.observe import mask_query
-from gateway.tunnel.body import unchanging
 
 __all__ = ["Capture", "Inspector", "NotReplayable", "REPLAY_HEADER", "header_names", "process_inspector",
            "status_filter"]
@@ -62,6 +61,12 @@ def _pairs(headers: Any) -> list[tuple[str, str]]:
         return []
     items = headers.items() if hasattr(headers, "items") else headers
     return [(_text(k), _text(v)) for k, v in items]
+
+
+def _kept(chunk: Any, room: int) -> bytes:
+    """What a capture keeps of a body chunk: bytes by reference; of a view (which would keep
+    its whole read alive) or a buffer that is reused, its first `room` bytes, copied."""
+    return chunk if type(chunk) is bytes else bytes(chunk[:room])
 
 
 def _body(chunks: list[Any], limit: int) -> bytes:
@@ -115,7 +120,7 @@ class Capture:
     def request_chunk(self, chunk: Any) -> None:
         size = self.req_size
         if size < self.limit:
-            self._req.append(chunk)  # a reference: the preview is cut when shown
+            self._req.append(_kept(chunk, self.limit - size))  # the preview is cut when shown
         self.req_size = size + len(chunk)
 
     def request_end(self) -> None:
@@ -129,7 +134,7 @@ class Capture:
     def response_chunk(self, chunk: Any) -> None:
         size = self.resp_size
         if size < self.limit:
-            self._resp.append(unchanging(chunk))  # a reused buffer is copied
+            self._resp.append(_kept(chunk, self.limit - size))
         self.resp_size = size + len(chunk)
 
     def response_whole(self, body: Any) -> None:

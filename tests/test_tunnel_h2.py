@@ -24,6 +24,7 @@ from hypothesis import given, settings, strategies as st
 
 from gateway.tunnel.h2_call import CallFailed, H2Channel, H2ClientConnection, H2ClientTransport, h2_transport_closed
 from gateway.tunnel.h2_frames import CONNECTION_WINDOW, STREAM_WINDOW, H2Stream
+from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.stream import TunnelStream
 from gateway.tunnel.transport import grpc_options, open_client_call, tunnel_handler
 from tests.harness import Stack, get_json, http, wait_until
@@ -301,7 +302,8 @@ class Peer:
         return frame(1, 5, 1, headers_block(fields, self.enc))
 
     def read_all(self) -> list[bytes]:
-        out = list(self.conn.call.messages)
+        """The messages read so far, joined (a big one is queued in the pieces it came in)."""
+        out = [m.joined() if type(m) is Pieces else m for m in self.conn.call.messages]
         self.conn.call.messages.clear()
         return out
 

@@ -162,9 +162,11 @@ def _read_length(raw: bytes, pos: int, end: int) -> tuple[int, int]:
     return n, pos
 
 
-def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
-    """The DATA frame in raw[pos:end] when it is laid out as our encoders
-    write it, else None (protobuf then reads the frame).
+def data_fields(raw: bytes, pos: int, end: int) -> tuple[int, int, int, int, int, int, int] | None:
+    """Where the DATA frame in raw[pos:end] has its fields when it is laid out as our
+    encoders write it: (request id's start, end, trace id's start, end, reply, the
+    payload's start, its size); else None (protobuf then reads the frame). Only the
+    bytes up to the payload are read (pieces.py gives the frame's first bytes only).
 
     This runs on every frame, heads included, so the fields before the kind
     are read inline, taking only one-byte lengths and flags. A read that
@@ -191,18 +193,33 @@ def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
     n, pos = _read_length(raw, pos + 1, end)
     if pos + n != end:
         return None
-    payload = b""
-    end_stream = False
     if pos < end and raw[pos] == 0x0A:
         n, pos = _read_length(raw, pos + 1, end)
         if pos + n > end:
             return None
-        payload = memoryview(raw)[pos:pos + n] if n > VIEW_OVER and type(raw) is bytes else raw[pos:pos + n]
-        pos += n
+        return rid0, rid1, tr0, tr1, reply, pos, n
+    return rid0, rid1, tr0, tr1, reply, pos, 0
+
+
+def data_end(raw: bytes, pos: int, end: int) -> bool | None:
+    """The end_stream flag after a DATA frame's payload, in raw[pos:end]; None when
+    those bytes are not laid out as our encoders write them."""
+    end_stream = False
     if pos < end and raw[pos] == 0x10:
         v, pos = _read_varint(raw, pos + 1, end)
         end_stream = v != 0
-    if pos != end:
+    return end_stream if pos == end else None
+
+
+def _fast_data(raw: bytes, pos: int, end: int) -> DataFrame | None:
+    """The DATA frame in raw[pos:end] when it is laid out as our encoders write it, else None."""
+    fields = data_fields(raw, pos, end)
+    if fields is None:
+        return None
+    rid0, rid1, tr0, tr1, reply, pos, n = fields
+    payload = memoryview(raw)[pos:pos + n] if n > VIEW_OVER and type(raw) is bytes else raw[pos:pos + n]
+    end_stream = data_end(raw, pos + n, end)
+    if end_stream is None:
         return None
     return DataFrame(raw[rid0:rid1].decode(), raw[tr0:tr1].decode(), reply != 0, payload, end_stream)
 
@@ -232,14 +249,21 @@ def decode_frames(raw: bytes) -> list[pb.Frame | DataFrame]:
             end = pos + n
             if end > size:
                 raise ProtocolError("malformed batch: frame runs past the end")
-            frame = _fast_data(raw, pos, end)
-            if frame is None:
-                frame = _as_data(pb.Frame.FromString(raw[pos:end]))
-            out.append(frame)
+            out.append(decode_frame(raw, pos, end))
             pos = end
-    except (DecodeError, RuntimeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+    except DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed batch: {exc}") from None
     return out
+
+
+# What protobuf and the fast path raise for bytes that are no frame (UnicodeDecodeError is a ValueError).
+DECODE_ERRORS = (DecodeError, RuntimeError, ValueError)
+
+
+def decode_frame(raw: bytes, pos: int, end: int) -> pb.Frame | DataFrame:
+    """The frame in raw[pos:end] (one element of a batch's `frames`)."""
+    frame = _fast_data(raw, pos, end)
+    return frame if frame is not None else _as_data(pb.Frame.FromString(raw[pos:end]))
 
 
 def _pairs(headers: Iterable[tuple[str, str]]) -> list[pb.Header]:

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 from gateway import __version__
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_connection import H2Connection
+from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.h2_frames import (CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, HEADERS, STATUS_NAMES,
                                       CallFailed, H2Stream, frame)
 from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, METHOD
@@ -176,6 +177,11 @@ class H2ClientTransport:
         return conn.send_parts_now(conn.call, parts, size)
 
     async def read(self) -> bytes | None:
+        message = await self.read_batch()
+        return message.joined() if type(message) is Pieces else message
+
+    async def read_batch(self) -> bytes | Pieces | None:
+        """The next message, a big one maybe in the pieces it arrived in (the stream's reader)."""
         conn = self._conn
         if conn is None:
             raise CallFailed("UNAVAILABLE", "read before the call started")

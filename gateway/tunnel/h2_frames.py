@@ -6,6 +6,8 @@ import asyncio
 import struct
 from collections import deque
 
+from gateway.tunnel.pieces import JOIN_UNDER, Pieces
+
 __all__ = ["CallFailed", "Broken", "H2Stream", "frame", "STREAM_WINDOW", "CONNECTION_WINDOW", "MAX_FRAME",
            "STATUS_NAMES", "PREFACE"]
 
@@ -69,10 +71,11 @@ class H2Stream:
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
-        self.messages: deque[bytes] = deque()
+        self.messages: deque[bytes | Pieces] = deque()
         self.queued = 0  # bytes of messages not yet read
         self.unacked = 0  # DATA bytes received and not yet given back as window
-        self.partial: list[bytes | memoryview] = []  # a message spanning frames or reads, and how much of it is missing
+        # A message spanning frames or reads (its spans: buffer, start, stop), and how much of it is missing.
+        self.partial: list[tuple[bytes, int, int]] = []
         self.missing = 0
         self.head = b""  # a message prefix split between frames
         self.waiter: asyncio.Future | None = None
@@ -99,12 +102,13 @@ class H2Stream:
         while start < stop:
             if self.missing:  # a message begun in an earlier frame or read
                 n = min(self.missing, stop - start)
-                # A view, not a slice: the message's bytes are copied once, by the join.
-                self.partial.append(buf if n == len(buf) else memoryview(buf)[start:start + n])
+                self.partial.append((buf, start, start + n))
                 start += n
                 self.missing -= n
                 if not self.missing:
-                    self._deliver(b"".join(self.partial))
+                    # A big message stays in its reads' bytes (pieces.py), a small one is joined.
+                    message = Pieces(self.partial)
+                    self._deliver(message if message.size >= JOIN_UNDER else message.joined())
                     self.partial = []
                 continue
             if self.head or stop - start < 5:
@@ -129,6 +133,6 @@ class H2Stream:
             else:
                 self.missing = size
 
-    def _deliver(self, message: bytes) -> None:
+    def _deliver(self, message: bytes | Pieces) -> None:
         self.messages.append(message)
         self.queued += len(message)

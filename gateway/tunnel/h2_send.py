@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from gateway.tunnel.h2_frames import (DATA, END_HEADERS, END_STREAM, FRAME_HEAD, GIVE_BACK, GOAWAY, GOAWAY_HEAD,
                                       HEADERS, MESSAGE_PREFIX, RST_STREAM, U32, CallFailed, H2Stream, frame)
+from gateway.tunnel.pieces import Pieces
 
 __all__ = ["H2Calls"]
 
@@ -29,7 +30,7 @@ class H2Calls:
     def write_control(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def next_message(self, stream: H2Stream) -> bytes | None:
+    async def next_message(self, stream: H2Stream) -> bytes | Pieces | None:
         """The stream's next message; None once the peer ended its side in order."""
         while True:
             if stream.messages:

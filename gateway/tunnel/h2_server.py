@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Sequence
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_call import h2_transport_closed
 from gateway.tunnel.h2_connection import H2Connection
+from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.h2_frames import (END_HEADERS, END_STREAM, HEADERS, MAX_WINDOW, NO_ERROR, PREFACE, STATUS_NAMES,
                                       CallFailed, H2Stream, frame)
 from gateway.tunnel.transport import METHOD, SERVER_KEEPALIVE_PATIENCE
@@ -89,6 +90,11 @@ class H2ServerTransport:
         return h2_transport_closed(exc)
 
     async def read(self) -> bytes | None:
+        message = await self.read_batch()
+        return message.joined() if type(message) is Pieces else message
+
+    async def read_batch(self) -> bytes | Pieces | None:
+        """The next message, a big one maybe in the pieces it arrived in (the stream's reader)."""
         self.was_read = True
         try:
             return await self._conn.next_message(self._stream)

@@ -20,6 +20,7 @@ from gateway.tunnel.errors import TransportClosed, TunnelError
 from gateway.tunnel.exchange import InboundExchange, OutboundExchange
 from gateway.tunnel.faults import FaultLog
 from gateway.tunnel.outbox import StreamOutbox
+from gateway.tunnel.pieces import Pieces, decode_message
 from gateway.tunnel.stream_limits import StreamLimits
 from gateway.tunnel.transport import Transport
 
@@ -193,19 +194,20 @@ class TunnelStream(StreamOutbox):
         else:
             self.unknown_frames += 1
 
-    def feed(self, raw: bytes) -> None:
+    def feed(self, raw: bytes | Pieces) -> None:
         """Dispatch one received batch; raises frames.ProtocolError."""
         self._last_seen = time.monotonic()
-        for f in frames.decode_frames(raw):
+        for f in decode_message(raw):
             self._dispatch(f)
         if self.draining:
             self._close_if_idle()
 
     async def _read_loop(self) -> None:
         reason = "closed_by_peer"
+        read = getattr(self.transport, "read_batch", self.transport.read)
         try:
             while True:
-                raw = await self.transport.read()
+                raw = await read()
                 if raw is None:
                     break
                 self.feed(raw)

@@ -48,7 +48,9 @@ class Transport(Protocol):
     """What a TunnelStream runs on. A transport may also offer `write_parts(parts, size)`: one
     message given in parts, written without joining them (h2_call.py, h2_server.py); the
     stream's writer uses it when there. And `write_now(parts, size) -> bool`: the same when
-    it waits for nothing, else False and nothing written (a full batch leaves at once)."""
+    it waits for nothing, else False and nothing written (a full batch leaves at once). And
+    `read_batch()`: what `read` gives, but a big message maybe in the pieces it arrived in
+    (`pieces.Pieces`); the stream's reader uses it when there."""
 
     async def read(self) -> bytes | None: ...
     async def write(self, raw: bytes) -> None: ...

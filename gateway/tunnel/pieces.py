@@ -1,0 +1,127 @@
+"""A big tunnel message that arrived in several reads, kept as the reads' bytes
+rather than joined, and its frames decoded from them.
+
+Joining a 1 MiB batch costs a copy of every body byte in it; decoded in place,
+a DATA frame's payload becomes views of the reads' bytes (one DataFrame a read
+it spans), so a body goes from the tunnel's socket to the upstream's without a
+copy in Python. Only a frame's first bytes and its last few are copied, to read
+its fields; a frame not laid out as our encoders write it is joined and goes
+through `frames.decode_frame` (protobuf), so what protobuf accepts stays the rule."""
+from __future__ import annotations
+
+from gateway.tunnel import frames
+
+__all__ = ["Pieces", "JOIN_UNDER", "decode_message"]
+
+# A message under this many bytes is joined (one small copy is cheaper than the
+# bookkeeping); a bigger one is kept in pieces.
+JOIN_UNDER = 1 << 16
+# A DATA frame's fields before its payload take at most this many bytes (two ids
+# under 128 bytes each, the reply flag, two tags and two length varints).
+_FIELDS_MAX = 300
+# The fields after its payload (end_stream) at most this many.
+_TAIL_MAX = 11
+
+
+class Pieces:
+    """A message as the (bytes, start, stop) spans it arrived in, in order."""
+
+    __slots__ = ("spans", "size")
+
+    def __init__(self, spans: list[tuple[bytes, int, int]]) -> None:
+        self.spans = spans
+        self.size = sum(stop - start for _, start, stop in spans)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def joined(self) -> bytes:
+        return b"".join(buf if stop - start == len(buf) else memoryview(buf)[start:stop]
+                        for buf, start, stop in self.spans)
+
+    def views(self, a: int, b: int) -> list[memoryview]:
+        """The message's bytes [a, b) as views of the spans (one a span they touch)."""
+        out = []
+        base = 0
+        for buf, start, stop in self.spans:
+            n = stop - start
+            lo, hi = max(a - base, 0), min(b - base, n)
+            if lo < hi:
+                out.append(memoryview(buf)[start + lo:start + hi])
+            base += n
+            if base >= b:
+                break
+        return out
+
+    def copy(self, a: int, b: int) -> bytes:
+        """The message's bytes [a, b), copied (a few, to be read)."""
+        return b"".join(self.views(a, b))
+
+
+def decode_message(raw: bytes | Pieces) -> list[frames.Frame | frames.DataFrame]:
+    """`frames.decode_frames` for a message whole or in pieces; raises frames.ProtocolError."""
+    if type(raw) is not Pieces:
+        return frames.decode_frames(raw)
+    try:
+        return _decode_pieces(raw)
+    except frames.DECODE_ERRORS as exc:
+        raise frames.ProtocolError(f"malformed batch: {exc}") from None
+
+
+def _decode_pieces(p: Pieces) -> list[frames.Frame | frames.DataFrame]:
+    out: list[frames.Frame | frames.DataFrame] = []
+    spans = p.spans
+    i = base = 0  # the span that holds pos, and the message's offset of its first byte
+    pos, size = 0, p.size
+    while pos < size:
+        buf, start, stop = spans[i]
+        while pos >= base + stop - start:
+            base += stop - start
+            i += 1
+            buf, start, stop = spans[i]
+        at = start + pos - base
+        head, at0, limit = (buf, at, stop) if stop - at >= 6 else (p.copy(pos, min(pos + 6, size)), 0, 6)
+        if head[at0] != 0x0A:  # not Batch.frames: protobuf judges the whole batch
+            return frames.decode_frames(p.joined())
+        n, after = frames._read_length(head, at0 + 1, limit)
+        first = pos + after - at0  # the frame's first byte, in the message
+        end = first + n
+        if end > size:
+            raise frames.ProtocolError("malformed batch: frame runs past the end")
+        if end - base <= stop - start:  # within this span
+            local = start + first - base
+            out.append(frames.decode_frame(buf, local, local + n))
+        else:
+            split = _split_data(p, first, end)
+            if split is None:
+                out.append(frames.decode_frame(p.copy(first, end), 0, n))
+            else:
+                out.extend(split)
+        pos = end
+    return out
+
+
+def _split_data(p: Pieces, a: int, b: int) -> list[frames.DataFrame] | None:
+    """The DATA frame at the message's [a, b), across spans, its payload as views (one
+    DataFrame a span, the last with the frame's end_stream); None when it is not laid
+    out as our encoders write it."""
+    head = p.copy(a, min(b, a + _FIELDS_MAX))
+    try:
+        fields = frames.data_fields(head, 0, b - a)
+    except IndexError:  # the frame's first bytes are not what our encoders write
+        return None
+    if fields is None:
+        return None
+    rid0, rid1, tr0, tr1, reply, start, n = fields
+    tail_at = a + start + n
+    if b - tail_at > _TAIL_MAX:
+        return None
+    end_stream = frames.data_end(p.copy(tail_at, b), 0, b - tail_at)
+    if end_stream is None:
+        return None
+    rid, trace = head[rid0:rid1].decode(), head[tr0:tr1].decode()
+    chunks: list[bytes] | list[memoryview]
+    chunks = p.views(a + start, tail_at) if n > frames.VIEW_OVER else [p.copy(a + start, tail_at)]
+    out = [frames.DataFrame(rid, trace, reply != 0, chunk, False) for chunk in chunks]
+    out[-1].end_stream = end_stream
+    return out
