@@ -213,6 +213,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float 
             result = check()
             if result:
                 return result
+            last_exc = None  # the last poll answered: an earlier error is not why it waits
         except tolerated as exc:
             last_exc = exc
         for p in watched:

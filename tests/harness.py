@@ -27,6 +27,10 @@ from bench_stack import (  # noqa: E402,F401  (the one process harness, for test
     NOT_READY, ProcGroup, ProcessExited, Processes, children_of, drain_all_but, free_port, get_json, routable,
     wait_until,
 )
+from gateway.client.agent import REBALANCE_EVERY  # noqa: E402
+from gateway.client.worker_spread import TRIES_PER_WORKER  # noqa: E402
+
+CONNECT_TIMEOUT = 15.0  # a client's start, up to its connections routable
 
 
 @dataclass
@@ -210,9 +214,24 @@ class Stack:
         self.clients[client_id] = (proc, local, admin)
         if wait:
             spreads = "--no-spread-workers" not in (extra or [])
-            wait_until(lambda: self._client_connected(client_id, spreads), what=f"client {client_id} connected",
-                       watch=(proc, self.gateway))
+            wait_until(lambda: self._client_connected(client_id, spreads), self._connect_timeout(spreads),
+                       what=f"client {client_id} connected", watch=(proc, self.gateway))
         return proc
+
+    def _connect_timeout(self, spreads: bool) -> float:
+        """CONNECT_TIMEOUT, and for a client that spreads its connections over the workers, the
+        moves its spread may take: the kernel places each new connection by a hash of its
+        addresses (SO_REUSEPORT), so a move reaches a worker none of the others holds with
+        chance 1/2 on two workers, a move every REBALANCE_EVERY, up to TRIES_PER_WORKER x
+        workers of them (gateway/client/worker_spread.py). CONNECT_TIMEOUT alone covered a
+        dozen moves: one start in some thousands timed out."""
+        if not spreads:
+            return CONNECT_TIMEOUT
+        try:
+            workers = len(get_json(f"{self.admin_url}/admin/shards")["workers"])
+        except NOT_READY:
+            workers = os.cpu_count() or 1  # the gateway's default: a worker per core
+        return CONNECT_TIMEOUT + TRIES_PER_WORKER * workers * (REBALANCE_EVERY + 0.5)
 
     def _client_connected(self, client_id: str, spreads: bool = False) -> bool:
         """Every tunnel connection of the client is up and routable (wait on it watching the client)
