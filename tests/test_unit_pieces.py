@@ -4,6 +4,7 @@ reads (no copy), and a batch that is no batch fails the same way. Pure logic."""
 from __future__ import annotations
 
 import os
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -134,3 +135,55 @@ def test_the_capture_copies_only_the_preview_of_a_view():
     assert all(type(c) is bytes for c in cap._req + cap._resp)  # no view keeps the read alive
     assert cap.request_body() == read[10:1010] and cap.req_size == 149990
     assert cap.response_body() == read[5:100] + read[200:1105] and cap.resp_size == 95 + 99800
+
+
+def test_a_view_keeps_at_most_a_few_times_itself_alive():
+    # 20 KiB payloads in a 1 MiB batch: a view would keep the whole batch for each; copied.
+    raw = _batch([20000] * 3 + [1000000])
+    body = [f for f in frames.decode_frames(raw) if type(f) is frames.DataFrame]
+    assert [type(f.data) for f in body] == [bytes, bytes, bytes, memoryview]
+    # The same across reads: a piece small beside its read is copied, a big one is a view.
+    raw = _batch([300000])
+    p = _pieces(raw, [len(raw) - 17000])  # the payload's last ~17 KB in a read of their own
+    first, last = [f for f in decode_message(p) if type(f) is frames.DataFrame]
+    assert type(first.data) is memoryview and type(last.data) is memoryview
+    p = _pieces(raw + b"\x0a\x00" * 100000, [len(raw) - 17000])  # now the last read is 200 KB more
+    first, last = [f for f in decode_message(p) if type(f) is frames.DataFrame][:2]
+    assert type(first.data) is memoryview and type(last.data) is bytes and len(last.data) < 17000
+
+
+def test_many_small_reads_are_joined_not_kept():
+    payload = os.urandom(JOIN_UNDER * 2)
+    wire = _h2_message(payload)
+    stream = H2Stream(1, 65535)
+    for i in range(0, len(wire), 1000):  # reads of 1000 bytes: 132 spans, under VIEW_OVER each on average
+        stream.take(wire[i:i + 1000], 0, len(wire[i:i + 1000]), 1 << 30)
+    (message,) = stream.messages
+    assert type(message) is bytes and message == payload
+
+
+def test_a_batch_that_ends_inside_a_frame_tag_is_a_protocol_error():
+    raw = _batch([70000])
+    for tail in (b"\x0a", b"\x0a\x80", b"\x0a\xff\xff"):
+        for cut in (len(raw) - 3, len(raw) + len(tail) - 1):
+            try:
+                decode_message(_pieces(raw + tail, [cut]))
+            except frames.ProtocolError:
+                pass
+            else:
+                raise AssertionError(f"{tail!r} cut at {cut} decoded")
+
+
+def test_decoding_many_spans_costs_about_what_the_joined_batch_does():
+    # Linear in the spans: a lookup from the first span each time made this 80 s, not a second.
+    window = frames.encode_frame(frames.window("r1", "t" * 32, 5, reply=True))
+    raw = window * ((1 << 20) // len(window))
+    p = Pieces([(raw, i, min(i + 64, len(raw))) for i in range(0, len(raw), 64)])
+    started = time.perf_counter()
+    decoded = decode_message(p)
+    in_pieces = time.perf_counter() - started
+    started = time.perf_counter()
+    joined = frames.decode_frames(raw)
+    whole = time.perf_counter() - started
+    assert len(decoded) == len(joined)
+    assert in_pieces < 20 * whole + 1.0

@@ -3,11 +3,18 @@ rather than joined, and its frames decoded from them.
 
 Joining a 1 MiB batch costs a copy of every body byte in it; decoded in place,
 a DATA frame's payload becomes views of the reads' bytes (one DataFrame a read
-it spans), so a body goes from the tunnel's socket to the upstream's without a
-copy in Python. Only a frame's first bytes and its last few are copied, to read
-its fields; a frame not laid out as our encoders write it is joined and goes
-through `frames.decode_frame` (protobuf), so what protobuf accepts stays the rule."""
+it spans; a piece that would keep much more than itself alive is copied:
+`frames.payload_view`), so a body goes from the tunnel's socket to the
+upstream's without a copy in Python. Only a frame's first bytes and its last
+few are copied, to read its fields; a frame not laid out as our encoders write
+it is joined and goes through `frames.decode_frame` (protobuf), so what
+protobuf accepts stays the rule. Many small reads are joined, not kept
+(`Pieces.worth_keeping`)."""
 from __future__ import annotations
+
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Iterator
 
 from gateway.tunnel import frames
 
@@ -26,36 +33,44 @@ _TAIL_MAX = 11
 class Pieces:
     """A message as the (bytes, start, stop) spans it arrived in, in order."""
 
-    __slots__ = ("spans", "size")
+    __slots__ = ("spans", "size", "_ends")
 
     def __init__(self, spans: list[tuple[bytes, int, int]]) -> None:
         self.spans = spans
-        self.size = sum(stop - start for _, start, stop in spans)
+        self._ends = list(accumulate(stop - start for _, start, stop in spans))  # each span's end, in the message
+        self.size = self._ends[-1] if spans else 0
 
     def __len__(self) -> int:
         return self.size
+
+    def worth_keeping(self) -> bool:
+        """Big, and in spans of VIEW_OVER bytes on average at least: else joined (many small
+        reads would make many small views, and as many DataFrames)."""
+        return self.size >= JOIN_UNDER and len(self.spans) * frames.VIEW_OVER <= self.size
 
     def joined(self) -> bytes:
         return b"".join(buf if stop - start == len(buf) else memoryview(buf)[start:stop]
                         for buf, start, stop in self.spans)
 
-    def views(self, a: int, b: int) -> list[memoryview]:
-        """The message's bytes [a, b) as views of the spans (one a span they touch)."""
-        out = []
-        base = 0
-        for buf, start, stop in self.spans:
-            n = stop - start
-            lo, hi = max(a - base, 0), min(b - base, n)
-            if lo < hi:
-                out.append(memoryview(buf)[start + lo:start + hi])
-            base += n
-            if base >= b:
-                break
-        return out
+    def _within(self, a: int, b: int) -> Iterator[tuple[bytes, int, int]]:
+        """The message's bytes [a, b) as (buffer, start, stop) of the spans they are in."""
+        i = bisect_right(self._ends, a)
+        spans, ends = self.spans, self._ends
+        while i < len(spans) and a < b:
+            buf, start, stop = spans[i]
+            lo = start + a - (ends[i] - (stop - start))
+            hi = min(stop, lo + b - a)
+            yield buf, lo, hi
+            a += hi - lo
+            i += 1
 
     def copy(self, a: int, b: int) -> bytes:
         """The message's bytes [a, b), copied (a few, to be read)."""
-        return b"".join(self.views(a, b))
+        return b"".join(memoryview(buf)[lo:hi] for buf, lo, hi in self._within(a, b))
+
+    def payload(self, a: int, b: int) -> list[bytes | memoryview]:
+        """The message's bytes [a, b), a piece a span: each a view or a copy (`frames.payload_view`)."""
+        return [frames.payload_view(buf, lo, hi) for buf, lo, hi in self._within(a, b)]
 
 
 def decode_message(raw: bytes | Pieces) -> list[frames.Frame | frames.DataFrame]:
@@ -80,7 +95,10 @@ def _decode_pieces(p: Pieces) -> list[frames.Frame | frames.DataFrame]:
             i += 1
             buf, start, stop = spans[i]
         at = start + pos - base
-        head, at0, limit = (buf, at, stop) if stop - at >= 6 else (p.copy(pos, min(pos + 6, size)), 0, 6)
+        if stop - at >= 6:
+            head, at0, limit = buf, at, stop
+        else:  # the frame's tag and length may cross into the next span
+            head, at0, limit = p.copy(pos, min(pos + 6, size)), 0, min(6, size - pos)
         if head[at0] != 0x0A:  # not Batch.frames: protobuf judges the whole batch
             return frames.decode_frames(p.joined())
         n, after = frames._read_length(head, at0 + 1, limit)
@@ -120,8 +138,7 @@ def _split_data(p: Pieces, a: int, b: int) -> list[frames.DataFrame] | None:
     if end_stream is None:
         return None
     rid, trace = head[rid0:rid1].decode(), head[tr0:tr1].decode()
-    chunks: list[bytes] | list[memoryview]
-    chunks = p.views(a + start, tail_at) if n > frames.VIEW_OVER else [p.copy(a + start, tail_at)]
+    chunks = p.payload(a + start, tail_at) if n > frames.VIEW_OVER else [p.copy(a + start, tail_at)]
     out = [frames.DataFrame(rid, trace, reply != 0, chunk, False) for chunk in chunks]
     out[-1].end_stream = end_stream
     return out
