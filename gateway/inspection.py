@@ -5,8 +5,9 @@ show and replay. Pure: no I/O, nothing awaited.
 Capture is cheap on the request path: one small object per request, appended to
 a deque(maxlen=N) when the request starts (so a stream shows while it runs);
 body chunks are kept by reference until the preview limit is reached (a view
-of a read, or a buffer that is reused, has its preview's part copied: `_kept`); headers are the request's own tuples, decoded and masked only when
-someone looks (`entry`)."""
+of a read, or a buffer that is reused, has its preview's part copied: `_kept`);
+headers are the request's own tuples, decoded and masked only when someone
+looks (`entry`)."""
 from __future__ import annotations
 
 import base64

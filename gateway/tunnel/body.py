@@ -78,7 +78,7 @@ class BodyReader:
         return body
 
     async def read(self, idle: float | None = None) -> bytes | memoryview | None:
-        """The next chunk (a big one is a read-only view: `frames.VIEW_OVER`), or None at
+        """The next chunk (a big one may be a read-only view: `frames.payload_view`), or None at
         the end of the body; TunnelError("timeout") when nothing arrives for `idle` seconds."""
         while not self._chunks:
             if self._error is not None:

@@ -19,9 +19,9 @@ from urllib.parse import unquote
 from gateway import __version__
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_connection import H2Connection
-from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.h2_frames import (CANCEL, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, HEADERS, STATUS_NAMES,
                                       CallFailed, H2Stream, frame)
+from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.transport import CLIENT_KEEPALIVE_MS, METHOD
 
 __all__ = ["CallFailed", "H2Channel", "H2ClientConnection", "H2ClientTransport", "h2_transport_closed"]

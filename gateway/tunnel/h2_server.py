@@ -21,9 +21,9 @@ from typing import Awaitable, Callable, Sequence
 from gateway.tunnel.errors import TransportClosed
 from gateway.tunnel.h2_call import h2_transport_closed
 from gateway.tunnel.h2_connection import H2Connection
-from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.h2_frames import (END_HEADERS, END_STREAM, HEADERS, MAX_WINDOW, NO_ERROR, PREFACE, STATUS_NAMES,
                                       CallFailed, H2Stream, frame)
+from gateway.tunnel.pieces import Pieces
 from gateway.tunnel.transport import METHOD, SERVER_KEEPALIVE_PATIENCE
 
 __all__ = ["TunnelServer", "H2ServerTransport", "server_ssl_context"]
