@@ -206,8 +206,8 @@ def cleanup(stacks: list, roots: list[Path], tmp: Path) -> None:
 
 def summarise(args: argparse.Namespace, rate: int, generator: str, rounds: list[list[dict]]) -> dict:
     out = {"base": args.base, "candidate": args.candidate, "mode": args.mode, "direction": args.direction,
-           "path": args.path, "generator": generator, "cross_worker": args.cross_worker, "post_bytes": args.post_bytes, "rounds": rounds,
-           "median": {}, "ratio": {}}
+           "path": args.path, "generator": generator, "cross_worker": args.cross_worker,
+           "post_bytes": args.post_bytes, "rounds": rounds, "median": {}, "ratio": {}}
     if args.mode == "alternate":
         out["concurrency"] = args.concurrency
     else:

@@ -6,7 +6,7 @@ import asyncio
 import struct
 from collections import deque
 
-from gateway.tunnel.pieces import Pieces
+from gateway.tunnel.pieces import Pieces, message_of
 
 __all__ = ["CallFailed", "Broken", "H2Stream", "frame", "STREAM_WINDOW", "CONNECTION_WINDOW", "MAX_FRAME",
            "STATUS_NAMES", "PREFACE"]
@@ -107,8 +107,7 @@ class H2Stream:
                 self.missing -= n
                 if not self.missing:
                     # A big message stays in its reads' bytes (pieces.py), a small one is joined.
-                    message = Pieces(self.partial)
-                    self._deliver(message if message.worth_keeping() else message.joined())
+                    self._deliver(message_of(self.partial))
                     self.partial = []
                 continue
             if self.head or stop - start < 5:

@@ -9,7 +9,7 @@ upstream's without a copy in Python. Only a frame's first bytes and its last
 few are copied, to read its fields; a frame not laid out as our encoders write
 it is joined and goes through `frames.decode_frame` (protobuf), so what
 protobuf accepts stays the rule. Many small reads are joined, not kept
-(`Pieces.worth_keeping`)."""
+(`message_of`)."""
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -18,7 +18,7 @@ from typing import Iterator
 
 from gateway.tunnel import frames
 
-__all__ = ["Pieces", "JOIN_UNDER", "decode_message"]
+__all__ = ["Pieces", "JOIN_UNDER", "decode_message", "message_of"]
 
 # A message under this many bytes is joined (one small copy is cheaper than the
 # bookkeeping); a bigger one is kept in pieces.
@@ -43,14 +43,8 @@ class Pieces:
     def __len__(self) -> int:
         return self.size
 
-    def worth_keeping(self) -> bool:
-        """Big, and in spans of VIEW_OVER bytes on average at least: else joined (many small
-        reads would make many small views, and as many DataFrames)."""
-        return self.size >= JOIN_UNDER and len(self.spans) * frames.VIEW_OVER <= self.size
-
     def joined(self) -> bytes:
-        return b"".join(buf if stop - start == len(buf) else memoryview(buf)[start:stop]
-                        for buf, start, stop in self.spans)
+        return _join(self.spans)
 
     def _within(self, a: int, b: int) -> Iterator[tuple[bytes, int, int]]:
         """The message's bytes [a, b) as (buffer, start, stop) of the spans they are in."""
@@ -71,6 +65,20 @@ class Pieces:
     def payload(self, a: int, b: int) -> list[bytes | memoryview]:
         """The message's bytes [a, b), a piece a span: each a view or a copy (`frames.payload_view`)."""
         return [frames.payload_view(buf, lo, hi) for buf, lo, hi in self._within(a, b)]
+
+
+def message_of(spans: list[tuple[bytes, int, int]]) -> bytes | Pieces:
+    """A message that arrived in `spans`: kept in them when big and in spans of VIEW_OVER bytes
+    on average at least, else joined (many small reads would make many small views, and as
+    many DataFrames; a small message is cheaper joined)."""
+    size = sum(stop - start for _, start, stop in spans)
+    if size >= JOIN_UNDER and len(spans) * frames.VIEW_OVER <= size:
+        return Pieces(spans)
+    return _join(spans)
+
+
+def _join(spans: list[tuple[bytes, int, int]]) -> bytes:
+    return b"".join(buf if stop - start == len(buf) else memoryview(buf)[start:stop] for buf, start, stop in spans)
 
 
 def decode_message(raw: bytes | Pieces) -> list[frames.Frame | frames.DataFrame]:
