@@ -168,6 +168,10 @@ def test_tunnel_client_http_shows_what_it_served(procs, tmp_path):
     e = rows[0]
     assert (e["method"], e["path"], e["query"], e["status"]) == ("GET", "/echo/local", "password=***", 200)
     assert e["client_id"] and json.loads(e["response_body"])["path"] == "/echo/local"
+    # The heads are kept encoded and decoded when shown.
+    sent = {k.lower(): v for k, v in e["request_headers"]}
+    answered = {k.lower(): v for k, v in e["response_headers"]}
+    assert sent["host"].startswith("insp.localhost") and answered["content-type"].startswith("application/json")
     page = http("GET", f"http://127.0.0.1:{admin}/")
     assert page.status == 200 and "/echo/local" in page.body.decode()
     again = http("POST", f"http://127.0.0.1:{admin}/api/requests/{rid}/replay")

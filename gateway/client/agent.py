@@ -41,6 +41,7 @@ REBALANCE_EVERY = 1.0
 class Agent:
     def __init__(self, config: ClientConfig, upstreams: UpstreamClients) -> None:
         self.config = config
+        self._group, self._client_id = config.group, config.client_id  # read a request: kept
         self.upstreams = upstreams
         self.dispatcher: RuleDispatcher | None = None
         self.config_version = ""
@@ -66,7 +67,7 @@ class Agent:
             await dispatcher.handle(ex)
             return
         started = time.monotonic()
-        cap = capture(self.inspector, ex, self.config) if self.inspector is not None else None
+        cap = capture(self.inspector, ex, self._group, self._client_id) if self.inspector is not None else None
         try:
             await dispatcher.handle(ex)
         finally:

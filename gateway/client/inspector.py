@@ -49,15 +49,18 @@ def client_inspector(config: "ClientConfig") -> Inspector | None:
 
 
 class _HeadHeaders:
-    """A tunnel head's headers, decoded only when shown."""
+    """A tunnel head's headers, kept encoded and decoded only when shown. A decoded
+    head held by the ring keeps about 2.6 KB (its message's arena), its bytes a
+    seventh of that; the more the ring holds, the colder the memory every later
+    request works in (docs/performance.md, "The client's ring")."""
 
-    __slots__ = ("head",)
+    __slots__ = ("raw",)
 
     def __init__(self, head: Any) -> None:
-        self.head = head
+        self.raw: bytes = head.SerializeToString()
 
     def items(self) -> list[tuple[str, str]]:
-        return frames.header_list(self.head)
+        return frames.header_list(frames.pb.Headers.FromString(self.raw))
 
 
 class _ExchangeCapture(Capture):
@@ -80,14 +83,14 @@ class _ExchangeCapture(Capture):
             self.request_chunk(chunk)
 
 
-def capture(inspector: Inspector, ex: InboundExchange, config: "ClientConfig") -> Capture | None:
+def capture(inspector: Inspector, ex: InboundExchange, group: str, client_id: str) -> Capture | None:
     """Start noting `ex` in the inspector's ring: its answer and, but for a WebSocket's
-    messages (the handshake only), its bodies."""
+    messages (the handshake only), its bodies. `group`, `client_id`: this client's."""
     head = ex.head
     rec = AccessRecord(request_id=ex.request_id, trace_id=ex.trace_id, method=head.method, host=head.authority,
                        path=head.path, worker="", direction="ingress")
-    rec.group = ex.stream.group or config.group
-    rec.client_id = config.client_id
+    rec.group = ex.stream.group or group
+    rec.client_id = client_id
     cap = inspector.open(rec, _HeadHeaders(head), not head.end_stream, kind=_ExchangeCapture)
     if not isinstance(cap, _ExchangeCapture):  # None: the inspector is off
         return None

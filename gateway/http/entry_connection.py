@@ -273,7 +273,7 @@ class EntryConnection(BaseProtocol):
             log.exception("unhandled error answering a request", extra={"remote": self.remote})
             keep = False
         finally:
-            if self.serving is asyncio.current_task():
+            if self.serving is asyncio.current_task(self.loop):  # with the loop: no getpid() (Python 3.11)
                 self.serving = None
         if self.transport is None or self.transport.is_closing():
             return

@@ -70,6 +70,8 @@ class H2Connection(H2Calls, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept: asyncio.get_running_loop() is a getpid() system call each time on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         settings = [(SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME),
                     (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK)]
         if self.is_client:
@@ -78,7 +80,7 @@ class H2Connection(H2Calls, asyncio.Protocol):
                              + frame(SETTINGS, 0, 0, b"".join(SETTING_PAIR.pack(k, v) for k, v in settings))
                              + frame(WINDOW_UPDATE, 0, 0, U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
         if self._keepalive_every > 0:
-            self._keepalive = asyncio.get_running_loop().call_later(self._keepalive_every, self._ping)
+            self._keepalive = self.loop.call_later(self._keepalive_every, self._ping)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(CallFailed("UNAVAILABLE", f"Connection lost: {exc}" if exc else "Socket closed"))
@@ -109,7 +111,7 @@ class H2Connection(H2Calls, asyncio.Protocol):
             return
         if in_order and not self.transport.is_closing():
             self.transport.close()
-            asyncio.get_running_loop().call_later(1.0, self.transport.abort)
+            self.loop.call_later(1.0, self.transport.abort)
         else:
             self.transport.abort()  # a dead peer would hold a graceful close until TCP gives up
 
@@ -126,13 +128,13 @@ class H2Connection(H2Calls, asyncio.Protocol):
             return
         self._ping_out = True
         self.transport.write(frame(PING, 0, 0, b"\0" * 8))
-        self._keepalive = asyncio.get_running_loop().call_later(self._patience, self._ping_answered)
+        self._keepalive = self.loop.call_later(self._patience, self._ping_answered)
 
     def _ping_answered(self) -> None:
         if self._ping_out:
             self.fail(CallFailed("UNAVAILABLE", "keepalive watchdog timeout: the peer did not answer a PING"))
         else:
-            self._keepalive = asyncio.get_running_loop().call_later(
+            self._keepalive = self.loop.call_later(
                 max(0.0, self._keepalive_every - self._patience), self._ping)
 
     def write_control(self, data: bytes) -> None:

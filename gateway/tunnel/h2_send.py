@@ -17,6 +17,7 @@ class H2Calls:
     """Reading and writing a connection's calls; mixed into H2Connection, whose state it uses."""
 
     transport: asyncio.Transport | None
+    loop: asyncio.AbstractEventLoop
     closed: BaseException | None
     paused: bool
     conn_send_window: int
@@ -43,7 +44,7 @@ class H2Calls:
                 raise stream.error
             if stream.remote_done:
                 return None
-            stream.waiter = asyncio.get_running_loop().create_future()
+            stream.waiter = self.loop.create_future()
             await stream.waiter
 
     def is_open(self) -> bool:
@@ -94,7 +95,7 @@ class H2Calls:
 
     async def _send_frames(self, stream: H2Stream, pieces: list[memoryview], remaining: int) -> None:
         """A message in DATA frames as large as the windows and the peer's frame size allow."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while remaining:
             self.check_open(stream)
             n = min(stream.send_window, self.conn_send_window, self.peer_max_frame, remaining)
@@ -126,7 +127,7 @@ class H2Calls:
     async def _drain(self, stream: H2Stream) -> None:
         while self.paused and stream.error is None and self.closed is None and not stream.reset:
             if self.drained is None or self.drained.done():
-                self.drained = asyncio.get_running_loop().create_future()
+                self.drained = self.loop.create_future()
             await asyncio.shield(self.drained)  # as in _send_frames
         self.check_open(stream)
 
