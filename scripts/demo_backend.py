@@ -3,7 +3,7 @@
 
 GET  /                 a short greeting
 GET  /hello            100 bytes
-GET  /bytes/N          N bytes (streamed)
+GET  /bytes/N          N bytes (streamed: the head, then the body; ?pause_ms=M between them)
 POST /sink             reads the body, answers {"sha256", "size"}
 ANY  /echo             answers with the request: method, path, query, headers, body hash
 ANY  /slow?ms=N&token=T  waits N ms, answers T (a body's size and sha256 in X-Body-Size, X-Body-Sha256)
@@ -42,6 +42,8 @@ async def nbytes(r: web.Request) -> web.StreamResponse:
     resp.content_length = n
     resp.content_type = "application/octet-stream"
     await resp.prepare(r)
+    if "pause_ms" in r.query:  # the head alone for a while, then the body
+        await asyncio.sleep(int(r.query["pause_ms"]) / 1000)
     block = b"\xab" * 65536
     left = 0 if r.method == "HEAD" else n  # a HEAD answer has the length but no body
     while left > 0:

@@ -76,3 +76,27 @@ def test_idle_timeout_cuts_a_silent_stream(procs, tmp_path):
     events, took = asyncio.run(main())
     assert events == 1 and took < 1.8
     stack.wait_idle()
+
+
+async def _head_and_body_times(url: str) -> tuple[float, float, int]:
+    """Seconds from the request to its head, and to the end of its body; the body's size."""
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            assert r.status == 200
+            head = time.monotonic() - start
+            body = await r.read()
+            return head, time.monotonic() - start, len(body)
+
+
+def test_a_small_body_sent_after_its_head_goes_with_it_a_large_one_streams(procs, tmp_path):
+    """An upstream that writes its head and then its body (aiohttp's StreamResponse): a small
+    body of a declared length is waited for, so head and body cross the tunnel in one message
+    and the entry answers them in one write; a large one's head goes on at once, both ways."""
+    stack = _stack(procs, tmp_path, timeout=10.0)
+    for base in (stack.url, stack.local_url()):
+        head, end, size = asyncio.run(_head_and_body_times(f"{base}/bytes/100?pause_ms=800"))
+        assert size == 100 and head >= 0.7 and end - head < 0.3, (base, head, end)
+        head, end, size = asyncio.run(_head_and_body_times(f"{base}/bytes/200000?pause_ms=800"))
+        assert size == 200000 and head < 0.5 and end >= 0.7, (base, head, end)
+    stack.wait_idle()

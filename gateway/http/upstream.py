@@ -90,6 +90,8 @@ async def call_upstream(
             return False
         try:
             with_body = has_body_response(method, resp.status)
+            if with_body and resp.body_follows:
+                await resp.wait_body()  # bounded like every read: the watch's silence timeout, a RESET
             ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers, response=True),
                        end_stream=not with_body)
             if with_body:

@@ -19,6 +19,9 @@ __all__ = ["BodyLengthError", "Connection", "Server", "UpstreamError", "Upstream
 # Reading from the upstream pauses while this much body waits for the tunnel.
 HIGH_WATER = 256 * 1024
 LOW_WATER = HIGH_WATER // 4
+# A body of a declared length up to this, sent after its head, is waited for before the head
+# goes on (`UpstreamResponse.body_follows`).
+SMALL_BODY = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -213,6 +216,29 @@ class UpstreamResponse:
         self._conn = conn
         self._upload = upload
 
+    @property
+    def body_follows(self) -> bool:
+        """No byte of the body has come yet and it is small, of a declared length: an upstream
+        that writes its head and then its body (a streamed answer, aiohttp's StreamResponse).
+        Worth waiting for (`wait_body`): head and body then go on together, in one tunnel
+        message, and the entry answers them in one write."""
+        conn = self._conn
+        if conn.chunks or conn.complete or conn.error is not None:
+            return False
+        for name, value in self.raw_headers:
+            if name.lower() == b"content-length":
+                value = value.strip()
+                return value.isdigit() and int(value) <= SMALL_BODY
+        return False
+
+    async def wait_body(self) -> None:
+        """Until the body's first bytes, its end or an error have come (none taken)."""
+        conn = self._conn
+        while not conn.chunks and not conn.complete and conn.error is None:
+            conn.waiter = conn.loop.create_future()
+            await conn.waiter
+            conn.waiter = None
+
     async def read(self) -> bytes | None:
         """The next body chunk; None at the end; UpstreamError when the upstream broke."""
         conn = self._conn
@@ -221,9 +247,7 @@ class UpstreamResponse:
                 raise conn.error
             if conn.complete:
                 return None
-            conn.waiter = conn.loop.create_future()
-            await conn.waiter
-            conn.waiter = None
+            await self.wait_body()
         chunk = conn.chunks.popleft()
         conn.buffered -= len(chunk)
         if conn.paused and conn.buffered < LOW_WATER and conn.transport is not None:
