@@ -8,7 +8,7 @@ import logging
 import aiohttp
 
 from gateway.http.headers import end_to_end, has_body_response
-from gateway.http.upstream_connection import BodyLengthError, declared_body, declared_length
+from gateway.http.upstream_connection import BODY_WAIT, BodyLengthError, declared_body, declared_length
 from gateway.http.upstream_pool import HttpPool, UpstreamError, UpstreamTimeout
 from gateway.http.websocket import MAX_MESSAGE, bridge_upstream
 from gateway.tunnel.exchange import InboundExchange
@@ -91,7 +91,8 @@ async def call_upstream(
         try:
             with_body = has_body_response(method, resp.status)
             if with_body and resp.body_follows:
-                await resp.wait_body()  # bounded like every read: the watch's silence timeout, a RESET
+                # Head and body then go on in one message; never long (the head timeout runs on).
+                await resp.wait_body(min(BODY_WAIT, timeout / 4))
             ex.respond(resp.status, resp.reason, end_to_end(resp.raw_headers, response=True),
                        end_stream=not with_body)
             if with_body:

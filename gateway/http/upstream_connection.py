@@ -20,8 +20,11 @@ __all__ = ["BodyLengthError", "Connection", "Server", "UpstreamError", "Upstream
 HIGH_WATER = 256 * 1024
 LOW_WATER = HIGH_WATER // 4
 # A body of a declared length up to this, sent after its head, is waited for before the head
-# goes on (`UpstreamResponse.body_follows`).
+# goes on (`UpstreamResponse.body_follows`), for at most BODY_WAIT seconds: an upstream that
+# writes both at once sends them a moment apart; one that computes its body after its head
+# must not have the head held back (the originator's head timeout would end the request).
 SMALL_BODY = 64 * 1024
+BODY_WAIT = 0.02
 
 
 class UpstreamError(Exception):
@@ -231,13 +234,25 @@ class UpstreamResponse:
                 return value.isdigit() and int(value) <= SMALL_BODY
         return False
 
-    async def wait_body(self) -> None:
-        """Until the body's first bytes, its end or an error have come (none taken)."""
+    async def wait_body(self, limit: float | None = None) -> None:
+        """Until the body's first bytes, its end or an error have come (none taken), or
+        `limit` seconds have passed."""
         conn = self._conn
-        while not conn.chunks and not conn.complete and conn.error is None:
-            conn.waiter = conn.loop.create_future()
-            await conn.waiter
-            conn.waiter = None
+        loop = conn.loop
+        deadline = timer = None
+        if limit is not None:
+            deadline = loop.time() + limit
+            timer = loop.call_at(deadline, conn._wake)
+        try:
+            while not conn.chunks and not conn.complete and conn.error is None:
+                if deadline is not None and loop.time() >= deadline:
+                    return
+                conn.waiter = loop.create_future()
+                await conn.waiter
+                conn.waiter = None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def read(self) -> bytes | None:
         """The next body chunk; None at the end; UpstreamError when the upstream broke."""
