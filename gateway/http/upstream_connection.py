@@ -238,16 +238,16 @@ class UpstreamResponse:
         """Until the body's first bytes, its end or an error have come (none taken), or
         `limit` seconds have passed."""
         conn = self._conn
-        loop = conn.loop
-        deadline = timer = None
-        if limit is not None:
-            deadline = loop.time() + limit
-            timer = loop.call_at(deadline, conn._wake)
+        expired: list[bool] = []  # set by the timer: not the clock, a timer may fire a little early
+
+        def expire() -> None:
+            expired.append(True)
+            conn._wake()
+
+        timer = conn.loop.call_later(limit, expire) if limit is not None else None
         try:
-            while not conn.chunks and not conn.complete and conn.error is None:
-                if deadline is not None and loop.time() >= deadline:
-                    return
-                conn.waiter = loop.create_future()
+            while not conn.chunks and not conn.complete and conn.error is None and not expired:
+                conn.waiter = conn.loop.create_future()
                 await conn.waiter
                 conn.waiter = None
         finally:
