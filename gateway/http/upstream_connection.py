@@ -234,7 +234,7 @@ class UpstreamResponse:
                 return value.isdigit() and int(value) <= SMALL_BODY
         return False
 
-    async def wait_body(self, limit: float | None = None) -> None:
+    async def wait_body(self, limit: float) -> None:
         """Until the body's first bytes, its end or an error have come (none taken), or
         `limit` seconds have passed."""
         conn = self._conn
@@ -244,15 +244,14 @@ class UpstreamResponse:
             expired.append(True)
             conn._wake()
 
-        timer = conn.loop.call_later(limit, expire) if limit is not None else None
+        timer = conn.loop.call_later(limit, expire)
         try:
             while not conn.chunks and not conn.complete and conn.error is None and not expired:
                 conn.waiter = conn.loop.create_future()
                 await conn.waiter
                 conn.waiter = None
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     async def read(self) -> bytes | None:
         """The next body chunk; None at the end; UpstreamError when the upstream broke."""
@@ -262,7 +261,9 @@ class UpstreamResponse:
                 raise conn.error
             if conn.complete:
                 return None
-            await self.wait_body()
+            conn.waiter = conn.loop.create_future()
+            await conn.waiter
+            conn.waiter = None
         chunk = conn.chunks.popleft()
         conn.buffered -= len(chunk)
         if conn.paused and conn.buffered < LOW_WATER and conn.transport is not None:
